@@ -1,0 +1,169 @@
+//! Control-stream messages: JSON objects, one per frame, tagged by `"type"`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A secret bearer token. Its `Debug` output is redacted so that it can never reach a
+/// log line through a derived `Debug` of a message that carries it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Token(pub String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// How the relay guards a mapping's URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessMode {
+    /// Default: a per-mapping access key in the printed link; browsers get a cookie.
+    #[default]
+    Link,
+    /// No relay-side lock; the app's own authentication is the only one. Only where
+    /// the relay's policy allows it.
+    Public,
+}
+
+/// What the agent tells the relay about the job it runs in (for the audit log and `jobs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct JobInfo {
+    /// Batch system job id (`SLURM_JOB_ID`, `PBS_JOBID`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Local user name on the node (informative; identity comes from the token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Host name of the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// Limits the relay applies to a session, told to the agent in `Welcome`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SessionLimits {
+    /// Most request streams the relay will have open on this connection at once.
+    pub max_streams: u64,
+    /// Largest request head (headers and target) the relay accepts from clients, in bytes.
+    pub max_header_bytes: u64,
+}
+
+/// Why the relay refused a `Hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    /// The token is unknown or revoked.
+    BadToken,
+    /// The agent speaks a protocol version this relay does not.
+    UnsupportedVersion,
+    /// The requested access mode is not allowed by the relay's policy.
+    AccessModeNotAllowed,
+    /// The user already has as many live sessions as allowed.
+    TooManySessions,
+    /// The relay is at its global agent limit or is draining.
+    Unavailable,
+    /// The first frame was not a valid `Hello`.
+    Malformed,
+}
+
+/// One message on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMessage {
+    /// Agent → relay, first frame: who I am and what I want.
+    Hello {
+        /// Protocol version, [`crate::PROTOCOL_VERSION`].
+        version: u32,
+        /// The user's agent token.
+        token: Token,
+        /// Requested access mode.
+        #[serde(default)]
+        access: AccessMode,
+        /// Job metadata.
+        #[serde(default)]
+        job: JobInfo,
+        /// A resume ticket from an earlier `Welcome`, to get the same name back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Token>,
+    },
+    /// Relay → agent: the session is live.
+    Welcome {
+        /// The session's name (the first DNS label of its host).
+        name: String,
+        /// The session's base URL, `https://<name>.<domain>/`.
+        url: String,
+        /// The URL to hand to the user (with the access key in `link` mode).
+        access_url: String,
+        /// Opaque ticket that gives this name back on reconnect, if the relay supports it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_ticket: Option<Token>,
+        /// Limits that apply to this session.
+        limits: SessionLimits,
+    },
+    /// Relay → agent: no session; the connection closes after this.
+    Refused {
+        /// Machine-readable reason.
+        code: RefusalCode,
+        /// Human-readable reason, printed by the agent.
+        message: String,
+    },
+    /// Relay → agent: the relay is going away; finish what you have, then reconnect.
+    Drain {
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Agent → relay: the job is ending; the name is dead from now on.
+    Bye {
+        /// Human-readable reason (e.g. "app exited with status 0").
+        reason: String,
+    },
+}
+
+impl ControlMessage {
+    /// Serialises the message as a frame payload.
+    pub fn to_payload(&self) -> Vec<u8> {
+        // Serialising these plain structs cannot fail: no maps with non-string keys.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a frame payload.
+    pub fn from_payload(payload: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_never_shows_in_debug_output() {
+        let hello = ControlMessage::Hello {
+            version: 1,
+            token: Token("s3cret-token".into()),
+            access: AccessMode::Link,
+            job: JobInfo::default(),
+            resume: Some(Token("ticket".into())),
+        };
+        let shown = format!("{hello:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(!shown.contains("ticket\""), "{shown}");
+    }
+
+    #[test]
+    fn hello_round_trips_and_garbage_is_an_error() {
+        let hello = ControlMessage::Hello {
+            version: 1,
+            token: Token("t".into()),
+            access: AccessMode::Public,
+            job: JobInfo { id: Some("42".into()), user: None, host: Some("n1".into()) },
+            resume: None,
+        };
+        let back = ControlMessage::from_payload(&hello.to_payload()).expect("decodes");
+        assert_eq!(back, hello);
+        assert!(ControlMessage::from_payload(b"{\"type\":\"nope\"}").is_err());
+        assert!(ControlMessage::from_payload(b"\xff\x00").is_err());
+    }
+}
