@@ -1,1 +1,26 @@
-fn main() {}
+//! `jobgate`: one binary for the relay, the agent, token administration and the demo.
+//!
+//! This file only parses flags and calls the library crates; see `README.md` for the
+//! commands and `docs/` for how the pieces fit.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod cli;
+mod demo;
+mod demo_app;
+mod pki;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match cli::runtime(cli.workers) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("jobgate: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(cli::dispatch(cli));
+    std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

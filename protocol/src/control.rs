@@ -158,7 +158,11 @@ mod tests {
             version: 1,
             token: Token("t".into()),
             access: AccessMode::Public,
-            job: JobInfo { id: Some("42".into()), user: None, host: Some("n1".into()) },
+            job: JobInfo {
+                id: Some("42".into()),
+                user: None,
+                host: Some("n1".into()),
+            },
             resume: None,
         };
         let back = ControlMessage::from_payload(&hello.to_payload()).expect("decodes");

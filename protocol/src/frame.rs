@@ -29,6 +29,16 @@ pub fn encode_frame(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// Appends one frame whose payload `write` appends to `out`: the length is filled in
+/// afterwards, so the payload is encoded in place without a second buffer.
+pub fn encode_frame_with(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+    write(out);
+    let len = u32::try_from(out.len() - start - FRAME_HEADER_LEN).unwrap_or(u32::MAX);
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+}
+
 /// Splits the first complete frame off `buf`.
 ///
 /// Returns `Ok(None)` while more bytes are needed, or `Ok(Some((payload, consumed)))`
@@ -65,7 +75,10 @@ mod tests {
         let buf = (1_000_000u32).to_be_bytes();
         assert_eq!(
             decode_frame(&buf, 1000),
-            Err(FrameError::TooLarge { len: 1_000_000, max: 1000 })
+            Err(FrameError::TooLarge {
+                len: 1_000_000,
+                max: 1000
+            })
         );
     }
 }

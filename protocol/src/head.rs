@@ -80,7 +80,17 @@ pub struct ResponseHead {
     pub headers: HeaderMap,
 }
 
+/// Initial capacity of a head frame buffer; most heads fit without growing.
+const HEAD_FRAME_CAPACITY: usize = 1024;
+
 impl RequestHead {
+    /// The head as one complete frame, ready to write on the stream.
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEAD_FRAME_CAPACITY);
+        crate::encode_frame_with(&mut out, |out| self.encode(out));
+        out
+    }
+
     /// Appends the encoded head to `out` (no frame header).
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.push(REQUEST_TAG);
@@ -116,8 +126,8 @@ impl RequestHead {
         if target.is_empty() {
             return Err(HeadError::BadTarget);
         }
-        let target =
-            Uri::from_maybe_shared(Bytes::copy_from_slice(target)).map_err(|_| HeadError::BadTarget)?;
+        let target = Uri::from_maybe_shared(Bytes::copy_from_slice(target))
+            .map_err(|_| HeadError::BadTarget)?;
         if target.scheme().is_some() || (target.path_and_query().is_none() && target != "*") {
             return Err(HeadError::BadTarget);
         }
@@ -135,11 +145,23 @@ impl RequestHead {
         };
         let headers = r.headers()?;
         r.finish()?;
-        Ok(Self { method, target, headers, client })
+        Ok(Self {
+            method,
+            target,
+            headers,
+            client,
+        })
     }
 }
 
 impl ResponseHead {
+    /// The head as one complete frame, ready to write on the stream.
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEAD_FRAME_CAPACITY);
+        crate::encode_frame_with(&mut out, |out| self.encode(out));
+        out
+    }
+
     /// Appends the encoded head to `out` (no frame header).
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.push(RESPONSE_TAG);
@@ -226,8 +248,10 @@ impl<'a> Reader<'a> {
         }
         let mut headers = HeaderMap::with_capacity(count);
         for _ in 0..count {
-            let name = HeaderName::from_bytes(self.str16()?).map_err(|_| HeadError::BadHeaderName)?;
-            let value = HeaderValue::from_bytes(self.str32()?).map_err(|_| HeadError::BadHeaderValue)?;
+            let name =
+                HeaderName::from_bytes(self.str16()?).map_err(|_| HeadError::BadHeaderName)?;
+            let value =
+                HeaderValue::from_bytes(self.str32()?).map_err(|_| HeadError::BadHeaderValue)?;
             headers.append(name, value);
         }
         Ok(headers)
@@ -263,9 +287,12 @@ mod tests {
     #[test]
     fn request_head_round_trips_with_repeated_headers() {
         let head = sample_request();
-        let mut out = Vec::new();
-        head.encode(&mut out);
-        assert_eq!(RequestHead::decode(&out), Ok(head));
+        let frame = head.to_frame();
+        let (payload, used) = crate::decode_frame(&frame, crate::MAX_HEAD_FRAME)
+            .expect("frame")
+            .expect("whole");
+        assert_eq!(used, frame.len());
+        assert_eq!(RequestHead::decode(payload), Ok(head));
     }
 
     #[test]
@@ -281,11 +308,6 @@ mod tests {
 
     #[test]
     fn absolute_targets_and_bad_header_bytes_are_refused() {
-        let mut head = sample_request();
-        head.target = Uri::from_static("/ok");
-        let mut out = Vec::new();
-        head.encode(&mut out);
-        // Patch the target to an absolute URI of the same length: "http://x" is 8, "/ok" 3.
         let mut forged = vec![REQUEST_TAG];
         put_str16(&mut forged, b"GET");
         put_str32(&mut forged, b"http://evil/");
@@ -296,7 +318,10 @@ mod tests {
         let mut bad_value = vec![RESPONSE_TAG, 0, 200, 0, 1];
         put_str16(&mut bad_value, b"x-a");
         put_str32(&mut bad_value, b"line\r\nbreak");
-        assert_eq!(ResponseHead::decode(&bad_value), Err(HeadError::BadHeaderValue));
+        assert_eq!(
+            ResponseHead::decode(&bad_value),
+            Err(HeadError::BadHeaderValue)
+        );
     }
 
     proptest! {

@@ -44,7 +44,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 /// Writes one frame holding `payload`.
-pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, payload: &[u8]) -> std::io::Result<()> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    payload: &[u8],
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
     crate::encode_frame(payload, &mut buf);
     writer.write_all(&buf).await
@@ -60,7 +63,13 @@ mod tests {
         write_frame(&mut a, b"first").await.expect("write");
         write_frame(&mut a, &[7u8; 40]).await.expect("write");
         drop(a);
-        assert_eq!(read_frame(&mut b, 100).await.expect("read").as_deref(), Some(&b"first"[..]));
-        assert!(matches!(read_frame(&mut b, 10).await, Err(ReadFrameError::Frame(_))));
+        assert_eq!(
+            read_frame(&mut b, 100).await.expect("read").as_deref(),
+            Some(&b"first"[..])
+        );
+        assert!(matches!(
+            read_frame(&mut b, 10).await,
+            Err(ReadFrameError::Frame(_))
+        ));
     }
 }

@@ -25,12 +25,12 @@ mod frame;
 mod head;
 #[cfg(feature = "tokio-io")]
 mod io;
+#[cfg(feature = "quic")]
+pub mod quic;
 
 pub use codes::{CloseCode, StreamCode};
-pub use control::{
-    AccessMode, ControlMessage, JobInfo, RefusalCode, SessionLimits, Token,
-};
-pub use frame::{decode_frame, encode_frame, FrameError, FRAME_HEADER_LEN};
+pub use control::{AccessMode, ControlMessage, JobInfo, RefusalCode, SessionLimits, Token};
+pub use frame::{decode_frame, encode_frame, encode_frame_with, FrameError, FRAME_HEADER_LEN};
 pub use head::{HeadError, RequestHead, ResponseHead};
 #[cfg(feature = "tokio-io")]
 pub use io::{read_frame, write_frame, ReadFrameError};

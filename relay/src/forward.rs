@@ -1,0 +1,143 @@
+//! One request's trip: find the session by host, open a QUIC stream to its agent, send
+//! the head and stream the body, then stream the answer back. A `101` answer splices the
+//! upgraded client connection to the stream.
+
+use crate::body::RelayBody;
+use crate::headers;
+use crate::pages::Page;
+use crate::routes::{name_from_host, Session};
+use crate::Shared;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use jobgate_protocol::quic::{abandon, pipe, pump_body, QuicBody};
+use jobgate_protocol::{read_frame, RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The hyper service of the front door: every request, on every connection.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Result<Response<RelayBody>, Infallible> {
+    let Some(host) = request_host(&req) else {
+        return Ok(Page::BadRequest.render(req.headers()));
+    };
+    let Some(name) = host
+        .to_str()
+        .ok()
+        .and_then(|h| name_from_host(h, &shared.domain))
+    else {
+        return Ok(Page::NotASession.render(req.headers()));
+    };
+    let Some(session) = shared.routes.get(&name) else {
+        return Ok(Page::NoSession.render(req.headers()));
+    };
+    Ok(forward(&session, req, host, client).await)
+}
+
+/// The host the client asked for: `:authority` (HTTP/2, absolute-form) or `Host`.
+fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if let Some(authority) = req.uri().authority() {
+        return HeaderValue::from_str(authority.as_str()).ok();
+    }
+    req.headers().get(header::HOST).cloned()
+}
+
+async fn forward(
+    session: &Session,
+    mut req: Request<Incoming>,
+    host: HeaderValue,
+    client: SocketAddr,
+) -> Response<RelayBody> {
+    let upgrade = headers::requested_upgrade(req.headers());
+    let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let page_headers = parts.headers.clone();
+    headers::for_app(&mut parts.headers, &host, client, upgrade);
+    let head = RequestHead {
+        method: parts.method,
+        target: parts.uri,
+        headers: parts.headers,
+        client: Some(client),
+    };
+
+    let Ok((mut send, mut recv)) = session.connection.open_bi().await else {
+        return Page::BadGateway.render(&page_headers);
+    };
+    if send.write_all(&head.to_frame()).await.is_err() {
+        return Page::BadGateway.render(&page_headers);
+    }
+
+    // The request body streams on its own task, so a large upload and the response
+    // can flow at the same time. An upgrade keeps the send half for the pipe.
+    let send = if on_upgrade.is_some() {
+        Some(send)
+    } else {
+        use http_body::Body;
+        if body.is_end_stream() {
+            let _ = send.finish();
+        } else {
+            tokio::spawn(async move {
+                match pump_body(body, &mut send).await {
+                    Ok(_) => {
+                        let _ = send.finish();
+                    }
+                    Err(e) => {
+                        tracing::debug!("request body ended early: {e}");
+                        let _ = send.reset(quinn::VarInt::from_u32(StreamCode::Cancelled.as_u32()));
+                    }
+                }
+            });
+        }
+        None
+    };
+
+    let response_head = match read_frame(&mut recv, MAX_HEAD_FRAME).await {
+        Ok(Some(payload)) => ResponseHead::decode(&payload).ok(),
+        _ => None,
+    };
+    let Some(response_head) = response_head else {
+        let _ = recv.stop(quinn::VarInt::from_u32(StreamCode::MalformedHead.as_u32()));
+        return Page::BadGateway.render(&page_headers);
+    };
+
+    let switching = response_head.status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut response = match (switching, on_upgrade, send) {
+        (true, Some(on_upgrade), Some(send)) => {
+            tokio::spawn(async move {
+                match on_upgrade.await {
+                    Ok(upgraded) => {
+                        if let Err(e) = pipe(TokioIo::new(upgraded), send, recv).await {
+                            tracing::debug!("upgraded connection ended: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        let mut send = send;
+                        abandon(&mut send, &mut recv, StreamCode::Cancelled);
+                        tracing::debug!("client upgrade failed: {e}");
+                    }
+                }
+            });
+            Response::new(RelayBody::empty())
+        }
+        (true, _, _) => {
+            // A 101 the client did not ask for cannot be honoured.
+            return Page::BadGateway.render(&page_headers);
+        }
+        (false, _, send) => {
+            if let Some(mut send) = send {
+                // Upgrade refused by the app: no body follows on a GET upgrade.
+                let _ = send.finish();
+            }
+            Response::new(RelayBody::Stream(QuicBody::new(recv)))
+        }
+    };
+    *response.status_mut() = response_head.status;
+    let mut response_headers = response_head.headers;
+    headers::for_client(&mut response_headers, switching);
+    *response.headers_mut() = response_headers;
+    response
+}

@@ -1,0 +1,142 @@
+//! Session names: 16 characters of `[a-z2-7]` (80 bits) from the OS CSPRNG, never issued
+//! twice by one relay process.
+
+use rand::rngs::OsRng;
+use rand::RngCore;
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+/// Random bytes in a name: 10 bytes = 80 bits = 16 base32 characters.
+pub const NAME_BYTES: usize = 10;
+/// Characters in a name.
+pub const NAME_LEN: usize = NAME_BYTES * 8 / 5;
+
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+/// A session name in its canonical lower-case form; `Copy` and allocation-free, so the
+/// request path can look it up without touching the heap.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionName([u8; NAME_LEN]);
+
+impl SessionName {
+    /// Parses a DNS label as a name: exactly [`NAME_LEN`] base32 characters, any case.
+    pub fn parse(label: &[u8]) -> Option<Self> {
+        let mut out = [0u8; NAME_LEN];
+        if label.len() != NAME_LEN {
+            return None;
+        }
+        for (o, &b) in out.iter_mut().zip(label) {
+            let b = b.to_ascii_lowercase();
+            if !(b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)) {
+                return None;
+            }
+            *o = b;
+        }
+        Some(Self(out))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII letters and digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
+impl std::fmt::Display for SessionName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for SessionName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionName({})", self.as_str())
+    }
+}
+
+/// Lower-case RFC 4648 base32 without padding.
+pub fn base32(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(BASE32[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(BASE32[((acc << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+/// `n` bytes from the OS CSPRNG, base32-encoded: the form of every secret we mint.
+pub fn random_secret(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    OsRng.fill_bytes(&mut bytes);
+    base32(&bytes)
+}
+
+/// Every name this process has issued; a new one is drawn until it is unseen.
+#[derive(Default)]
+pub struct NameRegistry {
+    issued: Mutex<HashSet<[u8; NAME_BYTES]>>,
+}
+
+impl NameRegistry {
+    /// Draws a name never issued before by this registry.
+    pub fn issue(&self) -> SessionName {
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let mut raw = [0u8; NAME_BYTES];
+            OsRng.fill_bytes(&mut raw);
+            if issued.insert(raw) {
+                let text = base32(&raw);
+                if let Some(name) = SessionName::parse(text.as_bytes()) {
+                    return name;
+                }
+            }
+        }
+    }
+
+    /// How many names were issued.
+    pub fn issued_count(&self) -> usize {
+        self.issued.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_16_base32_chars_and_unique() {
+        let registry = NameRegistry::default();
+        let mut seen = HashSet::new();
+        for _ in 0..10_000 {
+            let name = registry.issue();
+            assert_eq!(name.as_str().len(), 16);
+            assert!(name
+                .as_str()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)));
+            assert!(seen.insert(name));
+        }
+        assert_eq!(registry.issued_count(), 10_000);
+    }
+
+    #[test]
+    fn base32_matches_rfc4648_vectors() {
+        assert_eq!(base32(b"foobar"), "mzxw6ytboi");
+        assert_eq!(base32(b"f"), "my");
+    }
+
+    #[test]
+    fn parse_accepts_any_case_and_refuses_other_shapes() {
+        assert!(SessionName::parse(b"ABCDEFGHIJKLMNOP").is_some());
+        assert!(SessionName::parse(b"abcdefghijklmno1").is_none());
+        assert!(SessionName::parse(b"short").is_none());
+    }
+}

@@ -1,0 +1,78 @@
+//! The relay's own pages: small, static, and never echoing request input.
+
+use crate::body::RelayBody;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+
+/// The pages the relay can answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// No live session under this name (never existed, or ended).
+    NoSession,
+    /// The host is not a session name of this relay at all.
+    NotASession,
+    /// The agent or the app failed while answering.
+    BadGateway,
+    /// The request was malformed.
+    BadRequest,
+}
+
+impl Page {
+    fn parts(self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            Self::NoSession => (
+                StatusCode::NOT_FOUND,
+                "Session not found",
+                "This jobgate session does not exist or has ended. When a batch job ends, its URL ends with it; start a new job to get a new URL.",
+            ),
+            Self::NotASession => (
+                StatusCode::NOT_FOUND,
+                "Not a session",
+                "This address is not a jobgate session URL.",
+            ),
+            Self::BadGateway => (
+                StatusCode::BAD_GATEWAY,
+                "The app did not answer",
+                "The job's app could not answer this request: it may have stopped, or the job's connection was lost.",
+            ),
+            Self::BadRequest => (
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The request was malformed and was not forwarded.",
+            ),
+        }
+    }
+
+    /// Renders the page as HTML for browsers, plain text for everything else.
+    pub fn render(self, request_headers: &HeaderMap) -> Response<RelayBody> {
+        let (status, title, text) = self.parts();
+        let html = request_headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/html"));
+        let (body, content_type) = if html {
+            (
+                format!(
+                    "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · jobgate</title>\
+                     <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36em;margin:4em auto;padding:0 1em;color:#222}}\
+                     h1{{font-size:1.4em}}small{{color:#777}}</style></head>\
+                     <body><h1>{title}</h1><p>{text}</p><p><small>{} · jobgate relay</small></p></body></html>\n",
+                    status.as_u16()
+                ),
+                "text/html; charset=utf-8",
+            )
+        } else {
+            (
+                format!("{} {title}: {text}\n", status.as_u16()),
+                "text/plain; charset=utf-8",
+            )
+        };
+        let mut response = Response::new(RelayBody::Full(Some(Bytes::from(body))));
+        *response.status_mut() = status;
+        let h = response.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert("x-jobgate", HeaderValue::from_static("relay"));
+        response
+    }
+}

@@ -1,0 +1,297 @@
+//! Agent tokens: one entry per user in a TOML file, holding only the SHA-256 of the token.
+//!
+//! ```toml
+//! [[token]]
+//! user = "alice"
+//! sha256 = "9f86d0…"
+//! ```
+//! A presented token is hashed and compared in constant time against every entry.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+
+/// Random bytes in a token (256 bits).
+pub const TOKEN_BYTES: usize = 32;
+/// Prefix that makes a jobgate token recognisable (e.g. by secret scanners).
+pub const TOKEN_PREFIX: &str = "jgt_";
+
+/// Why the tokens file could not be used.
+#[derive(Debug, Error)]
+pub enum TokensError {
+    /// The file could not be read or written.
+    #[error("tokens file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("tokens file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A user name is empty or holds characters other than `[A-Za-z0-9._-]`.
+    #[error("invalid user name {0:?}")]
+    BadUser(String),
+}
+
+/// One user's entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// The user the token belongs to.
+    pub user: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    /// Live sessions this user may hold (overrides the relay default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_mappings: Option<usize>,
+    /// When the token was issued (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<u64>,
+}
+
+/// The tokens file's contents.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensFile {
+    /// Entries, one per user.
+    #[serde(default, rename = "token")]
+    pub tokens: Vec<TokenEntry>,
+}
+
+/// What a verified token says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user name.
+    pub user: String,
+    /// The user's own session limit, if the entry sets one.
+    pub max_mappings: Option<usize>,
+}
+
+fn hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if text.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn valid_user(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 64
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl TokensFile {
+    /// Reads a tokens file; a missing file is an empty one.
+    pub fn read(path: &Path) -> Result<Self, TokensError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(TokensError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let file: Self = toml::from_str(&text).map_err(|e| TokensError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        for entry in &file.tokens {
+            if !valid_user(&entry.user) || unhex(&entry.sha256).is_none() {
+                return Err(TokensError::Parse {
+                    path: path.to_owned(),
+                    message: format!("bad entry for user {:?}", entry.user),
+                });
+            }
+        }
+        Ok(file)
+    }
+
+    /// Writes the file atomically (temporary file, then rename), mode 0600.
+    pub fn write(&self, path: &Path) -> Result<(), TokensError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |source| TokensError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let text = toml::to_string(self).map_err(|e| TokensError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        file.write_all(b"# jobgate agent tokens: only SHA-256 hashes are stored here.\n")
+            .and_then(|_| file.write_all(text.as_bytes()))
+            .and_then(|_| file.sync_all())
+            .map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Mints a new token for `user`, replacing any earlier one, and returns it. Only its
+    /// hash is kept; the caller shows the token once.
+    pub fn issue(
+        &mut self,
+        user: &str,
+        max_mappings: Option<usize>,
+        now: u64,
+    ) -> Result<String, TokensError> {
+        if !valid_user(user) {
+            return Err(TokensError::BadUser(user.to_owned()));
+        }
+        let token = format!("{TOKEN_PREFIX}{}", crate::names::random_secret(TOKEN_BYTES));
+        self.tokens.retain(|e| e.user != user);
+        self.tokens.push(TokenEntry {
+            user: user.to_owned(),
+            sha256: hex(&hash(&token)),
+            max_mappings,
+            created: Some(now),
+        });
+        Ok(token)
+    }
+
+    /// Removes `user`'s token; returns whether there was one.
+    pub fn revoke(&mut self, user: &str) -> bool {
+        let before = self.tokens.len();
+        self.tokens.retain(|e| e.user != user);
+        before != self.tokens.len()
+    }
+}
+
+struct Loaded {
+    hash: [u8; 32],
+    identity: Identity,
+}
+
+/// The relay's in-memory view of the tokens file.
+pub struct TokenStore {
+    path: PathBuf,
+    entries: RwLock<Vec<Loaded>>,
+}
+
+impl TokenStore {
+    /// Loads the tokens file.
+    pub fn load(path: &Path) -> Result<Self, TokensError> {
+        let store = Self {
+            path: path.to_owned(),
+            entries: RwLock::new(Vec::new()),
+        };
+        store.reload()?;
+        Ok(store)
+    }
+
+    /// Re-reads the file; on error the previous entries stay in force.
+    pub fn reload(&self) -> Result<usize, TokensError> {
+        let file = TokensFile::read(&self.path)?;
+        let entries: Vec<Loaded> = file
+            .tokens
+            .into_iter()
+            .filter_map(|e| {
+                Some(Loaded {
+                    hash: unhex(&e.sha256)?,
+                    identity: Identity {
+                        user: e.user,
+                        max_mappings: e.max_mappings,
+                    },
+                })
+            })
+            .collect();
+        let count = entries.len();
+        *self.entries.write().unwrap_or_else(|e| e.into_inner()) = entries;
+        Ok(count)
+    }
+
+    /// Who holds `token`, if anyone. Compares against every entry in constant time, so
+    /// neither the match position nor a near miss shows in the timing.
+    pub fn verify(&self, token: &str) -> Option<Identity> {
+        let presented = hash(token);
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let mut found = None;
+        for entry in entries.iter() {
+            if bool::from(entry.hash.ct_eq(&presented)) {
+                found = Some(entry.identity.clone());
+            }
+        }
+        found
+    }
+
+    /// Whether `user` still has a token entry.
+    pub fn has_user(&self, user: &str) -> bool {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.iter().any(|e| e.identity.user == user)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_token_verifies_and_only_its_hash_is_stored() {
+        let dir = std::env::temp_dir().join(format!("jobgate-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("tokens.toml");
+        let mut file = TokensFile::default();
+        let token = file.issue("alice", Some(3), 1).expect("issue");
+        assert!(token.starts_with(TOKEN_PREFIX) && token.len() > 50);
+        file.write(&path).expect("write");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(!text.contains(&token[TOKEN_PREFIX.len()..]));
+
+        let store = TokenStore::load(&path).expect("load");
+        assert_eq!(
+            store.verify(&token),
+            Some(Identity {
+                user: "alice".into(),
+                max_mappings: Some(3)
+            })
+        );
+        assert_eq!(store.verify("jgt_wrong"), None);
+
+        let mut file = TokensFile::read(&path).expect("read");
+        assert!(file.revoke("alice"));
+        file.write(&path).expect("write");
+        store.reload().expect("reload");
+        assert_eq!(store.verify(&token), None);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn bad_user_names_are_refused() {
+        let mut file = TokensFile::default();
+        assert!(file.issue("", None, 0).is_err());
+        assert!(file.issue("a b", None, 0).is_err());
+        assert!(file.issue("a\"]\n[x", None, 0).is_err());
+    }
+}

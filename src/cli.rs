@@ -1,0 +1,371 @@
+//! Command-line interface: flags, config merging, and the entry point of each subcommand.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use jobgate_agent::{dial::DialConfig, exit, AgentOptions, AppSource};
+use jobgate_protocol::AccessMode;
+use jobgate_relay::tokens::TokensFile;
+use jobgate_relay::{Relay, RelayConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Put a web app running inside an HPC batch job behind a private HTTPS URL.
+#[derive(Debug, Parser)]
+#[command(name = "jobgate", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Runtime worker threads (1 = a single-threaded runtime). Default: 1 on machines with
+    /// at most 2 cores (measured faster there), else one per core.
+    #[arg(long, global = true, env = "JOBGATE_WORKERS")]
+    pub workers: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay (DMZ host): HTTPS for *.<domain>, QUIC for agents.
+    Relay(RelayArgs),
+    /// Run the agent (inside the job): start/forward to the app, dial out to the relay.
+    Agent(AgentArgs),
+    /// Manage agent tokens in the relay's tokens file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Start a relay, an agent and a small web app on this machine, and print the URL.
+    Demo(crate::demo::DemoArgs),
+    /// Write a throw-away CA and a wildcard certificate for *.<domain> (testing only).
+    DevCert {
+        /// The relay's domain.
+        #[arg(long)]
+        domain: String,
+        /// Directory for ca.pem, cert.pem and key.pem.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The demo's web app (echo, bytes, WebSocket echo); used by the demo and the tests.
+    #[command(hide = true)]
+    DemoApp(crate::demo_app::DemoAppArgs),
+}
+
+#[derive(Debug, Args)]
+struct RelayArgs {
+    /// TOML file with any of the settings below (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Domain whose subdomains are sessions (<name>.<domain>).
+    #[arg(long)]
+    domain: Option<String>,
+    /// PEM certificate chain for *.<domain>.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// PEM private key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Tokens file (see `jobgate token issue`).
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// HTTPS front door address [default: 0.0.0.0:8443].
+    #[arg(long)]
+    listen_https: Option<SocketAddr>,
+    /// QUIC address for agents [default: 0.0.0.0:7443].
+    #[arg(long)]
+    listen_quic: Option<SocketAddr>,
+    /// Plain-HTTP front door, for use behind a TLS-terminating load balancer [default: off].
+    #[arg(long)]
+    listen_http: Option<SocketAddr>,
+    /// Port written into session URLs [default: the HTTPS port; omitted when 443].
+    #[arg(long)]
+    url_port: Option<u16>,
+    /// Seconds of silence before an agent counts as gone [default: 10].
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// Live sessions per user [default: 16].
+    #[arg(long)]
+    max_sessions_per_user: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Access {
+    /// A private link with an access key (default).
+    Link,
+    /// No relay-side lock: the app's own login protects it (if the relay allows it).
+    Public,
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// Relay QUIC address, HOST:PORT.
+    #[arg(long, env = "JOBGATE_RELAY")]
+    relay: String,
+    /// CA certificate (PEM) to trust for the relay instead of the system roots.
+    #[arg(long, env = "JOBGATE_RELAY_CA")]
+    relay_ca: Option<PathBuf>,
+    /// File holding the token (mode 0600) [default: $JOBGATE_TOKEN_FILE, ~/.config/jobgate/token].
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Write the URL to this file (one line), for scripts.
+    #[arg(long)]
+    url_file: Option<PathBuf>,
+    /// Forward to an app that already listens: 127.0.0.1:PORT or unix:/path.
+    #[arg(long)]
+    to: Option<jobgate_agent::target::Target>,
+    /// How the URL is guarded.
+    #[arg(long, value_enum, default_value_t = Access::Link)]
+    access: Access,
+    /// Seconds the app has to accept connections.
+    #[arg(long, default_value_t = jobgate_agent::DEFAULT_READY_TIMEOUT.as_secs())]
+    ready_timeout: u64,
+    /// Seconds of silence before the relay counts as gone.
+    #[arg(long, default_value_t = jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT.as_secs())]
+    idle_timeout: u64,
+    /// The app to start; `{port}` becomes a free loopback port, `{sock}` a private unix socket.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Mint a token for a user (replacing any earlier one) and print it once.
+    Issue {
+        /// Tokens file.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// User name.
+        #[arg(long)]
+        user: String,
+        /// Live sessions this user may hold.
+        #[arg(long)]
+        max_mappings: Option<usize>,
+    },
+    /// Remove a user's token.
+    Revoke {
+        /// Tokens file.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// User name.
+        #[arg(long)]
+        user: String,
+    },
+    /// List users with a token (never the tokens themselves).
+    List {
+        /// Tokens file.
+        #[arg(long)]
+        tokens: PathBuf,
+    },
+}
+
+/// Builds the tokio runtime: single-threaded for `workers == 1`.
+pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let workers = workers.unwrap_or(if cores <= 2 { 1 } else { cores });
+    if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs a subcommand and returns the process exit code.
+pub async fn dispatch(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Relay(args) => {
+            init_logging("info");
+            run_relay(args).await
+        }
+        Command::Agent(args) => {
+            init_logging("warn");
+            return run_agent(args).await;
+        }
+        Command::Token(command) => run_token(command),
+        Command::Demo(args) => {
+            init_logging("warn");
+            crate::demo::run(args).await
+        }
+        Command::DevCert { domain, out } => crate::pki::write_dev_pki(&domain, &out).map(|pki| {
+            println!("CA:          {}", pki.ca.display());
+            println!("certificate: {}", pki.cert.display());
+            println!("key:         {}", pki.key.display());
+        }),
+        Command::DemoApp(args) => {
+            init_logging("warn");
+            crate::demo_app::run(args).await
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("jobgate: {e:#}");
+            1
+        }
+    }
+}
+
+/// Merges `relay.toml` and flags (flags win) into a [`RelayConfig`].
+fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
+    let mut table = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<toml::Table>(&text)
+                .with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    let mut set = |key: &str, value: Option<toml::Value>| {
+        if let Some(value) = value {
+            table.insert(key.to_owned(), value);
+        }
+    };
+    let path =
+        |p: Option<PathBuf>| p.map(|p| toml::Value::String(p.to_string_lossy().into_owned()));
+    let addr = |a: Option<SocketAddr>| a.map(|a| toml::Value::String(a.to_string()));
+    let int = |n: Option<u64>| n.map(|n| toml::Value::Integer(n as i64));
+    set("domain", args.domain.map(toml::Value::String));
+    set("cert", path(args.cert));
+    set("key", path(args.key));
+    set("tokens", path(args.tokens));
+    set("listen_https", addr(args.listen_https));
+    set("listen_quic", addr(args.listen_quic));
+    set("listen_http", addr(args.listen_http));
+    set("url_port", int(args.url_port.map(u64::from)));
+    set("idle_timeout_secs", int(args.idle_timeout));
+    set(
+        "max_sessions_per_user",
+        int(args.max_sessions_per_user.map(|n| n as u64)),
+    );
+    for required in ["domain", "cert", "key", "tokens"] {
+        if !table.contains_key(required) {
+            bail!("--{required} is required (as a flag or in --config)");
+        }
+    }
+    let config: RelayConfig = table.try_into().context("invalid relay configuration")?;
+    config.validate().map_err(anyhow::Error::msg)?;
+    Ok(config)
+}
+
+async fn run_relay(args: RelayArgs) -> anyhow::Result<()> {
+    let config = relay_config(args)?;
+    let relay = Relay::start(config).await?;
+    eprintln!(
+        "jobgate relay: HTTPS on {}, agents (QUIC/UDP) on {}",
+        relay.https_addr, relay.quic_addr
+    );
+    wait_for_shutdown_signal().await?;
+    eprintln!("jobgate relay: shutting down");
+    relay.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+async fn run_agent(args: AgentArgs) -> i32 {
+    let token = match jobgate_agent::token::load_token(args.token_file) {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("jobgate: {e}");
+            return exit::USAGE;
+        }
+    };
+    let app = match (args.command.is_empty(), args.to) {
+        (true, Some(target)) => AppSource::Existing(target),
+        (true, None) => {
+            eprintln!("jobgate: give --to ADDRESS or a command after --");
+            return exit::USAGE;
+        }
+        (false, to) => AppSource::Command {
+            argv: args.command,
+            to,
+            env: Vec::new(),
+        },
+    };
+    let options = AgentOptions {
+        dial: DialConfig {
+            relay: args.relay,
+            relay_ca: args.relay_ca,
+            idle_timeout: Duration::from_secs(args.idle_timeout.max(2)),
+        },
+        token,
+        access: match args.access {
+            Access::Link => AccessMode::Link,
+            Access::Public => AccessMode::Public,
+        },
+        url_file: args.url_file,
+        app,
+        ready_timeout: Duration::from_secs(args.ready_timeout),
+        stop_grace: jobgate_agent::DEFAULT_STOP_GRACE,
+    };
+    match jobgate_agent::run(options).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("jobgate: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn run_token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Issue {
+            tokens,
+            user,
+            max_mappings,
+        } => {
+            let mut file = TokensFile::read(&tokens)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let token = file.issue(&user, max_mappings, now)?;
+            file.write(&tokens)?;
+            eprintln!(
+                "jobgate: token for {user} written to {} (hash only); it is shown once:",
+                tokens.display()
+            );
+            println!("{token}");
+        }
+        TokenCommand::Revoke { tokens, user } => {
+            let mut file = TokensFile::read(&tokens)?;
+            if !file.revoke(&user) {
+                bail!("{user} has no token in {}", tokens.display());
+            }
+            file.write(&tokens)?;
+            eprintln!("jobgate: revoked the token of {user}");
+        }
+        TokenCommand::List { tokens } => {
+            let file = TokensFile::read(&tokens)?;
+            for entry in &file.tokens {
+                let limit = entry
+                    .max_mappings
+                    .map(|n| format!(" max_mappings={n}"))
+                    .unwrap_or_default();
+                println!("{}{limit}", entry.user);
+            }
+        }
+    }
+    Ok(())
+}
