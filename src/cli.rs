@@ -107,8 +107,18 @@ struct AgentArgs {
     #[arg(long)]
     url_file: Option<PathBuf>,
     /// Forward to an app that already listens: 127.0.0.1:PORT or unix:/path.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["jupyter", "jupyter_tcp"])]
     to: Option<jobgate_agent::target::Target>,
+    /// Start JupyterLab set up for the relay (unix socket, token in the URL); arguments
+    /// after `--` go to `jupyter lab`.
+    #[arg(long)]
+    jupyter: bool,
+    /// Like --jupyter, but Jupyter listens on a free loopback port instead of a socket.
+    #[arg(long, conflicts_with = "jupyter")]
+    jupyter_tcp: bool,
+    /// The `jupyter` program for --jupyter [default: `jupyter` on PATH].
+    #[arg(long, env = "JOBGATE_JUPYTER", value_name = "PATH")]
+    jupyter_program: Option<String>,
     /// How the URL is guarded.
     #[arg(long, value_enum, default_value_t = Access::Link)]
     access: Access,
@@ -119,6 +129,7 @@ struct AgentArgs {
     #[arg(long, default_value_t = jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT.as_secs())]
     idle_timeout: u64,
     /// The app to start; `{port}` becomes a free loopback port, `{sock}` a private unix socket.
+    /// With --jupyter: extra arguments for `jupyter lab`.
     #[arg(last = true)]
     command: Vec<String>,
 }
@@ -284,24 +295,42 @@ async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
 }
 
 async fn run_agent(args: AgentArgs) -> i32 {
-    let token = match jobgate_agent::token::load_token(args.token_file) {
+    let token = match jobgate_agent::token::load_token(args.token_file.clone()) {
         Ok(token) => token,
         Err(e) => {
             eprintln!("jobgate: {e}");
             return exit::USAGE;
         }
     };
-    let app = match (args.command.is_empty(), args.to) {
-        (true, Some(target)) => AppSource::Existing(target),
-        (true, None) => {
-            eprintln!("jobgate: give --to ADDRESS or a command after --");
-            return exit::USAGE;
+    // Holds Jupyter's socket and token file until the agent is done.
+    let mut jupyter_dir = None;
+    let mut app_path = None;
+    let app = if args.jupyter || args.jupyter_tcp {
+        match jupyter_app(&args).await {
+            Ok(launch) => {
+                app_path = Some(launch.app_path);
+                jupyter_dir = Some(launch.dir);
+                AppSource::Command {
+                    argv: launch.argv,
+                    to: launch.to,
+                    env: launch.env,
+                }
+            }
+            Err(code) => return code,
         }
-        (false, to) => AppSource::Command {
-            argv: args.command,
-            to,
-            env: Vec::new(),
-        },
+    } else {
+        match (args.command.is_empty(), args.to) {
+            (true, Some(target)) => AppSource::Existing(target),
+            (true, None) => {
+                eprintln!("jobgate: give --to ADDRESS, --jupyter, or a command after --");
+                return exit::USAGE;
+            }
+            (false, to) => AppSource::Command {
+                argv: args.command,
+                to,
+                env: Vec::new(),
+            },
+        }
     };
     let options = AgentOptions {
         dial: DialConfig {
@@ -319,13 +348,48 @@ async fn run_agent(args: AgentArgs) -> i32 {
         ready_timeout: Duration::from_secs(args.ready_timeout),
         stop_grace: jobgate_agent::DEFAULT_STOP_GRACE,
     };
-    match jobgate_agent::run(options).await {
+    let code = match jobgate_agent::run_opening(options, app_path).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("jobgate: {e}");
             e.exit_code()
         }
+    };
+    drop(jupyter_dir);
+    code
+}
+
+/// Prepares `jupyter lab` for --jupyter/--jupyter-tcp, or returns the exit code.
+async fn jupyter_app(args: &AgentArgs) -> Result<jobgate_agent::jupyter::JupyterLaunch, i32> {
+    use jobgate_agent::jupyter::{self, Listen};
+    let program = args
+        .jupyter_program
+        .clone()
+        .unwrap_or_else(|| jupyter::DEFAULT_PROGRAM.to_owned());
+    let mut listen = if args.jupyter_tcp {
+        Listen::Tcp
+    } else {
+        Listen::Socket
+    };
+    match jupyter::probe_version(&program).await {
+        Err(e) => {
+            eprintln!("jobgate: {e}");
+            return Err(exit::APP_FAILED);
+        }
+        Ok(Some(version)) if listen == Listen::Socket && !jupyter::supports_socket(version) => {
+            eprintln!(
+                "jobgate: jupyter_server {}.{} cannot listen on a unix socket (1.9 or later can): \
+                 using a loopback port instead",
+                version.0, version.1
+            );
+            listen = Listen::Tcp;
+        }
+        Ok(_) => {}
     }
+    jupyter::prepare(&program, listen, &args.command).map_err(|e| {
+        eprintln!("jobgate: cannot prepare Jupyter's private directory: {e}");
+        exit::APP_FAILED
+    })
 }
 
 fn run_token(command: TokenCommand) -> anyhow::Result<()> {

@@ -13,6 +13,7 @@
 
 pub mod child;
 pub mod dial;
+pub mod jupyter;
 pub mod serve;
 pub mod target;
 pub mod token;
@@ -129,6 +130,16 @@ pub fn job_info() -> JobInfo {
 /// Runs the agent until the app exits, a signal arrives, or the relay is lost.
 /// Returns the exit code the process should end with.
 pub async fn run(options: AgentOptions) -> Result<i32, AgentError> {
+    run_opening(options, None).await
+}
+
+/// Like [`run`], but the printed URL opens `app_path` below the session's root (for
+/// example `lab?token=...`, see [`jupyter`]), merged with the relay's access URL by
+/// [`app_url`].
+pub async fn run_opening(
+    options: AgentOptions,
+    app_path: Option<String>,
+) -> Result<i32, AgentError> {
     let mut terminate =
         signal(SignalKind::terminate()).map_err(|e| AgentError::Usage(e.to_string()))?;
     let mut interrupt =
@@ -168,7 +179,7 @@ pub async fn run(options: AgentOptions) -> Result<i32, AgentError> {
             return Err(e.into());
         }
     };
-    announce(&session, options.url_file.as_deref());
+    announce(&session, app_path.as_deref(), options.url_file.as_deref());
 
     let pool = Arc::new(TargetPool::new(target));
     let serving = tokio::spawn(serve::serve_streams(session.connection.clone(), pool));
@@ -186,8 +197,12 @@ pub async fn run(options: AgentOptions) -> Result<i32, AgentError> {
 }
 
 /// Prints the URL line and writes the URL file.
-fn announce(session: &RelaySession, url_file: Option<&std::path::Path>) {
-    let url = &session.welcome.access_url;
+fn announce(session: &RelaySession, app_path: Option<&str>, url_file: Option<&std::path::Path>) {
+    let access_url = &session.welcome.access_url;
+    let url = match app_path {
+        Some(path) => app_url(access_url, path),
+        None => access_url.clone(),
+    };
     eprintln!("jobgate: your app is at {url}");
     tracing::info!(name = %session.welcome.name, "session open");
     if let Some(path) = url_file {
@@ -195,6 +210,39 @@ fn announce(session: &RelaySession, url_file: Option<&std::path::Path>) {
             eprintln!("jobgate: cannot write the URL file {}: {e}", path.display());
         }
     }
+}
+
+/// The URL that opens `app_path` (`path?query`) in the session at `access_url`.
+///
+/// The path goes below the access URL's path; the queries are merged, the app's first:
+/// `https://n.d/?jobgate_key=K` + `lab?token=T` = `https://n.d/lab?token=T&jobgate_key=K`.
+pub fn app_url(access_url: &str, app_path: &str) -> String {
+    let (rest, fragment) = match access_url.split_once('#') {
+        Some((rest, fragment)) => (rest, Some(fragment)),
+        None => (access_url, None),
+    };
+    let (base, base_query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (path, path_query) = app_path.split_once('?').unwrap_or((app_path, ""));
+    let mut url = base.to_owned();
+    // `https://host` has no path at all (its root is `/`); `https://host/app` is a
+    // directory for our purpose.
+    if !url.ends_with('/') {
+        url.push('/');
+    }
+    url.push_str(path.trim_start_matches('/'));
+    let query: Vec<&str> = [path_query, base_query]
+        .into_iter()
+        .filter(|q| !q.is_empty())
+        .collect();
+    if !query.is_empty() {
+        url.push('?');
+        url.push_str(&query.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        url.push('#');
+        url.push_str(fragment);
+    }
+    url
 }
 
 async fn supervise(
@@ -272,5 +320,39 @@ async fn say_bye(session: &mut RelaySession, reason: &str) {
 fn cleanup(private_dir: Option<&std::path::Path>) {
     if let Some(dir) = private_dir {
         child::remove_private_dir(dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::app_url;
+
+    #[test]
+    fn app_paths_merge_into_access_urls() {
+        let cases = [
+            ("https://n.d/", "lab?token=T", "https://n.d/lab?token=T"),
+            ("https://n.d", "lab?token=T", "https://n.d/lab?token=T"),
+            ("https://n.d:8443/", "/lab", "https://n.d:8443/lab"),
+            (
+                "https://n.d/?jobgate_key=K",
+                "lab?token=T",
+                "https://n.d/lab?token=T&jobgate_key=K",
+            ),
+            (
+                "https://n.d:8443?jobgate_key=K",
+                "lab?token=T",
+                "https://n.d:8443/lab?token=T&jobgate_key=K",
+            ),
+            (
+                "https://n.d/base/?k=1#top",
+                "lab?token=T",
+                "https://n.d/base/lab?token=T&k=1#top",
+            ),
+            ("https://n.d/app", "lab", "https://n.d/app/lab"),
+            ("https://n.d/?k=1", "", "https://n.d/?k=1"),
+        ];
+        for (access, path, want) in cases {
+            assert_eq!(app_url(access, path), want, "{access} + {path}");
+        }
     }
 }

@@ -188,7 +188,12 @@ fn admit(
             format!("this relay speaks protocol version {PROTOCOL_VERSION}, the agent {version}: update jobgate"),
         ));
     }
-    let Some(identity) = shared.tokens.verify(&token.0) else {
+    // A token issued a moment ago may not be loaded yet: a stat tells, cheaply.
+    let identity = shared.tokens.verify(&token.0).or_else(|| {
+        crate::reload_tokens(shared);
+        shared.tokens.verify(&token.0)
+    });
+    let Some(identity) = identity else {
         return Err(Refusal::new(
             RefusalCode::BadToken,
             "the relay does not know this token (mistyped, revoked or for another relay): ask your admin for a new one",

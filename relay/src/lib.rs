@@ -113,6 +113,9 @@ impl Relay {
         })?;
 
         let front_tls = tls::front_server_config(&certified)?;
+        let mut config = config;
+        // URLs carry the port actually bound (matters when the config said port 0).
+        config.url_port.get_or_insert(https_addr.port());
         let shared = Arc::new(Shared {
             routes: routes::RoutingTable::default(),
             tokens,
@@ -126,6 +129,7 @@ impl Relay {
             tasks.spawn(front::serve_http(http, shared.clone()));
         }
         tasks.spawn(agents::accept_agents(endpoint.clone(), shared.clone()));
+        tasks.spawn(watch_tokens(shared.clone()));
         tracing::info!(
             domain = %shared.config.domain,
             https = %https_addr,
@@ -156,6 +160,38 @@ impl Relay {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// How often the tokens file is checked for changes.
+const TOKENS_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Re-reads the tokens file when it changes; a user whose token is gone loses their live
+/// sessions at once.
+async fn watch_tokens(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(TOKENS_POLL_INTERVAL).await;
+        reload_tokens(&shared);
+    }
+}
+
+/// Reloads tokens now (also on SIGHUP) and closes the sessions of revoked users.
+pub(crate) fn reload_tokens(shared: &Shared) {
+    match shared.tokens.reload_if_changed() {
+        Ok(false) => {}
+        Ok(true) => {
+            tracing::info!("tokens file reloaded");
+            for session in shared.routes.all() {
+                if !shared.tokens.has_user(&session.user) {
+                    tracing::info!(name = %session.name, user = %session.user, "token revoked: closing session");
+                    session.connection.close(
+                        quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Revoked.as_u32()),
+                        b"token revoked",
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::warn!("tokens file not reloaded, previous tokens stay in force: {e}"),
     }
 }
 

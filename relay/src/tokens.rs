@@ -198,6 +198,8 @@ struct Loaded {
 pub struct TokenStore {
     path: PathBuf,
     entries: RwLock<Vec<Loaded>>,
+    /// (modification time, length) of the file when last read, to notice changes.
+    stamp: std::sync::Mutex<Option<(std::time::SystemTime, u64)>>,
 }
 
 impl TokenStore {
@@ -206,14 +208,32 @@ impl TokenStore {
         let store = Self {
             path: path.to_owned(),
             entries: RwLock::new(Vec::new()),
+            stamp: std::sync::Mutex::new(None),
         };
         store.reload()?;
         Ok(store)
     }
 
+    fn current_stamp(&self) -> Option<(std::time::SystemTime, u64)> {
+        let meta = std::fs::metadata(&self.path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    }
+
+    /// Re-reads the file if it changed since the last read. Returns whether it did.
+    pub fn reload_if_changed(&self) -> Result<bool, TokensError> {
+        let now = self.current_stamp();
+        if now == *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(false);
+        }
+        self.reload()?;
+        Ok(true)
+    }
+
     /// Re-reads the file; on error the previous entries stay in force.
     pub fn reload(&self) -> Result<usize, TokensError> {
+        let stamp = self.current_stamp();
         let file = TokensFile::read(&self.path)?;
+        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
         let entries: Vec<Loaded> = file
             .tokens
             .into_iter()

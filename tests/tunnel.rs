@@ -1,0 +1,247 @@
+//! User stories for the tunnel itself: a request goes in at the relay's HTTPS front door,
+//! crosses QUIC to the agent, reaches the app, and the answer comes back.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn get_and_post_reach_the_app_with_forwarding_headers() {
+    let env = TestEnv::new("getpost");
+    let relay = start_relay(&env, &[]);
+    let token = env.token_file("alice");
+    let agent = start_demo_agent(&env, &relay, &token, "app-a");
+    let host = agent.host();
+    let authority = format!("{host}:{}", relay.https_port);
+
+    let mut sender = h1(&env, relay.https_port, &host).await;
+    let request = Request::get("/echo?x=1")
+        .header("host", &authority)
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-host", "evil.example")
+        .body(empty())
+        .expect("request");
+    let (status, headers, body) =
+        collect(sender.send_request(request).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-app-label"], "app-a");
+    let echo = json(&body);
+    assert_eq!(echo["target"], "/echo?x=1");
+    assert_eq!(
+        echo["headers"]["host"],
+        authority.as_str(),
+        "the browser's Host is kept"
+    );
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"], "127.0.0.1",
+        "client-sent XFF is replaced"
+    );
+    assert_eq!(echo["headers"]["x-forwarded-host"], authority.as_str());
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
+
+    // Same keep-alive connection: a POST with a body.
+    let request = Request::post("/echo")
+        .header("host", &authority)
+        .body(full(Bytes::from_static(b"hello, notebook")))
+        .expect("request");
+    let (status, _, body) = collect(sender.send_request(request).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+    let echo = json(&body);
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["body_bytes"], 15);
+}
+
+#[tokio::test]
+async fn http2_routes_each_request_by_its_own_authority() {
+    let env = TestEnv::new("h2");
+    let relay = start_relay(&env, &[]);
+    let token = env.token_file("alice");
+    let a = start_demo_agent(&env, &relay, &token, "app-a");
+    let b = start_demo_agent(&env, &relay, &token, "app-b");
+
+    // One h2 connection (SNI of a), both names on it: browsers coalesce like this.
+    let mut sender = h2(&env, relay.https_port, &a.host()).await;
+    for (agent, label) in [(&a, "app-a"), (&b, "app-b"), (&a, "app-a")] {
+        let uri = format!("{}/echo", agent.base());
+        let request = Request::post(uri)
+            .body(full(Bytes::from_static(b"h2 body")))
+            .expect("request");
+        let (status, headers, body) =
+            collect(sender.send_request(request).await.expect("response")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-app-label"], label);
+        let echo = json(&body);
+        assert_eq!(echo["body_bytes"], 7);
+        assert_eq!(
+            echo["headers"]["host"],
+            format!("{}:{}", agent.host(), relay.https_port).as_str()
+        );
+    }
+}
+
+#[tokio::test]
+async fn websocket_echo_with_subprotocol() {
+    let env = TestEnv::new("ws");
+    let relay = start_relay(&env, &[]);
+    let token = env.token_file("alice");
+    let agent = start_demo_agent(&env, &relay, &token, "ws");
+    let host = agent.host();
+
+    let tls = tls_connect(&env, relay.https_port, &host, &[b"http/1.1"]).await;
+    let mut request = format!("wss://{host}:{}/ws", relay.https_port)
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "v1.kernel.websocket.jupyter.org, other"
+            .parse()
+            .expect("value"),
+    );
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tls)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "v1.kernel.websocket.jupyter.org"
+    );
+
+    for i in 0..50 {
+        ws.send(Message::Text(format!("message {i}")))
+            .await
+            .expect("send");
+        let echoed = ws.next().await.expect("message").expect("ok");
+        assert_eq!(echoed, Message::Text(format!("message {i}")));
+    }
+    let big = vec![7u8; 1 << 20];
+    ws.send(Message::Binary(big.clone())).await.expect("send");
+    assert_eq!(
+        ws.next().await.expect("message").expect("ok"),
+        Message::Binary(big)
+    );
+    ws.close(None).await.expect("close");
+}
+
+#[tokio::test]
+async fn three_agents_300_concurrent_requests_each_answered_by_its_own_app() {
+    let env = TestEnv::new("many");
+    let relay = start_relay(&env, &[]);
+    let token = env.token_file("alice");
+    let agents: Vec<_> = (0..3)
+        .map(|i| start_demo_agent(&env, &relay, &token, &format!("app-{i}")))
+        .collect();
+
+    let mut senders = Vec::new();
+    for agent in &agents {
+        senders.push(h2(&env, relay.https_port, &agent.host()).await);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300usize {
+        let which = (i * 7) % 3;
+        let mut sender = senders[i % senders.len()].clone();
+        let uri = format!("{}/echo?i={i}", agents[which].base());
+        tasks.spawn(async move {
+            let request = Request::get(uri).body(empty()).expect("request");
+            let (status, headers, body) =
+                collect(sender.send_request(request).await.expect("response")).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(
+                headers["x-app-label"],
+                format!("app-{which}").as_str(),
+                "misrouted request {i}"
+            );
+            assert_eq!(json(&body)["target"], format!("/echo?i={i}").as_str());
+        });
+    }
+    let mut done = 0;
+    while let Some(result) = tasks.join_next().await {
+        result.expect("request task");
+        done += 1;
+    }
+    assert_eq!(done, 300);
+}
+
+const BIG: u64 = 256 * 1024 * 1024;
+const WARMUP: u64 = 16 * 1024 * 1024;
+/// Peak RSS may grow by flow-control windows and allocator slack, never by body size.
+const MAX_GROWTH_KIB: u64 = 64 * 1024;
+
+async fn download(env: &TestEnv, port: u16, host: &str, n: u64) {
+    let mut sender = h1(env, port, host).await;
+    let request = Request::get(format!("/bytes?n={n}"))
+        .header("host", host)
+        .body(empty())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut offset = 0u64;
+    while let Some(frame) = body.frame().await {
+        let data = frame.expect("body frame").into_data().unwrap_or_default();
+        for (i, byte) in data.iter().enumerate() {
+            if *byte != jobgate_pattern(offset + i as u64) {
+                panic!("byte {} differs", offset + i as u64);
+            }
+        }
+        offset += data.len() as u64;
+    }
+    assert_eq!(offset, n);
+}
+
+fn jobgate_pattern(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+async fn upload(env: &TestEnv, port: u16, host: &str, n: u64) {
+    let mut sender = h1(env, port, host).await;
+    let chunk = Bytes::from(vec![0x5au8; 64 * 1024]);
+    let chunks = n / chunk.len() as u64;
+    let stream = futures_util::stream::iter(0..chunks)
+        .map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone())));
+    let body = BodyExt::boxed(StreamBody::new(stream));
+    let request = Request::post("/echo")
+        .header("host", host)
+        .header("content-length", n)
+        .body(body)
+        .expect("request");
+    let (status, _, body) = collect(sender.send_request(request).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["body_bytes"], n);
+}
+
+#[tokio::test]
+async fn a_256_mib_upload_and_download_stream_with_bounded_memory() {
+    let env = TestEnv::new("big");
+    let relay = start_relay(&env, &[]);
+    let token = env.token_file("alice");
+    let agent = start_demo_agent(&env, &relay, &token, "big");
+    let host = agent.host();
+
+    download(&env, relay.https_port, &host, WARMUP).await;
+    upload(&env, relay.https_port, &host, WARMUP).await;
+    let relay_before = peak_rss_kib(relay.proc.pid());
+    let agent_before = peak_rss_kib(agent.proc.pid());
+
+    download(&env, relay.https_port, &host, BIG).await;
+    upload(&env, relay.https_port, &host, BIG).await;
+    let relay_after = peak_rss_kib(relay.proc.pid());
+    let agent_after = peak_rss_kib(agent.proc.pid());
+    eprintln!("peak RSS KiB: relay {relay_before} -> {relay_after}, agent {agent_before} -> {agent_after}");
+    assert!(
+        relay_after - relay_before < MAX_GROWTH_KIB,
+        "relay grew {} KiB",
+        relay_after - relay_before
+    );
+    assert!(
+        agent_after - agent_before < MAX_GROWTH_KIB,
+        "agent grew {} KiB",
+        agent_after - agent_before
+    );
+}
