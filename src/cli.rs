@@ -82,6 +82,9 @@ struct RelayArgs {
     /// Live sessions per user [default: 16].
     #[arg(long)]
     max_sessions_per_user: Option<usize>,
+    /// Let agents ask for public sessions (no access key) [default: off].
+    #[arg(long)]
+    allow_public: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -260,6 +263,9 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
         "max_sessions_per_user",
         int(args.max_sessions_per_user.map(|n| n as u64)),
     );
+    if args.allow_public {
+        table.insert("allow_public".into(), toml::Value::Boolean(true));
+    }
     for required in ["domain", "cert", "key", "tokens"] {
         if !table.contains_key(required) {
             bail!("--{required} is required (as a flag or in --config)");

@@ -72,17 +72,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let agent = tokio::spawn(jobgate_agent::run(options));
     let url = wait_for_url(&url_file).await?;
-    let base = url
-        .split('?')
-        .next()
-        .unwrap_or(&url)
-        .trim_end_matches('/')
-        .to_owned();
+    let (base, query) = url.split_once('?').unwrap_or((&url, ""));
+    let echo = format!("{base}echo?{query}");
     println!();
     println!("jobgate demo is running: a relay, an agent and a small web app on this machine.");
     println!();
     println!("  URL:   {url}");
-    println!("  Try:   curl --cacert {} {base}/echo", pki.ca.display());
+    println!("  Try:   curl --cacert {} '{echo}'", pki.ca.display());
     println!(
         "  Page:  open the URL in a browser that trusts {} (it has a WebSocket echo)",
         pki.ca.display()

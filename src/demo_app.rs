@@ -4,7 +4,8 @@
 //! * `GET|POST /echo` — JSON with the method, target, headers and the body's length and
 //!   SHA-256 (the body is streamed, never held);
 //! * `GET /bytes?n=N` — N bytes of a repeating pattern, streamed;
-//! * `GET /ws` — WebSocket echo; the first offered subprotocol is accepted.
+//! * `GET /ws` — WebSocket echo; the first offered subprotocol is accepted;
+//! * `GET /set-cookie` — sets a cookie with a `Domain=` attribute (the relay strips it).
 //!
 //! Every response carries `x-app-label` so tests can tell apps apart.
 
@@ -98,6 +99,15 @@ async fn handle(
         (_, "/echo") => echo(req).await,
         (&Method::GET, "/bytes") => bytes(&req),
         (&Method::GET, "/ws") => websocket(req),
+        (&Method::GET, "/set-cookie") => {
+            // Tries to plant a cookie on the whole domain: the relay must make it host-only.
+            let mut response = status(StatusCode::OK, "cookie set\n");
+            response.headers_mut().insert(
+                header::SET_COOKIE,
+                HeaderValue::from_static("planted=1; Domain=.jobgate.test; Path=/; Secure"),
+            );
+            response
+        }
         _ => status(StatusCode::NOT_FOUND, "not found\n"),
     };
     if let Ok(value) = HeaderValue::from_str(&label) {

@@ -22,7 +22,7 @@ async fn get_and_post_reach_the_app_with_forwarding_headers() {
     let authority = format!("{host}:{}", relay.https_port);
 
     let mut sender = h1(&env, relay.https_port, &host).await;
-    let request = Request::get("/echo?x=1")
+    let request = Request::get(agent.path("/echo?x=1"))
         .header("host", &authority)
         .header("x-forwarded-for", "6.6.6.6")
         .header("x-forwarded-host", "evil.example")
@@ -47,7 +47,7 @@ async fn get_and_post_reach_the_app_with_forwarding_headers() {
     assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
 
     // Same keep-alive connection: a POST with a body.
-    let request = Request::post("/echo")
+    let request = Request::post(agent.path("/echo"))
         .header("host", &authority)
         .body(full(Bytes::from_static(b"hello, notebook")))
         .expect("request");
@@ -69,7 +69,7 @@ async fn http2_routes_each_request_by_its_own_authority() {
     // One h2 connection (SNI of a), both names on it: browsers coalesce like this.
     let mut sender = h2(&env, relay.https_port, &a.host()).await;
     for (agent, label) in [(&a, "app-a"), (&b, "app-b"), (&a, "app-a")] {
-        let uri = format!("{}/echo", agent.base());
+        let uri = agent.uri("/echo");
         let request = Request::post(uri)
             .body(full(Bytes::from_static(b"h2 body")))
             .expect("request");
@@ -95,7 +95,7 @@ async fn websocket_echo_with_subprotocol() {
     let host = agent.host();
 
     let tls = tls_connect(&env, relay.https_port, &host, &[b"http/1.1"]).await;
-    let mut request = format!("wss://{host}:{}/ws", relay.https_port)
+    let mut request = format!("wss://{host}:{}{}", relay.https_port, agent.path("/ws"))
         .into_client_request()
         .expect("request");
     request.headers_mut().insert(
@@ -146,7 +146,7 @@ async fn three_agents_300_concurrent_requests_each_answered_by_its_own_app() {
     for i in 0..300usize {
         let which = (i * 7) % 3;
         let mut sender = senders[i % senders.len()].clone();
-        let uri = format!("{}/echo?i={i}", agents[which].base());
+        let uri = agents[which].uri(&format!("/echo?i={i}"));
         tasks.spawn(async move {
             let request = Request::get(uri).body(empty()).expect("request");
             let (status, headers, body) =
@@ -173,9 +173,10 @@ const WARMUP: u64 = 16 * 1024 * 1024;
 /// Peak RSS may grow by flow-control windows and allocator slack, never by body size.
 const MAX_GROWTH_KIB: u64 = 64 * 1024;
 
-async fn download(env: &TestEnv, port: u16, host: &str, n: u64) {
+async fn download(env: &TestEnv, port: u16, agent: &AgentProc, n: u64) {
+    let host = &agent.host();
     let mut sender = h1(env, port, host).await;
-    let request = Request::get(format!("/bytes?n={n}"))
+    let request = Request::get(agent.path(&format!("/bytes?n={n}")))
         .header("host", host)
         .body(empty())
         .expect("request");
@@ -199,14 +200,15 @@ fn jobgate_pattern(offset: u64) -> u8 {
     (offset % 251) as u8
 }
 
-async fn upload(env: &TestEnv, port: u16, host: &str, n: u64) {
+async fn upload(env: &TestEnv, port: u16, agent: &AgentProc, n: u64) {
+    let host = &agent.host();
     let mut sender = h1(env, port, host).await;
     let chunk = Bytes::from(vec![0x5au8; 64 * 1024]);
     let chunks = n / chunk.len() as u64;
     let stream = futures_util::stream::iter(0..chunks)
         .map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone())));
     let body = BodyExt::boxed(StreamBody::new(stream));
-    let request = Request::post("/echo")
+    let request = Request::post(agent.path("/echo"))
         .header("host", host)
         .header("content-length", n)
         .body(body)
@@ -222,15 +224,13 @@ async fn a_256_mib_upload_and_download_stream_with_bounded_memory() {
     let relay = start_relay(&env, &[]);
     let token = env.token_file("alice");
     let agent = start_demo_agent(&env, &relay, &token, "big");
-    let host = agent.host();
-
-    download(&env, relay.https_port, &host, WARMUP).await;
-    upload(&env, relay.https_port, &host, WARMUP).await;
+    download(&env, relay.https_port, &agent, WARMUP).await;
+    upload(&env, relay.https_port, &agent, WARMUP).await;
     let relay_before = peak_rss_kib(relay.proc.pid());
     let agent_before = peak_rss_kib(agent.proc.pid());
 
-    download(&env, relay.https_port, &host, BIG).await;
-    upload(&env, relay.https_port, &host, BIG).await;
+    download(&env, relay.https_port, &agent, BIG).await;
+    upload(&env, relay.https_port, &agent, BIG).await;
     let relay_after = peak_rss_kib(relay.proc.pid());
     let agent_after = peak_rss_kib(agent.proc.pid());
     eprintln!("peak RSS KiB: relay {relay_before} -> {relay_after}, agent {agent_before} -> {agent_after}");

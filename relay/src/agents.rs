@@ -106,8 +106,8 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
         Err(_) => return close(&connection, CloseCode::HandshakeTimeout, "no Hello in time"),
     };
 
-    let session = match admit(&shared, &connection, hello) {
-        Ok(session) => session,
+    let (session, key) = match admit(&shared, &connection, hello) {
+        Ok(admitted) => admitted,
         Err(refusal) => {
             tracing::info!(%remote, code = ?refusal.code, "agent refused: {}", refusal.message);
             let refused = ControlMessage::Refused {
@@ -130,7 +130,10 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
     let welcome = ControlMessage::Welcome {
         name: session.name.to_string(),
         url: url.clone(),
-        access_url: url,
+        access_url: match &key {
+            Some(key) => format!("{url}?{}={key}", crate::access::KEY_PARAM),
+            None => url,
+        },
         resume_ticket: None::<Token>,
         limits: SessionLimits {
             max_streams: u64::from(shared.config.max_streams_per_agent),
@@ -168,7 +171,7 @@ fn admit(
     shared: &Shared,
     connection: &Connection,
     hello: Option<ControlMessage>,
-) -> Result<Arc<Session>, Refusal> {
+) -> Result<(Arc<Session>, Option<String>), Refusal> {
     let Some(ControlMessage::Hello {
         version,
         token,
@@ -199,14 +202,25 @@ fn admit(
             "the relay does not know this token (mistyped, revoked or for another relay): ask your admin for a new one",
         ));
     };
-    let access = match access {
-        AccessMode::Link | AccessMode::Public => access,
+    let (guard, key) = match access {
+        AccessMode::Public if !shared.config.allow_public => {
+            return Err(Refusal::new(
+                RefusalCode::AccessModeNotAllowed,
+                "this relay does not allow public sessions: use the default private link (--access link)",
+            ))
+        }
+        AccessMode::Public => (crate::access::Access::Public, None),
+        AccessMode::Link => {
+            let (guard, key) = crate::access::Access::new_link();
+            (guard, Some(key))
+        }
     };
     let session = Arc::new(Session {
         name: shared.names.issue(),
         user: identity.user,
         job,
         access,
+        guard,
         connection: connection.clone(),
         agent_addr: connection.remote_address(),
         opened: Instant::now(),
@@ -230,7 +244,7 @@ fn admit(
                 "the relay is at capacity: try again later",
             ),
         })?;
-    Ok(session)
+    Ok((session, key))
 }
 
 /// Waits until the session ends: the connection closes (agent exit, crash, idle

@@ -76,6 +76,10 @@ pub struct RelayConfig {
     /// Requests in flight per session.
     #[serde(default = "default_streams")]
     pub max_streams_per_agent: u32,
+    /// Whether agents may ask for `public` sessions (no access key; the app's own login
+    /// is the only lock).
+    #[serde(default)]
+    pub allow_public: bool,
 }
 
 fn default_https() -> SocketAddr {
@@ -129,6 +133,7 @@ impl RelayConfig {
             max_sessions_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
             max_agents: DEFAULT_MAX_AGENTS,
             max_streams_per_agent: DEFAULT_MAX_STREAMS_PER_AGENT,
+            allow_public: false,
         }
     }
 

@@ -2,6 +2,7 @@
 //! the head and stream the body, then stream the answer back. A `101` answer splices the
 //! upgraded client connection to the stream.
 
+use crate::access::{self, Decision};
 use crate::body::RelayBody;
 use crate::headers;
 use crate::pages::Page;
@@ -55,6 +56,9 @@ async fn forward(
     let upgrade = headers::requested_upgrade(req.headers());
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if let Decision::Answer(response) = access::check(&session.guard, &session.name, &mut parts) {
+        return response;
+    }
     let page_headers = parts.headers.clone();
     headers::for_app(&mut parts.headers, &host, client, upgrade);
     let head = RequestHead {

@@ -15,6 +15,8 @@ pub enum Page {
     BadGateway,
     /// The request was malformed.
     BadRequest,
+    /// No valid access key or cookie for a `link` session.
+    Unauthorized,
 }
 
 impl Page {
@@ -34,6 +36,11 @@ impl Page {
                 StatusCode::BAD_GATEWAY,
                 "The app did not answer",
                 "The job's app could not answer this request: it may have stopped, or the job's connection was lost.",
+            ),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "Private session",
+                "This jobgate session is private. Open it with the full link its owner's job printed (it contains a jobgate_key).",
             ),
             Self::BadRequest => (
                 StatusCode::BAD_REQUEST,

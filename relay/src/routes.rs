@@ -21,6 +21,8 @@ pub struct Session {
     pub job: JobInfo,
     /// Access mode in force.
     pub access: AccessMode,
+    /// The lock that goes with it.
+    pub guard: crate::access::Access,
     /// The agent's QUIC connection: every request becomes a stream on it.
     pub connection: quinn::Connection,
     /// The agent's address as seen by the relay.

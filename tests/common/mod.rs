@@ -155,6 +155,27 @@ impl Proc {
     }
 }
 
+/// Spawns a prepared command with collected stderr.
+pub fn spawn(command: Command) -> Proc {
+    Proc::spawn(command)
+}
+
+impl Proc {
+    /// Waits until a unix socket exists at `path`.
+    pub fn wait_for_socket(&self, path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !path.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "no socket at {}:\n{}",
+                path.display(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -234,6 +255,31 @@ impl AgentProc {
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(rest.len());
         self.url[..end + port_len].to_owned()
+    }
+
+    /// The access key from the printed URL (link mode), or "" (public mode).
+    pub fn key(&self) -> String {
+        self.url
+            .split("jobgate_key=")
+            .nth(1)
+            .and_then(|k| k.split('&').next())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// `path` with the access key added to its query, as an API client would send it.
+    pub fn path(&self, path: &str) -> String {
+        let key = self.key();
+        if key.is_empty() {
+            return path.to_owned();
+        }
+        let sep = if path.contains('?') { '&' } else { '?' };
+        format!("{path}{sep}jobgate_key={key}")
+    }
+
+    /// Absolute URI of `path`, with the access key.
+    pub fn uri(&self, path: &str) -> String {
+        format!("{}{}", self.base(), self.path(path))
     }
 
     /// The host name, `<name>.<domain>`.
