@@ -82,6 +82,12 @@ struct RelayArgs {
     /// Live sessions per user [default: 16].
     #[arg(long)]
     max_sessions_per_user: Option<usize>,
+    /// Seconds a client has to send a complete request head (slowloris guard) [default: 30].
+    #[arg(long)]
+    header_read_timeout: Option<u64>,
+    /// Append JSON-lines audit records to this file [default: none].
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
     /// Let agents ask for public sessions (no access key) [default: off].
     #[arg(long)]
     allow_public: bool,
@@ -254,11 +260,13 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
     set("cert", path(args.cert));
     set("key", path(args.key));
     set("tokens", path(args.tokens));
+    set("audit_log", path(args.audit_log));
     set("listen_https", addr(args.listen_https));
     set("listen_quic", addr(args.listen_quic));
     set("listen_http", addr(args.listen_http));
     set("url_port", int(args.url_port.map(u64::from)));
     set("idle_timeout_secs", int(args.idle_timeout));
+    set("header_read_timeout_secs", int(args.header_read_timeout));
     set(
         "max_sessions_per_user",
         int(args.max_sessions_per_user.map(|n| n as u64)),

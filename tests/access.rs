@@ -190,7 +190,12 @@ async fn revoking_a_token_closes_the_users_sessions_and_limits_hold() {
     let env = TestEnv::new("revoke");
     let alice = env.token_file("alice");
     let bob = env.token_file("bob");
-    let relay = start_relay(&env, &["--max-sessions-per-user", "1"]);
+    let audit = env.dir.join("audit.jsonl");
+    let audit_arg = audit.to_string_lossy().into_owned();
+    let relay = start_relay(
+        &env,
+        &["--max-sessions-per-user", "1", "--audit-log", &audit_arg],
+    );
     let a = start_demo_agent(&env, &relay, &alice, "alice");
     let b = start_demo_agent(&env, &relay, &bob, "bob");
 

@@ -2,6 +2,7 @@
 //! control stream, is given a name in `Welcome`, and keeps that name for exactly as long
 //! as the connection lives.
 
+use crate::audit::AuditEvent;
 use crate::config::RelayConfig;
 use crate::routes::{InsertError, Session};
 use crate::tls::CertifiedKey;
@@ -73,6 +74,8 @@ fn close(connection: &Connection, code: CloseCode, reason: &str) {
 struct Refusal {
     code: RefusalCode,
     message: String,
+    /// The user, when the token was valid but something else was not.
+    user: Option<String>,
 }
 
 impl Refusal {
@@ -80,7 +83,13 @@ impl Refusal {
         Self {
             code,
             message: message.into(),
+            user: None,
         }
+    }
+
+    fn for_user(mut self, user: &str) -> Self {
+        self.user = Some(user.to_owned());
+        self
     }
 }
 
@@ -110,6 +119,12 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
         Ok(admitted) => admitted,
         Err(refusal) => {
             tracing::info!(%remote, code = ?refusal.code, "agent refused: {}", refusal.message);
+            let code = serde_json::to_value(refusal.code).ok();
+            shared.audit.record(&AuditEvent::Refused {
+                user: refusal.user.as_deref(),
+                agent_addr: remote,
+                code: code.as_ref().and_then(|c| c.as_str()).unwrap_or("unknown"),
+            });
             let refused = ControlMessage::Refused {
                 code: refusal.code,
                 message: refusal.message,
@@ -156,8 +171,30 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
         "session opened"
     );
 
+    shared.audit.record(&AuditEvent::Opened {
+        user: &session.user,
+        name: session.name.as_str(),
+        job_id: session.job.id.as_deref(),
+        host: session.job.host.as_deref(),
+        agent_addr: remote,
+        access: match session.access {
+            AccessMode::Link => "link",
+            AccessMode::Public => "public",
+        },
+    });
+
     let reason = watch_session(&connection, send, recv).await;
     drop(guard);
+    let stats = connection.stats();
+    shared.audit.record(&AuditEvent::Closed {
+        user: &session.user,
+        name: session.name.as_str(),
+        reason: &reason,
+        duration_s: session.opened.elapsed().as_secs(),
+        bytes_in: stats.udp_rx.bytes,
+        bytes_out: stats.udp_tx.bytes,
+        requests: session.requests.load(std::sync::atomic::Ordering::Relaxed),
+    });
     tracing::info!(
         name = %session.name,
         user = %session.user,
@@ -207,7 +244,8 @@ fn admit(
             return Err(Refusal::new(
                 RefusalCode::AccessModeNotAllowed,
                 "this relay does not allow public sessions: use the default private link (--access link)",
-            ))
+            )
+            .for_user(&identity.user))
         }
         AccessMode::Public => (crate::access::Access::Public, None),
         AccessMode::Link => {
@@ -224,6 +262,7 @@ fn admit(
         connection: connection.clone(),
         agent_addr: connection.remote_address(),
         opened: Instant::now(),
+        requests: Default::default(),
     });
     let user_limit = identity
         .max_mappings
@@ -238,11 +277,13 @@ fn admit(
                     "user {} already has {n} live sessions, the most allowed: end one first",
                     session.user
                 ),
-            ),
+            )
+            .for_user(&session.user),
             InsertError::GlobalLimit(_) => Refusal::new(
                 RefusalCode::Unavailable,
                 "the relay is at capacity: try again later",
-            ),
+            )
+            .for_user(&session.user),
         })?;
     Ok((session, key))
 }

@@ -80,6 +80,9 @@ pub struct RelayConfig {
     /// is the only lock).
     #[serde(default)]
     pub allow_public: bool,
+    /// Append-only JSON-lines audit log (sessions opened/closed, agents refused).
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
 }
 
 fn default_https() -> SocketAddr {
@@ -134,6 +137,7 @@ impl RelayConfig {
             max_agents: DEFAULT_MAX_AGENTS,
             max_streams_per_agent: DEFAULT_MAX_STREAMS_PER_AGENT,
             allow_public: false,
+            audit_log: None,
         }
     }
 

@@ -68,6 +68,9 @@ async fn forward(
         client: Some(client),
     };
 
+    session
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let Ok((mut send, mut recv)) = session.connection.open_bi().await else {
         return Page::BadGateway.render(&page_headers);
     };

@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod agents;
+pub mod audit;
 mod body;
 pub mod config;
 pub mod forward;
@@ -64,6 +65,7 @@ pub(crate) struct Shared {
     pub routes: routes::RoutingTable,
     pub tokens: tokens::TokenStore,
     pub names: names::NameRegistry,
+    pub audit: audit::AuditLog,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -85,6 +87,12 @@ impl Relay {
         config.validate().map_err(RelayError::Config)?;
         let certified = tls::load_certified_key(&config.cert, &config.key)?;
         let tokens = tokens::TokenStore::load(&config.tokens)?;
+        let audit = match &config.audit_log {
+            Some(path) => audit::AuditLog::open(path).map_err(|e| {
+                RelayError::Config(format!("cannot open audit log {}: {e}", path.display()))
+            })?,
+            None => audit::AuditLog::default(),
+        };
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -121,6 +129,7 @@ impl Relay {
             routes: routes::RoutingTable::default(),
             tokens,
             names: names::NameRegistry::default(),
+            audit,
             domain: config.normalized_domain(),
             config,
         });

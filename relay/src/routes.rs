@@ -29,6 +29,8 @@ pub struct Session {
     pub agent_addr: SocketAddr,
     /// When the session opened.
     pub opened: Instant,
+    /// Requests forwarded so far.
+    pub requests: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
