@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# All end-to-end tests, in order: the browser test, then the Slurm test (Slurm is started
+# first and stopped after; E2E_SLURM_KEEP=1 leaves it running). Each prints PASS or FAIL
+# and its seconds; the exit status is non-zero if any failed. Full logs go to
+# target/e2e/<test>.log, the notebook screenshot to target/e2e/jupyter-notebook.png.
+#
+# Needs root and the jobgate binary ($JOBGATE_BIN, default target/debug/jobgate).
+# First run on a fresh machine installs chromium, slurm-wlm, munge (apt), jupyterlab
+# (PyPI, in /opt/jobgate-e2e/venv) and playwright-core (npm): a few minutes.
+
+set -uo pipefail
+E2E_DIR=$(cd "$(dirname "$0")" && pwd)
+REPO_ROOT=$(cd "$E2E_DIR/../.." && pwd)
+ARTIFACTS=${ARTIFACTS:-$REPO_ROOT/target/e2e}
+export ARTIFACTS
+mkdir -p "$ARTIFACTS"
+
+passed=0
+failed=0
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+seconds() {
+	local d=$(($(now_ms) - $1))
+	printf '%d.%d' $((d / 1000)) $(((d % 1000) / 100))
+}
+
+# run NAME COMMAND...: output to $ARTIFACTS/NAME.log, our own progress lines echoed
+# (Jupyter's log lines stay in the file), the log's end shown on failure.
+run() {
+	local name=$1 t code
+	shift
+	t=$(now_ms)
+	echo "=== $name"
+	"$@" 2>&1 | tee "$ARTIFACTS/$name.log" | grep --line-buffered -vE '^\[[DIWEC] [0-9]{4}-|^    ' || true
+	code=${PIPESTATUS[0]}
+	if [ "$code" = 0 ]; then
+		echo "=== $name: PASS ($(seconds "$t") s)"
+		return 0
+	fi
+	echo "=== $name: FAIL, exit $code ($(seconds "$t") s); last lines of $ARTIFACTS/$name.log:"
+	tail -n 60 "$ARTIFACTS/$name.log"
+	return 1
+}
+
+tally() {
+	if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+}
+
+T0=$(now_ms)
+tally run jupyter-browser bash "$E2E_DIR/jupyter-browser.sh"
+
+if run slurm-setup bash "$E2E_DIR/slurm-setup.sh" start; then
+	tally run slurm-jupyter bash "$E2E_DIR/slurm-jupyter.sh"
+else
+	failed=$((failed + 1))
+	echo "=== slurm-jupyter: FAIL (Slurm did not start)"
+fi
+if [ "${E2E_SLURM_KEEP:-0}" != 1 ]; then
+	bash "$E2E_DIR/slurm-setup.sh" stop >>"$ARTIFACTS/slurm-setup.log" 2>&1 || true
+fi
+
+echo "e2e: $passed passed, $failed failed ($(seconds "$T0") s)"
+[ "$failed" = 0 ]
