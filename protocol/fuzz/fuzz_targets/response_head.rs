@@ -1,0 +1,17 @@
+//! `ResponseHead::decode` on arbitrary bytes: never panics, and a head that decodes
+//! survives encode → decode unchanged.
+#![no_main]
+
+use jobgate_protocol::ResponseHead;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(head) = ResponseHead::decode(data) else {
+        return;
+    };
+    assert!((100..=999).contains(&head.status.as_u16()));
+    let mut encoded = Vec::new();
+    head.encode(&mut encoded);
+    let again = ResponseHead::decode(&encoded).expect("a decoded head re-encodes decodably");
+    assert_eq!(again, head, "encode -> decode changed the head");
+});
