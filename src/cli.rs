@@ -82,6 +82,15 @@ struct RelayArgs {
     /// Live sessions per user [default: 16].
     #[arg(long)]
     max_sessions_per_user: Option<usize>,
+    /// Seconds a vanished agent's name is held (503) for it to reconnect [default: 60].
+    #[arg(long)]
+    resume_grace: Option<u64>,
+    /// File holding the resume-ticket key [default: jobgate-resume.key beside the tokens file].
+    #[arg(long)]
+    resume_key: Option<PathBuf>,
+    /// Seconds in-flight requests get when the relay drains on SIGTERM [default: 10].
+    #[arg(long)]
+    drain_grace: Option<u64>,
     /// Seconds a client has to send a complete request head (slowloris guard) [default: 30].
     #[arg(long)]
     header_read_timeout: Option<u64>,
@@ -267,6 +276,9 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
     set("url_port", int(args.url_port.map(u64::from)));
     set("idle_timeout_secs", int(args.idle_timeout));
     set("header_read_timeout_secs", int(args.header_read_timeout));
+    set("resume_grace_secs", int(args.resume_grace));
+    set("resume_key", path(args.resume_key));
+    set("drain_grace_secs", int(args.drain_grace));
     set(
         "max_sessions_per_user",
         int(args.max_sessions_per_user.map(|n| n as u64)),
@@ -291,20 +303,27 @@ async fn run_relay(args: RelayArgs) -> anyhow::Result<()> {
         "jobgate relay: HTTPS on {}, agents (QUIC/UDP) on {}",
         relay.https_addr, relay.quic_addr
     );
-    wait_for_shutdown_signal().await?;
-    eprintln!("jobgate relay: shutting down");
-    relay.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                eprintln!("jobgate relay: SIGHUP: reloading the certificate and tokens");
+                relay.reload();
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    eprintln!("jobgate relay: draining (agents will reconnect; a second signal stops at once)");
     tokio::select! {
+        _ = relay.drain() => {}
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
     }
+    eprintln!("jobgate relay: stopped");
     Ok(())
 }
 

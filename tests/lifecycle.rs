@@ -65,7 +65,7 @@ async fn a_token_file_others_can_read_is_refused_before_dialing() {
 async fn sigkill_of_the_agent_frees_the_name_within_the_idle_timeout() {
     let env = TestEnv::new("sigkill");
     let token = env.token_file("alice");
-    let relay = start_relay(&env, &["--idle-timeout", "3"]);
+    let relay = start_relay(&env, &["--idle-timeout", "3", "--resume-grace", "0"]);
     let agent = start_demo_agent(&env, &relay, &token, "victim");
     assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
     agent.proc.signal(Signal::SIGKILL);

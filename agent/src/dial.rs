@@ -94,8 +94,8 @@ pub struct RelaySession {
     pub connection: Connection,
     /// Control stream, send half (for `Bye`).
     pub control: SendStream,
-    /// Control stream, receive half (for `Drain`).
-    pub control_recv: RecvStream,
+    /// Control stream, receive half (for `Ticket` and `Drain`); taken by its reader.
+    pub control_recv: Option<RecvStream>,
     /// What the relay granted.
     pub welcome: Welcome,
 }
@@ -109,6 +109,8 @@ pub struct HelloParams {
     pub access: AccessMode,
     /// Job metadata.
     pub job: JobInfo,
+    /// The latest resume ticket, to get the same name back on reconnect.
+    pub resume: Option<Token>,
 }
 
 fn client_crypto(config: &DialConfig) -> Result<rustls::ClientConfig, DialError> {
@@ -241,7 +243,7 @@ pub async fn open_session(
         endpoint,
         connection,
         control,
-        control_recv,
+        control_recv: Some(control_recv),
         welcome,
     })
 }
@@ -257,7 +259,7 @@ async fn hello_exchange(
         token: params.token.clone(),
         access: params.access,
         job: params.job.clone(),
-        resume: None,
+        resume: params.resume.clone(),
     };
     write_frame(&mut send, &hello.to_payload())
         .await

@@ -168,6 +168,7 @@ pub async fn run_opening(
         token: options.token.clone(),
         access: options.access,
         job: job_info(),
+        resume: None,
     };
     let session = match dial::open_session(&options.dial, &hello).await {
         Ok(session) => session,
@@ -181,17 +182,16 @@ pub async fn run_opening(
     };
     announce(&session, app_path.as_deref(), options.url_file.as_deref());
 
-    let pool = Arc::new(TargetPool::new(target));
-    let serving = tokio::spawn(serve::serve_streams(session.connection.clone(), pool));
-    let outcome = supervise(
-        &mut app,
-        session,
-        serving,
-        &mut terminate,
-        &mut interrupt,
-        options.stop_grace,
-    )
-    .await;
+    let mut supervisor = Supervisor {
+        app,
+        pool: Arc::new(TargetPool::new(target)),
+        hello,
+        options: &options,
+        app_path: app_path.as_deref(),
+        terminate,
+        interrupt,
+    };
+    let outcome = supervisor.run(session).await;
     cleanup(private_dir.as_deref());
     outcome
 }
@@ -245,62 +245,215 @@ pub fn app_url(access_url: &str, app_path: &str) -> String {
     url
 }
 
-async fn supervise(
-    app: &mut Option<App>,
-    mut session: RelaySession,
+/// First wait before reconnecting; doubled after each failed attempt.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
+/// Longest wait between reconnect attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Control messages buffered between the control-stream reader and the supervisor.
+const CONTROL_QUEUE: usize = 8;
+
+/// One live connection: the session plus the tasks serving it.
+struct Live {
+    session: RelaySession,
     serving: tokio::task::JoinHandle<quinn::ConnectionError>,
-    terminate: &mut tokio::signal::unix::Signal,
-    interrupt: &mut tokio::signal::unix::Signal,
-    grace: Duration,
-) -> Result<i32, AgentError> {
-    let app_exit = async {
-        match app.as_mut() {
-            Some(app) => app.wait().await.ok(),
-            None => std::future::pending().await,
+    control: tokio::sync::mpsc::Receiver<ControlMessage>,
+}
+
+impl Live {
+    fn start(mut session: RelaySession, pool: Arc<TargetPool>) -> Self {
+        let serving = tokio::spawn(serve::serve_streams(session.connection.clone(), pool));
+        let (tx, control) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
+        // The control stream is read by its own task: reading a frame is not cancel-safe.
+        tokio::spawn(read_control(session.control_recv.take(), tx));
+        Self {
+            session,
+            serving,
+            control,
         }
-    };
-    enum End {
-        AppExited(Option<std::process::ExitStatus>),
-        Signal(Signal),
-        Lost(String),
     }
-    let end = tokio::select! {
-        status = app_exit => End::AppExited(status),
-        _ = terminate.recv() => End::Signal(Signal::SIGTERM),
-        _ = interrupt.recv() => End::Signal(Signal::SIGINT),
-        error = serving => End::Lost(error.map(|e| e.to_string()).unwrap_or_else(|e| e.to_string())),
-    };
-    match end {
-        End::AppExited(status) => {
-            let code = status.map(child::exit_code).unwrap_or(1);
-            let reason = status
-                .map(child::describe)
-                .unwrap_or_else(|| "app status unknown".into());
-            eprintln!("jobgate: the app ended ({reason}); closing the session");
-            say_bye(&mut session, &reason).await;
-            Ok(code)
-        }
-        End::Signal(signal) => {
-            eprintln!("jobgate: received {signal}; stopping the app and closing the session");
-            // Bye first: the URL dies at once instead of failing requests while the app stops.
-            say_bye(&mut session, &format!("agent received {signal}")).await;
-            let code = match app.as_mut() {
-                Some(app) => app
-                    .stop(signal, grace)
-                    .await
-                    .map(child::exit_code)
-                    .unwrap_or(1),
-                None => 128 + signal as i32,
-            };
-            Ok(code)
-        }
-        End::Lost(reason) => {
-            eprintln!("jobgate: lost the connection to the relay ({reason}); stopping the app");
-            if let Some(app) = app.as_mut() {
-                app.stop(Signal::SIGTERM, grace).await;
+}
+
+async fn read_control(
+    mut recv: Option<quinn::RecvStream>,
+    tx: tokio::sync::mpsc::Sender<ControlMessage>,
+) {
+    let Some(recv) = recv.as_mut() else { return };
+    while let Ok(Some(payload)) =
+        jobgate_protocol::read_frame(recv, jobgate_protocol::MAX_CONTROL_FRAME).await
+    {
+        match ControlMessage::from_payload(&payload) {
+            Ok(message) => {
+                if tx.send(message).await.is_err() {
+                    return;
+                }
             }
-            Err(AgentError::ConnectionLost(reason))
+            Err(e) => {
+                tracing::warn!("ignoring an unreadable control message: {e}");
+            }
         }
+    }
+}
+
+/// What woke the supervisor.
+enum Event {
+    AppExited(Option<std::process::ExitStatus>),
+    Signal(Signal),
+    Lost(String, bool),
+    Control(Option<ControlMessage>),
+}
+
+/// Watches the app, the signals and the relay connection; reconnects when it is lost.
+struct Supervisor<'a> {
+    app: Option<App>,
+    pool: Arc<TargetPool>,
+    hello: HelloParams,
+    options: &'a AgentOptions,
+    app_path: Option<&'a str>,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Supervisor<'_> {
+    async fn run(&mut self, session: RelaySession) -> Result<i32, AgentError> {
+        self.hello.resume = session.welcome.resume_ticket.clone();
+        let mut name = session.welcome.name.clone();
+        let mut live = Live::start(session, self.pool.clone());
+        let mut control_open = true;
+        loop {
+            let event = tokio::select! {
+                status = wait_app(&mut self.app) => Event::AppExited(status),
+                _ = self.terminate.recv() => Event::Signal(Signal::SIGTERM),
+                _ = self.interrupt.recv() => Event::Signal(Signal::SIGINT),
+                error = &mut live.serving => {
+                    let error = error.map_err(|e| e.to_string());
+                    let revoked = matches!(&error, Ok(quinn::ConnectionError::ApplicationClosed(c))
+                        if c.error_code == quinn::VarInt::from_u32(CloseCode::Revoked.as_u32()));
+                    Event::Lost(error.map(|e| e.to_string()).unwrap_or_else(|e| e), revoked)
+                }
+                message = live.control.recv(), if control_open => Event::Control(message),
+            };
+            match event {
+                Event::AppExited(status) => {
+                    let code = status.map(child::exit_code).unwrap_or(1);
+                    let reason = status
+                        .map(child::describe)
+                        .unwrap_or_else(|| "app status unknown".into());
+                    eprintln!("jobgate: the app ended ({reason}); closing the session");
+                    say_bye(&mut live.session, &reason).await;
+                    return Ok(code);
+                }
+                Event::Signal(signal) => {
+                    eprintln!(
+                        "jobgate: received {signal}; stopping the app and closing the session"
+                    );
+                    // Bye first: the URL dies at once instead of failing requests while the app stops.
+                    say_bye(&mut live.session, &format!("agent received {signal}")).await;
+                    return Ok(self.stop_app(signal).await.unwrap_or(128 + signal as i32));
+                }
+                Event::Control(Some(ControlMessage::Ticket { resume_ticket })) => {
+                    self.hello.resume = Some(resume_ticket);
+                }
+                Event::Control(Some(ControlMessage::Drain { reason })) => {
+                    eprintln!("jobgate: the relay is going away ({reason}); will reconnect");
+                }
+                Event::Control(Some(other)) => {
+                    tracing::debug!("ignoring control message {other:?}")
+                }
+                Event::Control(None) => control_open = false,
+                Event::Lost(reason, true) => {
+                    eprintln!(
+                        "jobgate: the relay closed the session: the token was revoked ({reason})"
+                    );
+                    self.stop_app(Signal::SIGTERM).await;
+                    return Err(AgentError::Dial(DialError::Refused {
+                        code: jobgate_protocol::RefusalCode::BadToken,
+                        message: "token revoked".into(),
+                    }));
+                }
+                Event::Lost(reason, false) => {
+                    eprintln!("jobgate: lost the connection to the relay ({reason}); reconnecting");
+                    match self.reconnect().await? {
+                        Reconnect::Connected(session) => {
+                            if session.welcome.name == name {
+                                eprintln!("jobgate: reconnected; the URL is unchanged");
+                            } else {
+                                eprintln!("jobgate: reconnected under a NEW name (the old one had expired)");
+                                announce(&session, self.app_path, self.options.url_file.as_deref());
+                                name = session.welcome.name.clone();
+                            }
+                            if let Some(ticket) = &session.welcome.resume_ticket {
+                                self.hello.resume = Some(ticket.clone());
+                            }
+                            live = Live::start(*session, self.pool.clone());
+                            control_open = true;
+                        }
+                        Reconnect::Finished(code) => return Ok(code),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dials until a session opens, backing off with jitter; the app exiting or a signal
+    /// ends the wait.
+    async fn reconnect(&mut self) -> Result<Reconnect, AgentError> {
+        let mut delay = RECONNECT_INITIAL;
+        loop {
+            let attempt = dial::open_session(&self.options.dial, &self.hello);
+            let result = tokio::select! {
+                result = attempt => Some(result),
+                status = wait_app(&mut self.app) => {
+                    let code = status.map(child::exit_code).unwrap_or(1);
+                    eprintln!("jobgate: the app ended while reconnecting");
+                    return Ok(Reconnect::Finished(code));
+                }
+                _ = self.terminate.recv() => return Ok(Reconnect::Finished(self.stop_app(Signal::SIGTERM).await.unwrap_or(143))),
+                _ = self.interrupt.recv() => return Ok(Reconnect::Finished(self.stop_app(Signal::SIGINT).await.unwrap_or(130))),
+            };
+            match result {
+                Some(Ok(session)) => return Ok(Reconnect::Connected(Box::new(session))),
+                Some(Err(
+                    e @ DialError::Refused {
+                        code: jobgate_protocol::RefusalCode::BadToken,
+                        ..
+                    },
+                )) => {
+                    self.stop_app(Signal::SIGTERM).await;
+                    return Err(e.into());
+                }
+                Some(Err(e)) => {
+                    let jittered = delay.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                    eprintln!(
+                        "jobgate: reconnect failed ({e}); retrying in {:.1} s",
+                        jittered.as_secs_f64()
+                    );
+                    tokio::time::sleep(jittered).await;
+                    delay = (delay * 2).min(RECONNECT_MAX);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Stops the app (if the agent runs one) and returns its exit code.
+    async fn stop_app(&mut self, signal: Signal) -> Option<i32> {
+        let app = self.app.as_mut()?;
+        app.stop(signal, self.options.stop_grace)
+            .await
+            .map(child::exit_code)
+    }
+}
+
+/// How a reconnect ended.
+enum Reconnect {
+    Connected(Box<RelaySession>),
+    Finished(i32),
+}
+
+async fn wait_app(app: &mut Option<App>) -> Option<std::process::ExitStatus> {
+    match app.as_mut() {
+        Some(app) => app.wait().await.ok(),
+        None => std::future::pending().await,
     }
 }
 

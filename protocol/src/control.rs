@@ -109,6 +109,12 @@ pub enum ControlMessage {
         /// Human-readable reason, printed by the agent.
         message: String,
     },
+    /// Relay → agent: a fresh resume ticket, replacing the one from `Welcome` before it
+    /// expires.
+    Ticket {
+        /// The new ticket.
+        resume_ticket: Token,
+    },
     /// Relay → agent: the relay is going away; finish what you have, then reconnect.
     Drain {
         /// Human-readable reason.

@@ -141,16 +141,14 @@ fn remove_cookie(headers: &mut http::HeaderMap, cookie_name: &str) -> Option<Str
             }
         }
     }
-    if found.is_none() {
-        return None;
-    }
+    let found = found?;
     headers.remove(header::COOKIE);
     if !kept.is_empty() {
         if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
             headers.insert(header::COOKIE, value);
         }
     }
-    found
+    Some(found)
 }
 
 fn redirect_with_cookie(cookie_name: &str, key: &str, location: &str) -> Response<RelayBody> {

@@ -1,55 +1,63 @@
 //! The agents' door: a QUIC endpoint where each agent connects, says `Hello` on its
 //! control stream, is given a name in `Welcome`, and keeps that name for exactly as long
-//! as the connection lives.
+//! as the connection lives — or, if the connection vanished without `Bye`, for a grace
+//! period in which the agent may come back with its resume ticket.
 
+use crate::access::Access;
 use crate::audit::AuditEvent;
 use crate::config::RelayConfig;
 use crate::routes::{InsertError, Session};
-use crate::tls::CertifiedKey;
+use crate::ticket::TicketClaims;
 use crate::Shared;
 use jobgate_protocol::quic::{transport_config, UDP_SOCKET_BUFFER};
 use jobgate_protocol::{
-    read_frame, write_frame, AccessMode, CloseCode, ControlMessage, RefusalCode, SessionLimits,
-    Token, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+    read_frame, write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, RefusalCode,
+    SessionLimits, Token, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
 };
 use quinn::{Connection, RecvStream, SendStream, VarInt};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Streams an agent may open towards the relay: only its control stream.
 const AGENT_OPENED_STREAMS: u32 = 1;
+/// How long a `Refused` frame gets to reach the agent before the connection closes.
+const REFUSED_LINGER: Duration = Duration::from_secs(1);
 
-/// Binds the agents' QUIC endpoint.
-pub(crate) fn bind_endpoint(
+/// The QUIC server configuration for agents (certificate from the shared resolver).
+pub(crate) fn server_config(
     config: &RelayConfig,
-    certified: &CertifiedKey,
-) -> std::io::Result<quinn::Endpoint> {
-    let tls = crate::tls::quic_server_config(certified).map_err(std::io::Error::other)?;
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(std::io::Error::other)?;
+    shared_tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<quinn::ServerConfig> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(shared_tls)
+        .map_err(std::io::Error::other)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(transport_config(
         config.idle_timeout(),
         config.keep_alive(),
         AGENT_OPENED_STREAMS,
     ));
+    Ok(server)
+}
+
+/// Binds the agents' QUIC endpoint. Stateless resets are keyed from the resume key, so a
+/// restarted relay resets the old process's connections at once.
+pub(crate) fn bind_endpoint(
+    config: &RelayConfig,
+    server: quinn::ServerConfig,
+    reset_key: ring::hmac::Key,
+) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(config.listen_quic)?;
-    set_buffers(&socket);
+    if let Ok(state) = quinn::udp::UdpSocketState::new((&socket).into()) {
+        let _ = state.set_recv_buffer_size((&socket).into(), UDP_SOCKET_BUFFER);
+        let _ = state.set_send_buffer_size((&socket).into(), UDP_SOCKET_BUFFER);
+    }
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        quinn::EndpointConfig::new(Arc::new(reset_key)),
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-}
-
-/// Asks for larger UDP buffers; the kernel may cap them, which is not an error.
-fn set_buffers(socket: &std::net::UdpSocket) {
-    let state = quinn::udp::UdpSocketState::new(socket.into());
-    if let Ok(state) = state {
-        let _ = state.set_recv_buffer_size(socket.into(), UDP_SOCKET_BUFFER);
-        let _ = state.set_send_buffer_size(socket.into(), UDP_SOCKET_BUFFER);
-    }
 }
 
 /// Accepts agent connections until the endpoint closes.
@@ -68,6 +76,13 @@ pub(crate) async fn accept_agents(endpoint: quinn::Endpoint, shared: Arc<Shared>
 
 fn close(connection: &Connection, code: CloseCode, reason: &str) {
     connection.close(VarInt::from_u32(code.as_u32()), reason.as_bytes());
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Why a `Hello` did not lead to a session.
@@ -93,6 +108,14 @@ impl Refusal {
     }
 }
 
+/// A session admitted from a `Hello`.
+struct Admitted {
+    session: Arc<Session>,
+    /// The new access key (only for a fresh `link` session; a resumed one keeps its old).
+    key: Option<String>,
+    resumed: bool,
+}
+
 /// One agent connection, from handshake to close.
 async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
     let remote = connection.remote_address();
@@ -115,47 +138,27 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
         Err(_) => return close(&connection, CloseCode::HandshakeTimeout, "no Hello in time"),
     };
 
-    let (session, key) = match admit(&shared, &connection, hello) {
+    let admitted = match admit(&shared, &connection, hello) {
         Ok(admitted) => admitted,
-        Err(refusal) => {
-            tracing::info!(%remote, code = ?refusal.code, "agent refused: {}", refusal.message);
-            let code = serde_json::to_value(refusal.code).ok();
-            shared.audit.record(&AuditEvent::Refused {
-                user: refusal.user.as_deref(),
-                agent_addr: remote,
-                code: code.as_ref().and_then(|c| c.as_str()).unwrap_or("unknown"),
-            });
-            let refused = ControlMessage::Refused {
-                code: refusal.code,
-                message: refusal.message,
-            };
-            let _ = write_frame(&mut send, &refused.to_payload()).await;
-            let _ = send.finish();
-            // Give the Refused frame a moment to reach the agent before closing.
-            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-            return close(&connection, CloseCode::Refused, "refused");
-        }
+        Err(refusal) => return refuse(&shared, &connection, send, refusal).await,
     };
-    let guard = SessionGuard {
-        shared: shared.clone(),
-        session: session.clone(),
-    };
-
+    let session = admitted.session;
     let url = shared.config.session_url(session.name.as_str());
     let welcome = ControlMessage::Welcome {
         name: session.name.to_string(),
         url: url.clone(),
-        access_url: match &key {
+        access_url: match &admitted.key {
             Some(key) => format!("{url}?{}={key}", crate::access::KEY_PARAM),
             None => url,
         },
-        resume_ticket: None::<Token>,
+        resume_ticket: Some(ticket_for(&shared, &session)),
         limits: SessionLimits {
             max_streams: u64::from(shared.config.max_streams_per_agent),
             max_header_bytes: shared.config.max_header_bytes as u64,
         },
     };
     if write_frame(&mut send, &welcome.to_payload()).await.is_err() {
+        shared.routes.remove(&session);
         return close(
             &connection,
             CloseCode::ProtocolError,
@@ -168,9 +171,9 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
         job = session.job.id.as_deref().unwrap_or("-"),
         host = session.job.host.as_deref().unwrap_or("-"),
         agent = %remote,
+        resumed = admitted.resumed,
         "session opened"
     );
-
     shared.audit.record(&AuditEvent::Opened {
         user: &session.user,
         name: session.name.as_str(),
@@ -183,8 +186,8 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
         },
     });
 
-    let reason = watch_session(&connection, send, recv).await;
-    drop(guard);
+    let end = watch_session(&shared, &session, send, recv).await;
+    let reason = end.describe();
     let stats = connection.stats();
     shared.audit.record(&AuditEvent::Closed {
         user: &session.user,
@@ -193,28 +196,86 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
         duration_s: session.opened.elapsed().as_secs(),
         bytes_in: stats.udp_rx.bytes,
         bytes_out: stats.udp_tx.bytes,
-        requests: session.requests.load(std::sync::atomic::Ordering::Relaxed),
+        requests: session.requests.load(Ordering::Relaxed),
     });
-    tracing::info!(
-        name = %session.name,
-        user = %session.user,
-        duration_s = session.opened.elapsed().as_secs(),
-        "session closed: {reason}"
+    tracing::info!(name = %session.name, user = %session.user, "session closed: {reason}");
+    end_session(
+        &shared,
+        &session,
+        end.is_final() || session.revoked.load(Ordering::Relaxed),
     );
 }
 
-/// Checks a `Hello` and registers the session it asks for.
+async fn refuse(shared: &Shared, connection: &Connection, mut send: SendStream, refusal: Refusal) {
+    let remote = connection.remote_address();
+    tracing::info!(%remote, code = ?refusal.code, "agent refused: {}", refusal.message);
+    let code = serde_json::to_value(refusal.code).ok();
+    shared.audit.record(&AuditEvent::Refused {
+        user: refusal.user.as_deref(),
+        agent_addr: remote,
+        code: code.as_ref().and_then(|c| c.as_str()).unwrap_or("unknown"),
+    });
+    let refused = ControlMessage::Refused {
+        code: refusal.code,
+        message: refusal.message,
+    };
+    let _ = write_frame(&mut send, &refused.to_payload()).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(REFUSED_LINGER, send.stopped()).await;
+    close(connection, CloseCode::Refused, "refused");
+}
+
+/// After the connection ended: a final end frees the name for good; otherwise the name
+/// is parked for the resume grace period (503 meanwhile), then freed.
+fn end_session(shared: &Arc<Shared>, session: &Arc<Session>, is_final: bool) {
+    let grace = Duration::from_secs(shared.config.resume_grace_secs);
+    if is_final || grace.is_zero() {
+        if shared.routes.remove(session) {
+            shared.names.mark_ended(session.name);
+        }
+        return;
+    }
+    let until = Instant::now() + grace;
+    if !shared.routes.park(session, until) {
+        return; // replaced by a newer connection already
+    }
+    let shared = shared.clone();
+    let name = session.name;
+    tokio::spawn(async move {
+        tokio::time::sleep_until(until.into()).await;
+        if shared.routes.expire(&name, until) {
+            shared.names.mark_ended(name);
+            tracing::info!(%name, "session ended: its agent did not come back within the grace period");
+        }
+    });
+}
+
+/// A signed resume ticket for `session`.
+fn ticket_for(shared: &Shared, session: &Session) -> Token {
+    let key_hash = match &session.guard {
+        Access::Link { key_hash } => Some(*key_hash),
+        Access::Public => None,
+    };
+    Token(shared.tickets.issue(&TicketClaims {
+        name: session.name,
+        user: session.user.clone(),
+        key_hash,
+        expires: unix_now() + shared.config.ticket_lifetime_secs,
+    }))
+}
+
+/// Checks a `Hello` and registers the session it asks for (or gives back, on resume).
 fn admit(
     shared: &Shared,
     connection: &Connection,
     hello: Option<ControlMessage>,
-) -> Result<(Arc<Session>, Option<String>), Refusal> {
+) -> Result<Admitted, Refusal> {
     let Some(ControlMessage::Hello {
         version,
         token,
         access,
         job,
-        resume: _,
+        resume,
     }) = hello
     else {
         return Err(Refusal::new(
@@ -228,6 +289,12 @@ fn admit(
             format!("this relay speaks protocol version {PROTOCOL_VERSION}, the agent {version}: update jobgate"),
         ));
     }
+    if *shared.draining.borrow() {
+        return Err(Refusal::new(
+            RefusalCode::Unavailable,
+            "the relay is restarting: try again in a moment",
+        ));
+    }
     // A token issued a moment ago may not be loaded yet: a stat tells, cheaply.
     let identity = shared.tokens.verify(&token.0).or_else(|| {
         crate::reload_tokens(shared);
@@ -239,23 +306,110 @@ fn admit(
             "the relay does not know this token (mistyped, revoked or for another relay): ask your admin for a new one",
         ));
     };
-    let (guard, key) = match access {
-        AccessMode::Public if !shared.config.allow_public => {
-            return Err(Refusal::new(
-                RefusalCode::AccessModeNotAllowed,
-                "this relay does not allow public sessions: use the default private link (--access link)",
-            )
-            .for_user(&identity.user))
+
+    let resumed = resume
+        .as_ref()
+        .and_then(|ticket| usable_ticket(shared, ticket, &identity.user, access));
+    if resume.is_some() && resumed.is_none() {
+        tracing::info!(user = %identity.user, "resume ticket not accepted (expired, ended or foreign): new name");
+    }
+    let (name, guard, key) = match resumed {
+        Some(claims) => {
+            shared.names.claim(claims.name);
+            let guard = match claims.key_hash {
+                Some(key_hash) => Access::Link { key_hash },
+                None => Access::Public,
+            };
+            (claims.name, guard, None)
         }
-        AccessMode::Public => (crate::access::Access::Public, None),
-        AccessMode::Link => {
-            let (guard, key) = crate::access::Access::new_link();
-            (guard, Some(key))
+        None => {
+            let (guard, key) = match access {
+                AccessMode::Public if !shared.config.allow_public => {
+                    return Err(Refusal::new(
+                        RefusalCode::AccessModeNotAllowed,
+                        "this relay does not allow public sessions: use the default private link (--access link)",
+                    )
+                    .for_user(&identity.user))
+                }
+                AccessMode::Public => (Access::Public, None),
+                AccessMode::Link => {
+                    let (guard, key) = Access::new_link();
+                    (guard, Some(key))
+                }
+            };
+            (shared.names.issue(), guard, key)
         }
     };
-    let session = Arc::new(Session {
-        name: shared.names.issue(),
-        user: identity.user,
+    let is_resume = key.is_none() && resume.is_some();
+    let session = new_session(name, identity.user.clone(), job, access, guard, connection);
+    let user_limit = identity
+        .max_mappings
+        .unwrap_or(shared.config.max_sessions_per_user);
+    let replaced = shared
+        .routes
+        .insert(session.clone(), user_limit, shared.config.max_agents)
+        .map_err(|e| {
+            match e {
+                InsertError::UserLimit(n) => Refusal::new(
+                    RefusalCode::TooManySessions,
+                    format!(
+                        "user {} already has {n} live sessions, the most allowed: end one first",
+                        identity.user
+                    ),
+                ),
+                InsertError::GlobalLimit(_) | InsertError::NameTaken => Refusal::new(
+                    RefusalCode::Unavailable,
+                    "the relay is at capacity: try again later",
+                ),
+            }
+            .for_user(&identity.user)
+        })?;
+    if let Some(old) = replaced {
+        tracing::info!(name = %old.name, "a reconnected agent replaces a stale connection");
+        close(
+            &old.connection,
+            CloseCode::Replaced,
+            "replaced by a newer connection",
+        );
+    }
+    Ok(Admitted {
+        session,
+        key,
+        resumed: is_resume,
+    })
+}
+
+/// The claims of `ticket` if it may give its name back to `user` now.
+fn usable_ticket(
+    shared: &Shared,
+    ticket: &Token,
+    user: &str,
+    access: AccessMode,
+) -> Option<TicketClaims> {
+    let claims = shared.tickets.verify(&ticket.0)?;
+    let fits_access = match (access, claims.key_hash) {
+        (AccessMode::Link, Some(_)) => true,
+        (AccessMode::Public, None) => shared.config.allow_public,
+        _ => false,
+    };
+    (claims.user == user
+        && claims.expires > unix_now()
+        && fits_access
+        && !shared.names.is_ended(&claims.name))
+    .then_some(claims)
+}
+
+fn new_session(
+    name: crate::names::SessionName,
+    user: String,
+    job: JobInfo,
+    access: AccessMode,
+    guard: Access,
+    connection: &Connection,
+) -> Arc<Session> {
+    Arc::new(Session {
+        name,
+        user,
         job,
         access,
         guard,
@@ -263,72 +417,110 @@ fn admit(
         agent_addr: connection.remote_address(),
         opened: Instant::now(),
         requests: Default::default(),
-    });
-    let user_limit = identity
-        .max_mappings
-        .unwrap_or(shared.config.max_sessions_per_user);
-    shared
-        .routes
-        .insert(session.clone(), user_limit, shared.config.max_agents)
-        .map_err(|e| match e {
-            InsertError::UserLimit(n) => Refusal::new(
-                RefusalCode::TooManySessions,
-                format!(
-                    "user {} already has {n} live sessions, the most allowed: end one first",
-                    session.user
-                ),
-            )
-            .for_user(&session.user),
-            InsertError::GlobalLimit(_) => Refusal::new(
-                RefusalCode::Unavailable,
-                "the relay is at capacity: try again later",
-            )
-            .for_user(&session.user),
-        })?;
-    Ok((session, key))
+        revoked: Default::default(),
+    })
 }
 
-/// Waits until the session ends: the connection closes (agent exit, crash, idle
-/// timeout) or the agent says `Bye`. Returns why.
-async fn watch_session(connection: &Connection, _send: SendStream, mut recv: RecvStream) -> String {
-    tokio::select! {
-        error = connection.closed() => format!("connection closed ({error})"),
-        message = read_frame(&mut recv, MAX_CONTROL_FRAME) => match message {
-            Ok(Some(payload)) => match ControlMessage::from_payload(&payload) {
-                Ok(ControlMessage::Bye { reason }) => {
-                    close(connection, CloseCode::Normal, "bye");
-                    format!("agent said bye ({})", sanitize(&reason))
-                }
-                _ => {
-                    close(connection, CloseCode::ProtocolError, "unexpected control message");
-                    "protocol error on the control stream".to_owned()
-                }
-            },
-            Ok(None) => {
-                close(connection, CloseCode::Normal, "control stream closed");
-                "control stream closed".to_owned()
+/// How a session's connection ended.
+enum End {
+    /// The agent said `Bye`: the job is over.
+    Bye(String),
+    /// The connection closed or failed without a `Bye`.
+    Lost(String),
+    /// The agent broke the protocol.
+    ProtocolError(String),
+}
+
+impl End {
+    fn describe(&self) -> String {
+        match self {
+            Self::Bye(reason) => format!("agent said bye ({reason})"),
+            Self::Lost(reason) => format!("connection lost ({reason})"),
+            Self::ProtocolError(reason) => format!("protocol error ({reason})"),
+        }
+    }
+
+    /// Whether the name dies now (no resume).
+    fn is_final(&self) -> bool {
+        matches!(self, Self::Bye(_) | Self::ProtocolError(_))
+    }
+}
+
+/// Runs the control stream until the session ends: forwards `Drain`, renews the resume
+/// ticket, and waits for `Bye` or the connection's end.
+async fn watch_session(
+    shared: &Shared,
+    session: &Session,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> End {
+    let connection = &session.connection;
+    let mut draining = shared.draining.subscribe();
+    let mut drain_open = true;
+    let renew_every = Duration::from_secs((shared.config.ticket_lifetime_secs / 3).max(1));
+    let mut renew = tokio::time::interval_at((Instant::now() + renew_every).into(), renew_every);
+    let read = read_frame(&mut recv, MAX_CONTROL_FRAME);
+    tokio::pin!(read);
+    loop {
+        tokio::select! {
+            error = connection.closed() => return connection_ended(&error),
+            message = &mut read => {
+                return match message {
+                    Ok(Some(payload)) => match ControlMessage::from_payload(&payload) {
+                        Ok(ControlMessage::Bye { reason }) => {
+                            close(connection, CloseCode::Normal, "bye");
+                            End::Bye(sanitize(&reason))
+                        }
+                        _ => {
+                            close(connection, CloseCode::ProtocolError, "unexpected control message");
+                            End::ProtocolError("unexpected control message".into())
+                        }
+                    },
+                    Ok(None) => {
+                        close(connection, CloseCode::Normal, "control stream closed");
+                        End::Bye("control stream closed".into())
+                    }
+                    // The stream failed because the whole connection did: not the agent's fault.
+                    Err(_) if connection.close_reason().is_some() => {
+                        connection_ended(&connection.closed().await)
+                    }
+                    Err(e) => {
+                        close(connection, CloseCode::ProtocolError, "bad control frame");
+                        End::ProtocolError(e.to_string())
+                    }
+                };
             }
-            Err(e) => {
-                close(connection, CloseCode::ProtocolError, "bad control frame");
-                format!("control stream failed ({e})")
+            changed = draining.changed(), if drain_open => {
+                if changed.is_err() {
+                    drain_open = false; // the relay is going away; the connection closes with it
+                } else if *draining.borrow() {
+                    let drain = ControlMessage::Drain { reason: "relay restarting".into() };
+                    let _ = write_frame(&mut send, &drain.to_payload()).await;
+                }
             }
-        },
+            _ = renew.tick() => {
+                let ticket = ControlMessage::Ticket { resume_ticket: ticket_for(shared, session) };
+                let _ = write_frame(&mut send, &ticket.to_payload()).await;
+            }
+        }
+    }
+}
+
+/// How a connection's end counts: an agent that closed with code Normal ended its job
+/// (its `Bye` may still be in flight behind the close), so the name dies now; anything
+/// else may be a network blip, so the name waits for a resume.
+fn connection_ended(error: &quinn::ConnectionError) -> End {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == VarInt::from_u32(CloseCode::Normal.as_u32()) =>
+        {
+            End::Bye("agent closed the connection".into())
+        }
+        _ => End::Lost(error.to_string()),
     }
 }
 
 /// Keeps agent-supplied text printable and short before it reaches a log line.
 fn sanitize(text: &str) -> String {
     text.chars().filter(|c| !c.is_control()).take(200).collect()
-}
-
-/// Removes the session from the routing table however the task ends.
-struct SessionGuard {
-    shared: Arc<Shared>,
-    session: Arc<Session>,
-}
-
-impl Drop for SessionGuard {
-    fn drop(&mut self) {
-        self.shared.routes.remove(&self.session);
-    }
 }

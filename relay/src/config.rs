@@ -9,8 +9,15 @@ use std::time::Duration;
 pub const DEFAULT_QUIC_PORT: u16 = 7443;
 /// Default HTTPS port in development; production puts the front door on 443.
 pub const DEFAULT_HTTPS_PORT: u16 = 8443;
-/// Default QUIC idle timeout: how long a silent agent keeps its mapping.
-pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 10;
+/// Default QUIC idle timeout: how long a silent agent keeps its connection. Longer than
+/// a 10 s link cut (nothing is lost), short enough to notice a dead node quickly.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 15;
+/// Default time a vanished agent's name waits (503) for the agent to reconnect.
+pub const DEFAULT_RESUME_GRACE_SECS: u64 = 60;
+/// Default lifetime of a resume ticket (renewed every third of it while connected).
+pub const DEFAULT_TICKET_LIFETIME_SECS: u64 = 3600;
+/// Default time in-flight requests get when the relay drains.
+pub const DEFAULT_DRAIN_GRACE_SECS: u64 = 10;
 /// Default keep-alive interval on agent connections (well under the idle timeout).
 pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 2;
 /// Default time an agent has to connect and say `Hello`.
@@ -83,8 +90,29 @@ pub struct RelayConfig {
     /// Append-only JSON-lines audit log (sessions opened/closed, agents refused).
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// Seconds a vanished agent's name is held (503) for it to reconnect.
+    #[serde(default = "default_grace")]
+    pub resume_grace_secs: u64,
+    /// Seconds a resume ticket is valid; live agents get a fresh one every third of it.
+    #[serde(default = "default_ticket_lifetime")]
+    pub ticket_lifetime_secs: u64,
+    /// File holding the resume-ticket key [default: `jobgate-resume.key` beside the tokens file].
+    #[serde(default)]
+    pub resume_key: Option<PathBuf>,
+    /// Seconds in-flight requests get to finish when the relay drains (SIGTERM).
+    #[serde(default = "default_drain")]
+    pub drain_grace_secs: u64,
 }
 
+fn default_grace() -> u64 {
+    DEFAULT_RESUME_GRACE_SECS
+}
+fn default_ticket_lifetime() -> u64 {
+    DEFAULT_TICKET_LIFETIME_SECS
+}
+fn default_drain() -> u64 {
+    DEFAULT_DRAIN_GRACE_SECS
+}
 fn default_https() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], DEFAULT_HTTPS_PORT))
 }
@@ -138,6 +166,10 @@ impl RelayConfig {
             max_streams_per_agent: DEFAULT_MAX_STREAMS_PER_AGENT,
             allow_public: false,
             audit_log: None,
+            resume_grace_secs: DEFAULT_RESUME_GRACE_SECS,
+            ticket_lifetime_secs: DEFAULT_TICKET_LIFETIME_SECS,
+            resume_key: None,
+            drain_grace_secs: DEFAULT_DRAIN_GRACE_SECS,
         }
     }
 
@@ -179,6 +211,13 @@ impl RelayConfig {
     /// QUIC idle timeout.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    /// Where the resume-ticket key lives.
+    pub fn resume_key_path(&self) -> PathBuf {
+        self.resume_key
+            .clone()
+            .unwrap_or_else(|| self.tokens.with_file_name("jobgate-resume.key"))
     }
 
     /// QUIC keep-alive interval.

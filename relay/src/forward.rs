@@ -6,7 +6,7 @@ use crate::access::{self, Decision};
 use crate::body::RelayBody;
 use crate::headers;
 use crate::pages::Page;
-use crate::routes::{name_from_host, Session};
+use crate::routes::{name_from_host, Route, Session};
 use crate::Shared;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -15,6 +15,7 @@ use jobgate_protocol::quic::{abandon, pipe, pump_body, QuicBody};
 use jobgate_protocol::{read_frame, RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The hyper service of the front door: every request, on every connection.
@@ -33,10 +34,15 @@ pub(crate) async fn handle(
     else {
         return Ok(Page::NotASession.render(req.headers()));
     };
-    let Some(session) = shared.routes.get(&name) else {
-        return Ok(Page::NoSession.render(req.headers()));
+    let session = match shared.routes.route(&name) {
+        Some(Route::Live(session)) => session,
+        Some(Route::Parked) => return Ok(Page::Reconnecting.render(req.headers())),
+        None => return Ok(Page::NoSession.render(req.headers())),
     };
-    Ok(forward(&session, req, host, client).await)
+    shared.in_flight.fetch_add(1, Ordering::Relaxed);
+    let response = forward(&session, req, host, client).await;
+    shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+    Ok(response)
 }
 
 /// The host the client asked for: `:authority` (HTTP/2, absolute-form) or `Host`.

@@ -24,6 +24,7 @@ mod headers;
 pub mod names;
 mod pages;
 pub mod routes;
+pub mod ticket;
 pub mod tls;
 pub mod tokens;
 
@@ -66,6 +67,12 @@ pub(crate) struct Shared {
     pub tokens: tokens::TokenStore,
     pub names: names::NameRegistry,
     pub audit: audit::AuditLog,
+    pub tickets: ticket::TicketKey,
+    pub certs: Arc<tls::CertStore>,
+    /// Flips to `true` when the relay drains; session tasks tell their agents.
+    pub draining: tokio::sync::watch::Sender<bool>,
+    /// Requests between arrival and response head.
+    pub in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -78,15 +85,20 @@ pub struct Relay {
     pub http_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
+    /// The front door's accept loops (stopped first on drain).
+    front: JoinSet<()>,
     tasks: JoinSet<()>,
 }
 
 impl Relay {
-    /// Loads certificates and tokens, binds every listener and starts serving.
+    /// Loads certificates, tokens and the resume key, binds every listener and starts
+    /// serving.
     pub async fn start(config: RelayConfig) -> Result<Self, RelayError> {
         config.validate().map_err(RelayError::Config)?;
-        let certified = tls::load_certified_key(&config.cert, &config.key)?;
+        let certs = Arc::new(tls::CertStore::load(&config.cert, &config.key)?);
         let tokens = tokens::TokenStore::load(&config.tokens)?;
+        let tickets = ticket::TicketKey::load_or_create(&config.resume_key_path())
+            .map_err(|e| RelayError::Config(e.to_string()))?;
         let audit = match &config.audit_log {
             Some(path) => audit::AuditLog::open(path).map_err(|e| {
                 RelayError::Config(format!("cannot open audit log {}: {e}", path.display()))
@@ -103,25 +115,22 @@ impl Relay {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        let endpoint =
-            agents::bind_endpoint(&config, &certified).map_err(|source| RelayError::Bind {
-                addr: config.listen_quic,
-                source,
-            })?;
-        let https_addr = local_addr(&https, config.listen_https)?;
-        let http_addr = match &http {
-            Some(l) => Some(local_addr(
-                l,
-                l.local_addr().unwrap_or(config.listen_https),
-            )?),
-            None => None,
-        };
-        let quic_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
+        let quic_error = |source| RelayError::Bind {
             addr: config.listen_quic,
             source,
-        })?;
+        };
+        let server = agents::server_config(&config, tls::quic_server_config(certs.clone())?)
+            .map_err(quic_error)?;
+        let endpoint =
+            agents::bind_endpoint(&config, server, tickets.reset_key()).map_err(quic_error)?;
+        let https_addr = local_addr(&https, config.listen_https)?;
+        let http_addr = match &http {
+            Some(l) => Some(local_addr(l, config.listen_https)?),
+            None => None,
+        };
+        let quic_addr = endpoint.local_addr().map_err(quic_error)?;
 
-        let front_tls = tls::front_server_config(&certified)?;
+        let front_tls = tls::front_server_config(certs.clone())?;
         let mut config = config;
         // URLs carry the port actually bound (matters when the config said port 0).
         config.url_port.get_or_insert(https_addr.port());
@@ -130,28 +139,29 @@ impl Relay {
             tokens,
             names: names::NameRegistry::default(),
             audit,
+            tickets,
+            certs,
+            draining: tokio::sync::watch::Sender::new(false),
+            in_flight: Default::default(),
             domain: config.normalized_domain(),
             config,
         });
-        let mut tasks = JoinSet::new();
-        tasks.spawn(front::serve_https(https, front_tls, shared.clone()));
+        let mut front = JoinSet::new();
+        front.spawn(front::serve_https(https, front_tls, shared.clone()));
         if let Some(http) = http {
-            tasks.spawn(front::serve_http(http, shared.clone()));
+            front.spawn(front::serve_http(http, shared.clone()));
         }
+        let mut tasks = JoinSet::new();
         tasks.spawn(agents::accept_agents(endpoint.clone(), shared.clone()));
-        tasks.spawn(watch_tokens(shared.clone()));
-        tracing::info!(
-            domain = %shared.config.domain,
-            https = %https_addr,
-            quic = %quic_addr,
-            "relay listening"
-        );
+        tasks.spawn(watch_files(shared.clone()));
+        tracing::info!(domain = %shared.config.domain, https = %https_addr, quic = %quic_addr, "relay listening");
         Ok(Self {
             https_addr,
             quic_addr,
             http_addr,
             shared,
             endpoint,
+            front,
             tasks,
         })
     }
@@ -161,47 +171,106 @@ impl Relay {
         self.shared.routes.len()
     }
 
-    /// Closes every agent connection and stops listening.
+    /// Re-reads the certificate and the tokens file now (SIGHUP). Live connections keep
+    /// their TLS sessions; new ones get the new certificate.
+    pub fn reload(&self) {
+        match self.shared.certs.reload() {
+            Ok(()) => tracing::info!("certificate reloaded"),
+            Err(e) => tracing::warn!("certificate not reloaded, the current one stays: {e}"),
+        }
+        if let Err(e) = self.shared.tokens.reload() {
+            tracing::warn!("tokens not reloaded: {e}");
+        }
+        revoke_missing_users(&self.shared);
+    }
+
+    /// Graceful stop (SIGTERM): stop accepting clients and agents, tell agents to
+    /// reconnect later (`Drain`), give in-flight requests up to the drain grace to
+    /// finish, then close everything.
+    pub async fn drain(mut self) {
+        self.front.abort_all();
+        self.shared.draining.send_replace(true);
+        let grace = std::time::Duration::from_secs(self.shared.config.drain_grace_secs);
+        let start = tokio::time::Instant::now();
+        let deadline = start + grace;
+        let in_flight = || {
+            self.shared
+                .in_flight
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        // Wait at least long enough for the Drain frames to reach the agents.
+        while (in_flight() > 0 || start.elapsed() < DRAIN_MIN)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        self.shutdown().await;
+    }
+
+    /// Closes every agent connection and stops listening at once.
     pub async fn shutdown(mut self) {
         self.endpoint.close(
             quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Draining.as_u32()),
             b"relay shutting down",
         );
+        self.front.abort_all();
         self.tasks.abort_all();
+        while self.front.join_next().await.is_some() {}
         while self.tasks.join_next().await.is_some() {}
-        self.endpoint.wait_idle().await;
+        let _ = tokio::time::timeout(SHUTDOWN_LINGER, self.endpoint.wait_idle()).await;
     }
 }
 
-/// How often the tokens file is checked for changes.
-const TOKENS_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Shortest drain: time for `Drain` to reach every agent before the close.
+const DRAIN_MIN: std::time::Duration = std::time::Duration::from_millis(300);
+/// How often drain checks for in-flight requests.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long shutdown waits for agents to acknowledge the close.
+const SHUTDOWN_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Re-reads the tokens file when it changes; a user whose token is gone loses their live
-/// sessions at once.
-async fn watch_tokens(shared: Arc<Shared>) {
+/// How often the tokens file and the certificate are checked for changes.
+const FILES_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Re-reads the tokens file and the certificate when they change.
+async fn watch_files(shared: Arc<Shared>) {
     loop {
-        tokio::time::sleep(TOKENS_POLL_INTERVAL).await;
+        tokio::time::sleep(FILES_POLL_INTERVAL).await;
         reload_tokens(&shared);
+        match shared.certs.reload_if_changed() {
+            Ok(true) => tracing::info!("certificate changed on disk: reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "certificate changed but could not be loaded, the current one stays: {e}"
+            ),
+        }
     }
 }
 
-/// Reloads tokens now (also on SIGHUP) and closes the sessions of revoked users.
+/// Reloads tokens if the file changed, and closes the sessions of revoked users.
 pub(crate) fn reload_tokens(shared: &Shared) {
     match shared.tokens.reload_if_changed() {
         Ok(false) => {}
         Ok(true) => {
             tracing::info!("tokens file reloaded");
-            for session in shared.routes.all() {
-                if !shared.tokens.has_user(&session.user) {
-                    tracing::info!(name = %session.name, user = %session.user, "token revoked: closing session");
-                    session.connection.close(
-                        quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Revoked.as_u32()),
-                        b"token revoked",
-                    );
-                }
-            }
+            revoke_missing_users(shared);
         }
         Err(e) => tracing::warn!("tokens file not reloaded, previous tokens stay in force: {e}"),
+    }
+}
+
+/// Closes every live session whose user no longer has a token.
+fn revoke_missing_users(shared: &Shared) {
+    for session in shared.routes.all() {
+        if !shared.tokens.has_user(&session.user) {
+            tracing::info!(name = %session.name, user = %session.user, "token revoked: closing session");
+            session
+                .revoked
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            session.connection.close(
+                quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Revoked.as_u32()),
+                b"token revoked",
+            );
+        }
     }
 }
 

@@ -79,10 +79,11 @@ pub fn random_secret(n: usize) -> String {
     base32(&bytes)
 }
 
-/// Every name this process has issued; a new one is drawn until it is unseen.
+/// Every name this process has issued or given back, and those that ended for good.
 #[derive(Default)]
 pub struct NameRegistry {
-    issued: Mutex<HashSet<[u8; NAME_BYTES]>>,
+    issued: Mutex<HashSet<SessionName>>,
+    ended: Mutex<HashSet<SessionName>>,
 }
 
 impl NameRegistry {
@@ -92,13 +93,38 @@ impl NameRegistry {
         loop {
             let mut raw = [0u8; NAME_BYTES];
             OsRng.fill_bytes(&mut raw);
-            if issued.insert(raw) {
-                let text = base32(&raw);
-                if let Some(name) = SessionName::parse(text.as_bytes()) {
-                    return name;
-                }
+            let Some(name) = SessionName::parse(base32(&raw).as_bytes()) else {
+                continue;
+            };
+            if issued.insert(name) {
+                return name;
             }
         }
+    }
+
+    /// Records a name given back by a resume ticket (e.g. after a restart), so it is
+    /// never drawn for anyone else.
+    pub fn claim(&self, name: SessionName) {
+        self.issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name);
+    }
+
+    /// Marks a name dead for good: no ticket can bring it back.
+    pub fn mark_ended(&self, name: SessionName) {
+        self.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name);
+    }
+
+    /// Whether a name has ended for good.
+    pub fn is_ended(&self, name: &SessionName) -> bool {
+        self.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
     }
 
     /// How many names were issued.

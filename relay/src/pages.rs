@@ -4,6 +4,9 @@ use crate::body::RelayBody;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
+/// Seconds a client is told to wait before retrying a reconnecting session.
+const RETRY_AFTER_SECS: &str = "3";
+
 /// The pages the relay can answer with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Page {
@@ -17,6 +20,8 @@ pub enum Page {
     BadRequest,
     /// No valid access key or cookie for a `link` session.
     Unauthorized,
+    /// The session's agent lost its connection and may come back (resume grace).
+    Reconnecting,
 }
 
 impl Page {
@@ -41,6 +46,11 @@ impl Page {
                 StatusCode::UNAUTHORIZED,
                 "Private session",
                 "This jobgate session is private. Open it with the full link its owner's job printed (it contains a jobgate_key).",
+            ),
+            Self::Reconnecting => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Reconnecting",
+                "The job's connection to the relay was interrupted. This page retries by itself; the session comes back at the same address if the job is still running.",
             ),
             Self::BadRequest => (
                 StatusCode::BAD_REQUEST,
@@ -80,6 +90,13 @@ impl Page {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         h.insert("x-jobgate", HeaderValue::from_static("relay"));
+        if self == Self::Reconnecting {
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+            h.insert(header::REFRESH, HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
         response
     }
 }

@@ -31,12 +31,44 @@ pub struct Session {
     pub opened: Instant,
     /// Requests forwarded so far.
     pub requests: std::sync::atomic::AtomicU64,
+    /// Set when the user's token was revoked: the name dies, no resume.
+    pub revoked: std::sync::atomic::AtomicBool,
+}
+
+/// A name whose agent vanished without `Bye`: held for the resume grace period.
+#[derive(Debug, Clone)]
+pub struct Parked {
+    /// The user who held it.
+    pub user: String,
+    /// When the name is given up for good.
+    pub until: Instant,
+}
+
+/// What a name currently maps to.
+pub enum Route {
+    /// A live session.
+    Live(Arc<Session>),
+    /// A session waiting for its agent to reconnect.
+    Parked,
 }
 
 #[derive(Default)]
 struct Inner {
     sessions: HashMap<SessionName, Arc<Session>>,
+    parked: HashMap<SessionName, Parked>,
+    /// Live plus parked names per user: a parked name is still the user's.
     per_user: HashMap<String, usize>,
+}
+
+impl Inner {
+    fn release(&mut self, user: &str) {
+        if let Some(count) = self.per_user.get_mut(user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_user.remove(user);
+            }
+        }
+    }
 }
 
 /// Why a session could not be registered.
@@ -46,41 +78,63 @@ pub enum InsertError {
     UserLimit(usize),
     /// The relay holds its maximum number of live sessions.
     GlobalLimit(usize),
+    /// The name is held by another user (a forged or stale resume).
+    NameTaken,
 }
 
-/// Session name → live session.
+/// Session name → live (or parked) session.
 #[derive(Default)]
 pub struct RoutingTable {
     inner: RwLock<Inner>,
 }
 
 impl RoutingTable {
-    /// The session for `name`, if live.
+    /// What `name` maps to, if anything.
+    pub fn route(&self, name: &SessionName) -> Option<Route> {
+        let inner = self.read();
+        if let Some(session) = inner.sessions.get(name) {
+            return Some(Route::Live(session.clone()));
+        }
+        inner.parked.contains_key(name).then_some(Route::Parked)
+    }
+
+    /// The live session for `name`.
     pub fn get(&self, name: &SessionName) -> Option<Arc<Session>> {
         self.read().sessions.get(name).cloned()
     }
 
-    /// Registers a session, enforcing per-user and global limits in the same lock.
+    /// Registers a session. If its name is live or parked for the same user (a resume),
+    /// the new session takes it over and the replaced live session, if any, is returned
+    /// so the caller can close it. Limits are enforced in the same lock.
     pub fn insert(
         &self,
         session: Arc<Session>,
         user_limit: usize,
         global_limit: usize,
-    ) -> Result<(), InsertError> {
+    ) -> Result<Option<Arc<Session>>, InsertError> {
         let mut inner = self.write();
-        if inner.sessions.len() >= global_limit {
-            return Err(InsertError::GlobalLimit(global_limit));
+        let name = session.name;
+        let takes_over = match (inner.sessions.get(&name), inner.parked.get(&name)) {
+            (Some(old), _) if old.user == session.user => true,
+            (_, Some(parked)) if parked.user == session.user => true,
+            (None, None) => false,
+            _ => return Err(InsertError::NameTaken),
+        };
+        if !takes_over {
+            if inner.sessions.len() + inner.parked.len() >= global_limit {
+                return Err(InsertError::GlobalLimit(global_limit));
+            }
+            let count = inner.per_user.get(&session.user).copied().unwrap_or(0);
+            if count >= user_limit {
+                return Err(InsertError::UserLimit(user_limit));
+            }
+            *inner.per_user.entry(session.user.clone()).or_default() += 1;
         }
-        let count = inner.per_user.get(&session.user).copied().unwrap_or(0);
-        if count >= user_limit {
-            return Err(InsertError::UserLimit(user_limit));
-        }
-        *inner.per_user.entry(session.user.clone()).or_default() += 1;
-        inner.sessions.insert(session.name, session);
-        Ok(())
+        inner.parked.remove(&name);
+        Ok(inner.sessions.insert(name, session))
     }
 
-    /// Removes `session`, if it is still the one registered under its name.
+    /// Removes `session` for good, if it is still the one registered under its name.
     pub fn remove(&self, session: &Arc<Session>) -> bool {
         let mut inner = self.write();
         match inner.sessions.get(&session.name) {
@@ -88,11 +142,35 @@ impl RoutingTable {
             _ => return false,
         }
         inner.sessions.remove(&session.name);
-        if let Some(count) = inner.per_user.get_mut(&session.user) {
-            *count -= 1;
-            if *count == 0 {
-                inner.per_user.remove(&session.user);
-            }
+        inner.release(&session.user);
+        true
+    }
+
+    /// Parks `session`'s name until `until`, if `session` is still the live one.
+    pub fn park(&self, session: &Arc<Session>, until: Instant) -> bool {
+        let mut inner = self.write();
+        match inner.sessions.get(&session.name) {
+            Some(current) if Arc::ptr_eq(current, session) => {}
+            _ => return false,
+        }
+        inner.sessions.remove(&session.name);
+        let parked = Parked {
+            user: session.user.clone(),
+            until,
+        };
+        inner.parked.insert(session.name, parked);
+        true
+    }
+
+    /// Gives up a parked name whose grace ended at `until` (and was not resumed since).
+    pub fn expire(&self, name: &SessionName, until: Instant) -> bool {
+        let mut inner = self.write();
+        match inner.parked.get(name) {
+            Some(parked) if parked.until == until => {}
+            _ => return false,
+        }
+        if let Some(parked) = inner.parked.remove(name) {
+            inner.release(&parked.user);
         }
         true
     }

@@ -71,25 +71,95 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The relay's certificate, shared by the front door and the QUIC endpoint, and swapped
+/// in place on reload (SIGHUP or a changed file) without touching live connections.
+#[derive(Debug)]
+pub struct CertStore {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+    stamp: std::sync::Mutex<Option<FileStamp>>,
+}
+
+type FileStamp = (std::time::SystemTime, std::time::SystemTime);
+
+impl CertStore {
+    /// Loads the certificate chain and key.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let store = Self {
+            cert_path: cert.to_owned(),
+            key_path: key.to_owned(),
+            current: std::sync::RwLock::new(Arc::new(Self::read(cert, key)?)),
+            stamp: std::sync::Mutex::new(None),
+        };
+        *store.stamp.lock().unwrap_or_else(|e| e.into_inner()) = store.file_stamp();
+        Ok(store)
+    }
+
+    fn read(cert: &Path, key: &Path) -> Result<rustls::sign::CertifiedKey, TlsError> {
+        let loaded = load_certified_key(cert, key)?;
+        let signing = provider().key_provider.load_private_key(loaded.key)?;
+        let certified = rustls::sign::CertifiedKey::new(loaded.chain, signing);
+        certified.keys_match()?;
+        Ok(certified)
+    }
+
+    fn file_stamp(&self) -> Option<FileStamp> {
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        Some((modified(&self.cert_path)?, modified(&self.key_path)?))
+    }
+
+    /// Re-reads the files if they changed. On error the current certificate stays.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let stamp = self.file_stamp();
+        if stamp == *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(false);
+        }
+        self.reload()?;
+        Ok(true)
+    }
+
+    /// Re-reads the files now. On error the current certificate stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let stamp = self.file_stamp();
+        let fresh = Self::read(&self.cert_path, &self.key_path)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertStore {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
 /// TLS for the HTTPS front door: HTTP/2 and HTTP/1.1 by ALPN.
-pub fn front_server_config(
-    certified: &CertifiedKey,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn front_server_config(certs: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(certified.chain.clone(), certified.key.clone_key())?;
+        .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
 /// TLS 1.3 for the agents' QUIC endpoint, ALPN `jobgate/1`.
-pub fn quic_server_config(certified: &CertifiedKey) -> Result<rustls::ServerConfig, TlsError> {
+pub fn quic_server_config(certs: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(certified.chain.clone(), certified.key.clone_key())?;
+        .with_cert_resolver(certs);
     config.alpn_protocols = vec![jobgate_protocol::ALPN.to_vec()];
     config.max_early_data_size = 0;
-    Ok(config)
+    Ok(Arc::new(config))
 }

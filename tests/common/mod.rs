@@ -191,17 +191,18 @@ pub struct RelayProc {
 }
 
 pub fn start_relay(env: &TestEnv, extra: &[&str]) -> RelayProc {
+    start_relay_at(env, 0, 0, extra)
+}
+
+/// A relay on given loopback ports (0 = any), e.g. to restart one where it was.
+pub fn start_relay_at(env: &TestEnv, https_port: u16, quic_port: u16, extra: &[&str]) -> RelayProc {
     let mut command = Command::new(bin());
     command
-        .args([
-            "relay",
-            "--domain",
-            DOMAIN,
-            "--listen-https",
-            "127.0.0.1:0",
-            "--listen-quic",
-            "127.0.0.1:0",
-        ])
+        .args(["relay", "--domain", DOMAIN])
+        .arg("--listen-https")
+        .arg(format!("127.0.0.1:{https_port}"))
+        .arg("--listen-quic")
+        .arg(format!("127.0.0.1:{quic_port}"))
         .arg("--cert")
         .arg(&env.cert)
         .arg("--key")

@@ -1,0 +1,230 @@
+//! Resume tickets: a reconnecting agent gets its old name (and private link) back.
+//!
+//! A ticket is `v1.<payload>.<mac>` where the payload is `name|user|key-hash|expiry` and
+//! the MAC is HMAC-SHA256 under a relay key kept on disk, so tickets survive a relay
+//! restart. The relay checks the MAC in constant time, the expiry, that the presenting
+//! token belongs to the same user, and that the name has not ended (`Bye`, grace over).
+//! The same key seeds QUIC stateless resets, so a restarted relay tells agents of the old
+//! process at once that their connection is gone.
+
+use crate::names::{base32, SessionName};
+use ring::hmac;
+use std::path::Path;
+use thiserror::Error;
+
+/// Bytes in the relay's resume key.
+pub const KEY_BYTES: usize = 32;
+const VERSION: &str = "v1";
+
+/// Why the resume key could not be loaded.
+#[derive(Debug, Error)]
+#[error("resume key {path}: {source}")]
+pub struct KeyError {
+    path: String,
+    source: std::io::Error,
+}
+
+/// What a valid ticket says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketClaims {
+    /// The session name to give back.
+    pub name: SessionName,
+    /// The user it belongs to.
+    pub user: String,
+    /// SHA-256 of the session's access key, if it was a `link` session.
+    pub key_hash: Option<[u8; 32]>,
+    /// Unix seconds after which the ticket is void.
+    pub expires: u64,
+}
+
+/// Signs and checks tickets.
+pub struct TicketKey {
+    key: hmac::Key,
+    raw: [u8; KEY_BYTES],
+}
+
+impl TicketKey {
+    /// Loads the key from `path`, creating it (mode 0600) on first start.
+    pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
+        let err = |source| KeyError {
+            path: path.display().to_string(),
+            source,
+        };
+        let raw = match std::fs::read(path) {
+            Ok(bytes) if bytes.len() == KEY_BYTES => bytes,
+            Ok(_) => {
+                return Err(err(std::io::Error::other(
+                    "wrong length: delete it to make a new one",
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut bytes = vec![0u8; KEY_BYTES];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+                write_new_private(path, &bytes).map_err(err)?;
+                bytes
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let mut fixed = [0u8; KEY_BYTES];
+        fixed.copy_from_slice(&raw);
+        Ok(Self::from_bytes(fixed))
+    }
+
+    /// A key from raw bytes.
+    pub fn from_bytes(raw: [u8; KEY_BYTES]) -> Self {
+        Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, &raw),
+            raw,
+        }
+    }
+
+    /// A key for QUIC stateless resets, derived from (not equal to) the ticket key.
+    pub fn reset_key(&self) -> hmac::Key {
+        let derived = hmac::sign(&self.key, b"jobgate quic stateless reset key");
+        hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
+    }
+
+    /// Makes a ticket.
+    pub fn issue(&self, claims: &TicketClaims) -> String {
+        let payload = encode_claims(claims);
+        let mac = hmac::sign(&self.key, payload.as_bytes());
+        format!(
+            "{VERSION}.{}.{}",
+            base32(payload.as_bytes()),
+            base32(mac.as_ref())
+        )
+    }
+
+    /// Checks a ticket's form and MAC (not its expiry or owner: see [`TicketClaims`]).
+    pub fn verify(&self, ticket: &str) -> Option<TicketClaims> {
+        let mut parts = ticket.split('.');
+        let (version, payload, mac) = (parts.next()?, parts.next()?, parts.next()?);
+        if version != VERSION || parts.next().is_some() {
+            return None;
+        }
+        let payload = unbase32(payload)?;
+        let mac = unbase32(mac)?;
+        hmac::verify(&self.key, &payload, &mac).ok()?;
+        decode_claims(std::str::from_utf8(&payload).ok()?)
+    }
+
+    /// The raw key (for tests).
+    #[doc(hidden)]
+    pub fn raw(&self) -> &[u8; KEY_BYTES] {
+        &self.raw
+    }
+}
+
+fn write_new_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn encode_claims(c: &TicketClaims) -> String {
+    let key: String = c
+        .key_hash
+        .map(|h| h.iter().map(|b| format!("{b:02x}")).collect())
+        .unwrap_or_else(|| "-".into());
+    format!("{}|{}|{}|{}", c.name, c.user, key, c.expires)
+}
+
+fn decode_claims(text: &str) -> Option<TicketClaims> {
+    let mut f = text.split('|');
+    let name = SessionName::parse(f.next()?.as_bytes())?;
+    let user = f.next()?.to_owned();
+    let key = f.next()?;
+    let expires = f.next()?.parse().ok()?;
+    if f.next().is_some() {
+        return None;
+    }
+    let key_hash = if key == "-" {
+        None
+    } else {
+        let mut out = [0u8; 32];
+        if key.len() != 64 {
+            return None;
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(key.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(out)
+    };
+    Some(TicketClaims {
+        name,
+        user,
+        key_hash,
+        expires,
+    })
+}
+
+fn unbase32(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 5 / 8);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in text.bytes() {
+        let v = match c {
+            b'a'..=b'z' => c - b'a',
+            b'2'..=b'7' => c - b'2' + 26,
+            _ => return None,
+        };
+        acc = (acc << 5) | u32::from(v);
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims() -> TicketClaims {
+        TicketClaims {
+            name: SessionName::parse(b"abcdefghijklmnop").expect("name"),
+            user: "alice".into(),
+            key_hash: Some([7u8; 32]),
+            expires: 1_900_000_000,
+        }
+    }
+
+    #[test]
+    fn tickets_round_trip_and_any_change_breaks_them() {
+        let key = TicketKey::from_bytes([1u8; KEY_BYTES]);
+        let ticket = key.issue(&claims());
+        assert_eq!(key.verify(&ticket), Some(claims()));
+        let other = TicketKey::from_bytes([2u8; KEY_BYTES]);
+        assert_eq!(other.verify(&ticket), None);
+        // Flip one character of the payload.
+        let mut forged: Vec<char> = ticket.chars().collect();
+        let i = 5;
+        forged[i] = if forged[i] == 'a' { 'b' } else { 'a' };
+        assert_eq!(key.verify(&forged.into_iter().collect::<String>()), None);
+        assert_eq!(key.verify("v1.x.y"), None);
+        assert_eq!(key.verify("garbage"), None);
+    }
+
+    #[test]
+    fn key_file_is_created_private_and_reloaded() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("jobgate-ticket-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("resume.key");
+        let _ = std::fs::remove_file(&path);
+        let a = TicketKey::load_or_create(&path).expect("create");
+        let b = TicketKey::load_or_create(&path).expect("load");
+        assert_eq!(a.raw(), b.raw());
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
