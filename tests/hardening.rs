@@ -196,11 +196,14 @@ fn chunked_then(hidden: &str) -> String {
     format!("0\r\n\r\n{hidden}")
 }
 
+// With both Content-Length and Transfer-Encoding, RFC 9112 §6.3 lets a server either
+// reject the request or read it as chunked and close the connection after answering.
+// hyper (under the relay) does the latter and drops Content-Length before the relay sees
+// it; the app gets an unambiguous chunked request. What must hold: one answer at most,
+// the connection closed, the hidden request never executed.
 #[tokio::test]
-#[ignore = "relay bug: Content-Length + Transfer-Encoding: chunked is forwarded (200) instead \
-            of rejected: hyper drops the Content-Length, reads chunked, closes afterwards"]
-async fn content_length_with_transfer_encoding_is_rejected() {
-    assert_rejected("cl-te", &[400], |target, host, hidden| {
+async fn content_length_with_transfer_encoding_never_smuggles() {
+    assert_rejected("cl-te", &[400, 200], |target, host, hidden| {
         let body = chunked_then(hidden);
         format!(
             "POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\
@@ -212,10 +215,8 @@ async fn content_length_with_transfer_encoding_is_rejected() {
 }
 
 #[tokio::test]
-#[ignore = "relay bug: Transfer-Encoding: chunked + Content-Length is forwarded (200) instead \
-            of rejected: hyper drops the Content-Length, reads chunked, closes afterwards"]
-async fn transfer_encoding_with_content_length_is_rejected() {
-    assert_rejected("te-cl", &[400], |target, host, hidden| {
+async fn transfer_encoding_with_content_length_never_smuggles() {
+    assert_rejected("te-cl", &[400, 200], |target, host, hidden| {
         let body = chunked_then(hidden);
         format!(
             "POST {target} HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\
@@ -325,9 +326,6 @@ async fn invalid_header_value_bytes_are_rejected() {
 }
 
 #[tokio::test]
-#[ignore = "relay bug: `Transfer-Encoding: gzip, chunked` is accepted; the body is de-chunked \
-            and the gzip coding silently dropped (the app receives gzip bytes as if plain); \
-            expected 400 or 501"]
 async fn transfer_coding_other_than_chunked_is_rejected() {
     assert_rejected("te-gzip-chunked", &[400, 501], |target, host, hidden| {
         format!(
@@ -356,8 +354,6 @@ async fn chunked_not_last_is_rejected() {
 }
 
 #[tokio::test]
-#[ignore = "relay bug: two `Transfer-Encoding: chunked` field lines (chunked applied twice, \
-            RFC 9112 §6.1) are accepted as a single chunked body"]
 async fn chunked_twice_is_rejected() {
     assert_rejected("te-te", &[400, 501], |target, host, hidden| {
         format!(
@@ -383,8 +379,6 @@ async fn obfuscated_transfer_encoding_is_rejected() {
 }
 
 #[tokio::test]
-#[ignore = "relay bug: a request with two Host field lines is routed by the first one and \
-            forwarded; RFC 9112 §3.2 requires 400"]
 async fn two_host_headers_are_rejected() {
     assert_rejected("host-host", &[400], |target, host, hidden| {
         format!(
@@ -573,8 +567,10 @@ async fn assert_slow_connections_are_cut(
             "{what}: {label} closed after {closed:?}, before the header timeout {timeout:?}: {:?}",
             String::from_utf8_lossy(&end.answer)
         );
+        // Nothing, a 408, or (HTTP/2) only the server's own connection preface frames:
+        // never a response to the unfinished request.
         assert!(
-            end.answer.is_empty() || end.answer.starts_with(b"HTTP/1.1 408"),
+            !end.answer.starts_with(b"HTTP/") || end.answer.starts_with(b"HTTP/1.1 408"),
             "{what}: {label} got {:?}",
             String::from_utf8_lossy(&end.answer)
         );
@@ -610,9 +606,6 @@ async fn slowloris_headers_are_cut_off_at_the_header_timeout() {
 }
 
 #[tokio::test]
-#[ignore = "relay bug: a connection that completes TLS and then sends nothing, or only part \
-            of the HTTP/2 preface, is never closed: hyper-util's auto::Builder waits for the \
-            protocol preface without any timeout, before the HTTP/1 header timer starts"]
 async fn silent_or_half_preface_connections_are_cut_off_at_the_header_timeout() {
     let (timeout, args) = header_timeout();
     let fx = fixture("silent", &args);
@@ -648,9 +641,6 @@ async fn silent_or_half_preface_connections_are_cut_off_at_the_header_timeout() 
 }
 
 #[tokio::test]
-#[ignore = "relay bug: an HTTP/2 HEADERS frame whose header block never ends (no \
-            END_HEADERS, no CONTINUATION) holds the connection open past the header timeout: \
-            the HTTP/2 side has no header read timeout"]
 async fn http2_unfinished_header_block_is_cut_off_at_the_header_timeout() {
     let (timeout, args) = header_timeout();
     let fx = fixture("h2-slow", &args);

@@ -292,11 +292,6 @@ async fn oversized_or_truncated_first_control_frame_closes_with_protocol_error()
 }
 
 #[tokio::test]
-#[ignore = "relay bug (or spec ambiguity): a well-framed first control frame that is not a \
-            Hello (garbage bytes, JSON of no message type, a Bye or a Welcome) is answered \
-            with Refused{malformed} and the connection closed with Refused (2); \
-            docs/protocol.md gives ProtocolError (1) for 'malformed control frame, \
-            unexpected message'"]
 async fn garbage_first_control_frame_closes_with_protocol_error() {
     let fx = fixture("garbage-hello");
     let frame = |payload: &[u8]| {
@@ -780,10 +775,6 @@ async fn unanswered_request_is_released_when_the_client_cancels() {
 }
 
 #[tokio::test]
-#[ignore = "relay bug: when the client cancels a request the agent never answered, the relay \
-            only drops the request stream (quinn: STOP_SENDING code 0 = NoError) instead of \
-            resetting it with StreamCode::Cancelled (3) (DESIGN: 'a cancelled request resets \
-            the stream both ways')"]
 async fn unanswered_request_is_reset_with_cancelled_when_the_client_cancels() {
     let cancelled = Released::Stopped(StreamCode::Cancelled.as_u32().into());
     let outcomes = cancel_unanswered_requests("never-cancelled").await;

@@ -115,6 +115,15 @@ impl Body for QuicBody {
 
 use std::future::Future;
 
+impl Drop for QuicBody {
+    /// A body dropped before its end (the HTTP client went away) tells the sender why.
+    fn drop(&mut self) {
+        if let Some(recv) = self.recv.as_mut() {
+            let _ = recv.stop(VarInt::from_u32(StreamCode::Cancelled.as_u32()));
+        }
+    }
+}
+
 /// How a body pump ended.
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {

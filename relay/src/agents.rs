@@ -215,6 +215,12 @@ async fn refuse(shared: &Shared, connection: &Connection, mut send: SendStream, 
         agent_addr: remote,
         code: code.as_ref().and_then(|c| c.as_str()).unwrap_or("unknown"),
     });
+    // A first frame that is no `Hello` breaks the protocol rather than asking for
+    // something the relay refuses: it closes with `ProtocolError` after `Refused`.
+    let close_code = match refusal.code {
+        RefusalCode::Malformed => CloseCode::ProtocolError,
+        _ => CloseCode::Refused,
+    };
     let refused = ControlMessage::Refused {
         code: refusal.code,
         message: refusal.message,
@@ -222,7 +228,7 @@ async fn refuse(shared: &Shared, connection: &Connection, mut send: SendStream, 
     let _ = write_frame(&mut send, &refused.to_payload()).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(REFUSED_LINGER, send.stopped()).await;
-    close(connection, CloseCode::Refused, "refused");
+    close(connection, close_code, "refused");
 }
 
 /// After the connection ended: a final end frees the name for good; otherwise the name

@@ -15,7 +15,7 @@ use jobgate_protocol::quic::{abandon, pipe, pump_body, QuicBody};
 use jobgate_protocol::{read_frame, RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The hyper service of the front door: every request, on every connection.
@@ -24,6 +24,10 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     client: SocketAddr,
 ) -> Result<Response<RelayBody>, Infallible> {
+    if let Err(why) = unambiguous(&req) {
+        tracing::debug!(%client, "rejected an ambiguous request: {why}");
+        return Ok(Page::BadRequest.render_closing(req.headers()));
+    }
     let Some(host) = request_host(&req) else {
         return Ok(Page::BadRequest.render(req.headers()));
     };
@@ -39,10 +43,56 @@ pub(crate) async fn handle(
         Some(Route::Parked) => return Ok(Page::Reconnecting.render(req.headers())),
         None => return Ok(Page::NoSession.render(req.headers())),
     };
-    shared.in_flight.fetch_add(1, Ordering::Relaxed);
-    let response = forward(&session, req, host, client).await;
-    shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-    Ok(response)
+    let _in_flight = InFlight::enter(&shared.in_flight);
+    Ok(forward(&session, req, host, client).await)
+}
+
+/// Counts a request as in flight until its response head is ready (or it is dropped).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Refuses framing and routing shapes that two parsers could read differently (request
+/// smuggling): a `Transfer-Encoding` other than exactly one `chunked` (hyper already
+/// refuses one that does not end in `chunked`, and drops `Content-Length` beside it and
+/// closes the connection after, as RFC 9112 §6.3 allows), several `Host` fields
+/// (RFC 9112 §3.2), and an absolute-form target naming another host than `Host`.
+fn unambiguous(req: &Request<Incoming>) -> Result<(), &'static str> {
+    let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        let only_chunked = first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked");
+        if !only_chunked || codings.next().is_some() {
+            return Err("transfer-encoding other than a single chunked");
+        }
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("several Host fields");
+    }
+    if let (Some(host), Some(authority)) = (host, req.uri().authority()) {
+        if !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
+            return Err("absolute-form target and Host disagree");
+        }
+    }
+    Ok(())
 }
 
 /// The host the client asked for: `:authority` (HTTP/2, absolute-form) or `Host`.
@@ -77,7 +127,7 @@ async fn forward(
     session
         .requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let Ok((mut send, mut recv)) = session.connection.open_bi().await else {
+    let Ok((mut send, recv)) = session.connection.open_bi().await else {
         return Page::BadGateway.render(&page_headers);
     };
     if send.write_all(&head.to_frame()).await.is_err() {
@@ -108,10 +158,14 @@ async fn forward(
         None
     };
 
-    let response_head = match read_frame(&mut recv, MAX_HEAD_FRAME).await {
+    // If the client goes away while the agent has not answered yet, the guard resets
+    // the exchange with `Cancelled` so the agent can stop asking the app.
+    let mut pending = PendingAnswer(Some(recv));
+    let response_head = match read_frame(pending.recv(), MAX_HEAD_FRAME).await {
         Ok(Some(payload)) => ResponseHead::decode(&payload).ok(),
         _ => None,
     };
+    let mut recv = pending.answered();
     let Some(response_head) = response_head else {
         let _ = recv.stop(quinn::VarInt::from_u32(StreamCode::MalformedHead.as_u32()));
         return Page::BadGateway.render(&page_headers);
@@ -153,4 +207,26 @@ async fn forward(
     headers::for_client(&mut response_headers, switching);
     *response.headers_mut() = response_headers;
     response
+}
+
+/// A request stream waiting for its response head; stopped with `Cancelled` if dropped.
+struct PendingAnswer(Option<quinn::RecvStream>);
+
+impl PendingAnswer {
+    fn recv(&mut self) -> &mut quinn::RecvStream {
+        // Only `answered` takes the stream out, and it consumes the guard.
+        self.0.as_mut().expect("stream present until answered")
+    }
+
+    fn answered(mut self) -> quinn::RecvStream {
+        self.0.take().expect("stream present until answered")
+    }
+}
+
+impl Drop for PendingAnswer {
+    fn drop(&mut self) {
+        if let Some(recv) = self.0.as_mut() {
+            let _ = recv.stop(quinn::VarInt::from_u32(StreamCode::Cancelled.as_u32()));
+        }
+    }
 }

@@ -6,6 +6,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -83,14 +84,34 @@ where
         .max_header_list_size(config.max_header_bytes as u32)
         .keep_alive_interval(H2_KEEP_ALIVE)
         .max_concurrent_streams(256);
+    // hyper's header timer starts only once a request begins (and HTTP/2 has none): a
+    // connection must deliver its first complete request head within the same timeout,
+    // or it is closed (silent clients, half prefaces, never-ending header blocks).
+    let got_request = Arc::new(AtomicBool::new(false));
     let service = {
         let shared = shared.clone();
-        service_fn(move |req| crate::forward::handle(shared.clone(), req, peer))
+        let got_request = got_request.clone();
+        service_fn(move |req| {
+            got_request.store(true, Ordering::Relaxed);
+            crate::forward::handle(shared.clone(), req, peer)
+        })
     };
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
-    {
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let first_request_deadline = Duration::from_secs(config.header_read_timeout_secs);
+    let early = tokio::select! {
+        result = &mut connection => Some(result),
+        _ = tokio::time::sleep(first_request_deadline) => None,
+    };
+    let result = match early {
+        Some(result) => result,
+        None if !got_request.load(Ordering::Relaxed) => {
+            tracing::debug!(%peer, "no complete request within the header timeout: closing");
+            return;
+        }
+        None => connection.await,
+    };
+    if let Err(e) = result {
         tracing::debug!(%peer, "client connection ended: {e}");
     }
 }

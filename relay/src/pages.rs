@@ -60,6 +60,16 @@ impl Page {
         }
     }
 
+    /// Renders the page and asks hyper to close the connection after it (for requests
+    /// whose framing cannot be trusted).
+    pub fn render_closing(self, request_headers: &HeaderMap) -> Response<RelayBody> {
+        let mut response = self.render(request_headers);
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    }
+
     /// Renders the page as HTML for browsers, plain text for everything else.
     pub fn render(self, request_headers: &HeaderMap) -> Response<RelayBody> {
         let (status, title, text) = self.parts();
