@@ -46,14 +46,19 @@ pub(crate) fn bind_endpoint(
     config: &RelayConfig,
     server: quinn::ServerConfig,
     reset_key: ring::hmac::Key,
+    cid_key: u64,
 ) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(config.listen_quic)?;
     if let Ok(state) = quinn::udp::UdpSocketState::new((&socket).into()) {
         let _ = state.set_recv_buffer_size((&socket).into(), UDP_SOCKET_BUFFER);
         let _ = state.set_send_buffer_size((&socket).into(), UDP_SOCKET_BUFFER);
     }
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     quinn::Endpoint::new(
-        quinn::EndpointConfig::new(Arc::new(reset_key)),
+        endpoint_config,
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),

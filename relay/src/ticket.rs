@@ -84,6 +84,16 @@ impl TicketKey {
         hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
     }
 
+    /// A key for the connection-ID generator, so that a restarted relay still recognises
+    /// the old process's connection IDs as its own and answers them with a stateless reset
+    /// (instead of dropping them, which leaves agents waiting for their idle timeout).
+    pub fn cid_key(&self) -> u64 {
+        let derived = hmac::sign(&self.key, b"jobgate quic connection id key");
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&derived.as_ref()[..8]);
+        u64::from_le_bytes(bytes)
+    }
+
     /// Makes a ticket.
     pub fn issue(&self, claims: &TicketClaims) -> String {
         let payload = encode_claims(claims);
