@@ -45,6 +45,12 @@ enum Command {
     /// The demo's web app (echo, bytes, WebSocket echo); used by the demo and the tests.
     #[command(hide = true)]
     DemoApp(crate::demo_app::DemoAppArgs),
+    /// Submit a Slurm job running your app (or JupyterLab) behind the relay; print its URL.
+    Launch(crate::launch::LaunchArgs),
+    /// List your sessions in batch jobs: job id, state, URL, start, time left.
+    Jobs(crate::launch::JobsArgs),
+    /// Cancel a batch job and wait until it is gone (its URL dies with it).
+    Cancel(crate::launch::CancelArgs),
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +152,24 @@ struct AgentArgs {
     /// Seconds of silence before the relay counts as gone.
     #[arg(long, default_value_t = jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT.as_secs())]
     idle_timeout: u64,
+    /// Run the app inside this Apptainer/Singularity image (the agent stays outside).
+    #[arg(long, value_name = "IMAGE", conflicts_with = "to")]
+    sif: Option<String>,
+    /// An option for `apptainer exec` with --sif, e.g. --sif-option=--nv (repeatable).
+    #[arg(
+        long,
+        value_name = "OPTION",
+        allow_hyphen_values = true,
+        requires = "sif"
+    )]
+    sif_option: Vec<String>,
+    /// Keep the URL and state in this job file [default: ~/.jobgate/jobs/$SLURM_JOB_ID.json
+    /// inside a Slurm job, none elsewhere].
+    #[arg(long, value_name = "PATH")]
+    job_file: Option<PathBuf>,
+    /// Write no job file, even in a Slurm job.
+    #[arg(long, conflicts_with = "job_file")]
+    no_job_file: bool,
     /// The app to start; `{port}` becomes a free loopback port, `{sock}` a private unix socket.
     /// With --jupyter: extra arguments for `jupyter lab`.
     #[arg(last = true)]
@@ -235,6 +259,9 @@ pub async fn dispatch(cli: Cli) -> i32 {
             init_logging("warn");
             crate::demo_app::run(args).await
         }
+        Command::Launch(args) => return crate::launch::run_launch(args).await,
+        Command::Jobs(args) => return crate::launch::run_jobs(args).await,
+        Command::Cancel(args) => return crate::launch::run_cancel(args).await,
     };
     match result {
         Ok(()) => 0,
@@ -335,6 +362,22 @@ async fn run_agent(args: AgentArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    let container = match args.sif.clone() {
+        Some(image) => {
+            match jobgate_agent::container::Container::find(image, args.sif_option.clone()) {
+                Ok(container) => Some(container),
+                Err(e) => {
+                    eprintln!("jobgate: {e}");
+                    return exit::USAGE;
+                }
+            }
+        }
+        None => None,
+    };
+    let job_file = match args.no_job_file {
+        true => None,
+        false => jobgate_agent::jobfile::JobFile::for_agent(args.job_file.clone()),
+    };
     // Holds Jupyter's socket and token file until the agent is done.
     let mut jupyter_dir = None;
     let mut app_path = None;
@@ -380,6 +423,8 @@ async fn run_agent(args: AgentArgs) -> i32 {
         app,
         ready_timeout: Duration::from_secs(args.ready_timeout),
         stop_grace: jobgate_agent::DEFAULT_STOP_GRACE,
+        container,
+        job_file,
     };
     let code = match jobgate_agent::run_opening(options, app_path).await {
         Ok(code) => code,
@@ -404,6 +449,14 @@ async fn jupyter_app(args: &AgentArgs) -> Result<jobgate_agent::jupyter::Jupyter
     } else {
         Listen::Socket
     };
+    if args.sif.is_some() {
+        // Jupyter is inside the image: no probing from out here (images are recent enough
+        // for the socket; --jupyter-tcp otherwise).
+        return jupyter::prepare(&program, listen, &args.command).map_err(|e| {
+            eprintln!("jobgate: cannot prepare Jupyter's private directory: {e}");
+            exit::APP_FAILED
+        });
+    }
     match jupyter::probe_version(&program).await {
         Err(e) => {
             eprintln!("jobgate: {e}");

@@ -69,6 +69,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         app: AppSource::Existing(jobgate_agent::target::Target::Tcp(app_addr)),
         ready_timeout: jobgate_agent::DEFAULT_READY_TIMEOUT,
         stop_grace: jobgate_agent::DEFAULT_STOP_GRACE,
+        container: None,
+        job_file: None,
     };
     let agent = tokio::spawn(jobgate_agent::run(options));
     let url = wait_for_url(&url_file).await?;

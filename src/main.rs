@@ -8,6 +8,7 @@
 mod cli;
 mod demo;
 mod demo_app;
+mod launch;
 mod pki;
 
 use clap::Parser;

@@ -245,3 +245,35 @@ fn unix_listeners(inodes: &HashSet<String>) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+#[tokio::test]
+async fn an_unreachable_relay_is_reported_while_the_app_is_still_starting() {
+    let env = TestEnv::new("unreachable");
+    let token = env.token_file("alice");
+    // A UDP port nobody answers on; the app never becomes ready (it only sleeps).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let mut command = std::process::Command::new(bin());
+    command
+        .args(["agent", "--relay", &format!("127.0.0.1:{port}")])
+        .arg("--relay-ca")
+        .arg(&env.ca)
+        .arg("--token-file")
+        .arg(&token)
+        .args(["--", "sh", "-c", "sleep 60 # {port}"]);
+    let started = std::time::Instant::now();
+    let mut agent = spawn(command);
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(40)),
+        4,
+        "{}",
+        agent.stderr()
+    );
+    assert!(agent.stderr().contains("UDP"), "{}", agent.stderr());
+    // Told while the app was starting, not after its 300 s readiness timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+}

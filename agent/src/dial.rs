@@ -180,6 +180,19 @@ pub async fn open_session(
     config: &DialConfig,
     hello: &HelloParams,
 ) -> Result<RelaySession, DialError> {
+    let dialed = connect(config).await?;
+    say_hello(dialed, hello).await
+}
+
+/// A QUIC connection to the relay on which no session was asked for yet.
+pub struct Dialed {
+    endpoint: Endpoint,
+    connection: Connection,
+}
+
+/// Connects to the relay (QUIC and TLS, certificate checked) without asking for a
+/// session: the agent does this while the app starts, so a relay problem shows at once.
+pub async fn connect(config: &DialConfig) -> Result<Dialed, DialError> {
     let crypto = client_crypto(config)?;
     let (server_name, addrs) = resolve(&config.relay).await?;
     let addr = addrs[0];
@@ -236,6 +249,18 @@ pub async fn open_session(
         }
     };
 
+    Ok(Dialed {
+        endpoint,
+        connection,
+    })
+}
+
+/// Asks for a session on a connection from [`connect`].
+pub async fn say_hello(dialed: Dialed, hello: &HelloParams) -> Result<RelaySession, DialError> {
+    let Dialed {
+        endpoint,
+        connection,
+    } = dialed;
     let (control, control_recv, welcome) =
         tokio::time::timeout(HELLO_TIMEOUT, hello_exchange(&connection, hello))
             .await

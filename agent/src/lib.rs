@@ -12,7 +12,9 @@
 #![warn(missing_docs)]
 
 pub mod child;
+pub mod container;
 pub mod dial;
+pub mod jobfile;
 pub mod jupyter;
 pub mod serve;
 pub mod target;
@@ -113,6 +115,10 @@ pub struct AgentOptions {
     pub ready_timeout: Duration,
     /// Time the app has to stop after a signal.
     pub stop_grace: Duration,
+    /// Run the app inside this container image (`--sif`).
+    pub container: Option<container::Container>,
+    /// Keep this job file up to date (see [`jobfile`]).
+    pub job_file: Option<jobfile::JobFile>,
 }
 
 /// Job metadata from the batch system's environment.
@@ -140,37 +146,91 @@ pub async fn run_opening(
     options: AgentOptions,
     app_path: Option<String>,
 ) -> Result<i32, AgentError> {
+    let job_file = options.job_file.clone().map(jobfile::AgentJobFile::new);
+    if let Some(job_file) = &job_file {
+        job_file.starting(job_info().host);
+    }
+    let result = run_session(options, app_path, job_file.as_ref()).await;
+    if let Some(job_file) = &job_file {
+        match &result {
+            Ok(code) => job_file.ended(*code, None),
+            Err(e) => job_file.ended(e.exit_code(), Some(e.to_string())),
+        }
+    }
+    result
+}
+
+async fn run_session(
+    options: AgentOptions,
+    app_path: Option<String>,
+    job_file: Option<&jobfile::AgentJobFile>,
+) -> Result<i32, AgentError> {
     let mut terminate =
         signal(SignalKind::terminate()).map_err(|e| AgentError::Usage(e.to_string()))?;
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| AgentError::Usage(e.to_string()))?;
 
+    // Dial while the app starts: a relay problem shows at once, and the session opens the
+    // moment the app is ready.
+    let dial_config = options.dial.clone();
+    let mut dialing = tokio::spawn(async move { dial::connect(&dial_config).await });
+    let mut dial_result = None;
     let (mut app, target, private_dir) = match options.app.clone() {
         AppSource::Existing(target) => (None, target, None),
         AppSource::Command { argv, to, env } => {
-            let prepared = child::prepare(argv, to)?;
+            let mut prepared = child::prepare(argv, to)?;
+            if let Some(container) = &options.container {
+                prepared.argv = container.wrap_app(&prepared);
+            }
             let mut app = App::spawn(&prepared.argv, &env)?;
-            let ready = tokio::select! {
-                ready = app.wait_ready(&prepared.target, options.ready_timeout) => ready,
-                _ = terminate.recv() => Err(ChildError::ExitedEarly("agent terminated".into())),
-                _ = interrupt.recv() => Err(ChildError::ExitedEarly("agent interrupted".into())),
+            let ready = {
+                let wait = app.wait_ready(&prepared.target, options.ready_timeout);
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        ready = &mut wait => break ready.map_err(AgentError::from),
+                        _ = terminate.recv() => break Err(ChildError::ExitedEarly("agent terminated".into()).into()),
+                        _ = interrupt.recv() => break Err(ChildError::ExitedEarly("agent interrupted".into()).into()),
+                        dialed = &mut dialing, if dial_result.is_none() => match dialed {
+                            Ok(Err(e)) => break Err(AgentError::from(e)),
+                            other => dial_result = Some(other),
+                        },
+                    }
+                }
             };
             if let Err(e) = ready {
+                dialing.abort();
                 app.stop(Signal::SIGTERM, options.stop_grace).await;
                 cleanup(prepared.private_dir.as_deref());
-                return Err(e.into());
+                return Err(e);
             }
             (Some(app), prepared.target, prepared.private_dir)
         }
     };
 
+    if let Some(job_file) = job_file {
+        job_file.record(jobfile::SessionState::Connecting, |_| {});
+    }
     let hello = HelloParams {
         token: options.token.clone(),
         access: options.access,
         job: job_info(),
         resume: None,
     };
-    let session = match dial::open_session(&options.dial, &hello).await {
+    let dialed = match dial_result {
+        Some(result) => result,
+        None => dialing.await,
+    };
+    let opened = match dialed {
+        Ok(Ok(dialed)) => match dial::say_hello(dialed, &hello).await {
+            // The early connection may have died while the app started: dial once more.
+            Err(DialError::Protocol(_)) => dial::open_session(&options.dial, &hello).await,
+            other => other,
+        },
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(DialError::Protocol(format!("dialing task failed: {e}"))),
+    };
+    let session = match opened {
         Ok(session) => session,
         Err(e) => {
             if let Some(app) = app.as_mut() {
@@ -180,7 +240,12 @@ pub async fn run_opening(
             return Err(e.into());
         }
     };
-    announce(&session, app_path.as_deref(), options.url_file.as_deref());
+    announce(
+        &session,
+        app_path.as_deref(),
+        options.url_file.as_deref(),
+        job_file,
+    );
 
     let mut supervisor = Supervisor {
         app,
@@ -188,6 +253,7 @@ pub async fn run_opening(
         hello,
         options: &options,
         app_path: app_path.as_deref(),
+        job_file,
         terminate,
         interrupt,
     };
@@ -196,8 +262,13 @@ pub async fn run_opening(
     outcome
 }
 
-/// Prints the URL line and writes the URL file.
-fn announce(session: &RelaySession, app_path: Option<&str>, url_file: Option<&std::path::Path>) {
+/// Prints the URL line and writes the URL file and the job file.
+fn announce(
+    session: &RelaySession,
+    app_path: Option<&str>,
+    url_file: Option<&std::path::Path>,
+    job_file: Option<&jobfile::AgentJobFile>,
+) {
     let access_url = &session.welcome.access_url;
     let url = match app_path {
         Some(path) => app_url(access_url, path),
@@ -209,6 +280,9 @@ fn announce(session: &RelaySession, app_path: Option<&str>, url_file: Option<&st
         if let Err(e) = token::write_private(path, &format!("{url}\n")) {
             eprintln!("jobgate: cannot write the URL file {}: {e}", path.display());
         }
+    }
+    if let Some(job_file) = job_file {
+        job_file.connected(&url);
     }
 }
 
@@ -309,6 +383,7 @@ struct Supervisor<'a> {
     hello: HelloParams,
     options: &'a AgentOptions,
     app_path: Option<&'a str>,
+    job_file: Option<&'a jobfile::AgentJobFile>,
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
 }
@@ -372,13 +447,24 @@ impl Supervisor<'_> {
                 }
                 Event::Lost(reason, false) => {
                     eprintln!("jobgate: lost the connection to the relay ({reason}); reconnecting");
+                    if let Some(job_file) = self.job_file {
+                        job_file.record(jobfile::SessionState::Reconnecting, |_| {});
+                    }
                     match self.reconnect().await? {
                         Reconnect::Connected(session) => {
                             if session.welcome.name == name {
                                 eprintln!("jobgate: reconnected; the URL is unchanged");
+                                if let Some(job_file) = self.job_file {
+                                    job_file.record(jobfile::SessionState::Connected, |_| {});
+                                }
                             } else {
                                 eprintln!("jobgate: reconnected under a NEW name (the old one had expired)");
-                                announce(&session, self.app_path, self.options.url_file.as_deref());
+                                announce(
+                                    &session,
+                                    self.app_path,
+                                    self.options.url_file.as_deref(),
+                                    self.job_file,
+                                );
                                 name = session.welcome.name.clone();
                             }
                             if let Some(ticket) = &session.welcome.resume_ticket {

@@ -122,7 +122,8 @@ impl Relay {
         let server = agents::server_config(&config, tls::quic_server_config(certs.clone())?)
             .map_err(quic_error)?;
         let endpoint =
-            agents::bind_endpoint(&config, server, tickets.reset_key(), tickets.cid_key()).map_err(quic_error)?;
+            agents::bind_endpoint(&config, server, tickets.reset_key(), tickets.cid_key())
+                .map_err(quic_error)?;
         let https_addr = local_addr(&https, config.listen_https)?;
         let http_addr = match &http {
             Some(l) => Some(local_addr(l, config.listen_https)?),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # All end-to-end tests, in order: the browser test, then the Slurm test (Slurm is started
-# first and stopped after; E2E_SLURM_KEEP=1 leaves it running). Each prints PASS or FAIL
+# first and stopped after; E2E_SLURM_KEEP=1 leaves it running), then the network fault
+# tests (netns.sh: namespaces, delay, loss, link cuts, relay kill and drain). Each prints PASS or FAIL
 # and its seconds; the exit status is non-zero if any failed. Full logs go to
 # target/e2e/<test>.log, the notebook screenshot to target/e2e/jupyter-notebook.png.
 #
@@ -50,13 +51,17 @@ tally run jupyter-browser bash "$E2E_DIR/jupyter-browser.sh"
 
 if run slurm-setup bash "$E2E_DIR/slurm-setup.sh" start; then
 	tally run slurm-jupyter bash "$E2E_DIR/slurm-jupyter.sh"
+	tally run slurm-launch bash "$E2E_DIR/slurm-launch.sh"
 else
-	failed=$((failed + 1))
-	echo "=== slurm-jupyter: FAIL (Slurm did not start)"
+	failed=$((failed + 2))
+	echo "=== slurm-jupyter, slurm-launch: FAIL (Slurm did not start)"
 fi
 if [ "${E2E_SLURM_KEEP:-0}" != 1 ]; then
 	bash "$E2E_DIR/slurm-setup.sh" stop >>"$ARTIFACTS/slurm-setup.log" 2>&1 || true
 fi
+
+# Fault tests in network namespaces (delay, loss, link cuts, relay kill/drain): ~2.5 min.
+tally run netns bash "$E2E_DIR/netns.sh"
 
 echo "e2e: $passed passed, $failed failed ($(seconds "$T0") s)"
 [ "$failed" = 0 ]
