@@ -103,6 +103,12 @@ struct RelayArgs {
     /// Append JSON-lines audit records to this file [default: none].
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// Requests in flight per session before the relay answers 503 [default: 16384].
+    #[arg(long)]
+    max_streams_per_agent: Option<u32>,
+    /// Live agents in total [default: 20000].
+    #[arg(long)]
+    max_agents: Option<usize>,
     /// Let agents ask for public sessions (no access key) [default: off].
     #[arg(long)]
     allow_public: bool,
@@ -304,6 +310,11 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
     set("idle_timeout_secs", int(args.idle_timeout));
     set("header_read_timeout_secs", int(args.header_read_timeout));
     set("resume_grace_secs", int(args.resume_grace));
+    set(
+        "max_streams_per_agent",
+        int(args.max_streams_per_agent.map(u64::from)),
+    );
+    set("max_agents", int(args.max_agents.map(|n| n as u64)));
     set("resume_key", path(args.resume_key));
     set("drain_grace_secs", int(args.drain_grace));
     set(

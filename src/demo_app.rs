@@ -5,6 +5,7 @@
 //!   SHA-256 (the body is streamed, never held);
 //! * `GET /bytes?n=N` — N bytes of a repeating pattern, streamed;
 //! * `GET /ws` — WebSocket echo; the first offered subprotocol is accepted;
+//! * `GET /slow?ms=N` — answers after N milliseconds;
 //! * `GET /set-cookie` — sets a cookie with a `Domain=` attribute (the relay strips it).
 //!
 //! Every response carries `x-app-label` so tests can tell apps apart.
@@ -99,6 +100,18 @@ async fn handle(
         (_, "/echo") => echo(req).await,
         (&Method::GET, "/bytes") => bytes(&req),
         (&Method::GET, "/ws") => websocket(req),
+        (&Method::GET, "/slow") => {
+            // Answers after `ms` milliseconds (at most 60 s): for tests of requests in flight.
+            let ms: u64 = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1000)
+                .min(60_000);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            status(StatusCode::OK, "slow\n")
+        }
         (&Method::GET, "/set-cookie") => {
             // Tries to plant a cookie on the whole domain: the relay must make it host-only.
             let mut response = status(StatusCode::OK, "cookie set\n");

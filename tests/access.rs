@@ -231,3 +231,49 @@ async fn revoking_a_token_closes_the_users_sessions_and_limits_hold() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn relay_limits_answer_clearly_instead_of_hanging() {
+    let env = TestEnv::new("limits");
+    let alice = env.token_file("alice");
+    let bob = env.token_file("bob");
+    let relay = start_relay(&env, &["--max-streams-per-agent", "2", "--max-agents", "1"]);
+    let agent = start_demo_agent(&env, &relay, &alice, "a");
+
+    // Two slow requests fill the session; the third is told at once.
+    let port = relay.https_port;
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut sender = h1(&env, port, &agent.host()).await;
+        let request = Request::get(agent.path("/slow?ms=3000"))
+            .header("host", agent.host())
+            .body(empty())
+            .expect("request");
+        slow.push(tokio::spawn(async move {
+            sender.send_request(request).await.map(|r| r.status())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let (status, headers, _) = get(&env, port, &agent.host(), &agent.path("/echo")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the busy answer must not wait"
+    );
+    for task in slow {
+        assert_eq!(task.await.expect("task").expect("response"), StatusCode::OK);
+    }
+
+    // The relay is full: another user's agent is refused with a clear message.
+    let mut command = agent_command(&env, &relay, &bob, &env.dir.join("url-bob"));
+    command.args(["--to", "127.0.0.1:9"]);
+    let mut refused = spawn(command);
+    assert_eq!(refused.wait_exit(Duration::from_secs(20)), 3);
+    assert!(
+        refused.stderr().contains("capacity"),
+        "{}",
+        refused.stderr()
+    );
+}

@@ -428,6 +428,7 @@ fn new_session(
         agent_addr: connection.remote_address(),
         opened: Instant::now(),
         requests: Default::default(),
+        in_flight: Default::default(),
         revoked: Default::default(),
     })
 }

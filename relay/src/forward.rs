@@ -44,22 +44,30 @@ pub(crate) async fn handle(
         None => return Ok(Page::NoSession.render(req.headers())),
     };
     let _in_flight = InFlight::enter(&shared.in_flight);
+    let session_flight = InFlight::enter(&session.in_flight);
+    if session_flight.count > shared.config.max_streams_per_agent as usize {
+        return Ok(Page::Busy.render(req.headers()));
+    }
     Ok(forward(&session, req, host, client).await)
 }
 
 /// Counts a request as in flight until its response head is ready (or it is dropped).
-struct InFlight<'a>(&'a AtomicUsize);
+struct InFlight<'a> {
+    counter: &'a AtomicUsize,
+    /// Requests in flight, this one included, when it entered.
+    count: usize,
+}
 
 impl<'a> InFlight<'a> {
     fn enter(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
+        let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        Self { counter, count }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -22,6 +22,8 @@ pub enum Page {
     Unauthorized,
     /// The session's agent lost its connection and may come back (resume grace).
     Reconnecting,
+    /// The session has as many requests in flight as the relay allows.
+    Busy,
 }
 
 impl Page {
@@ -51,6 +53,11 @@ impl Page {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Reconnecting",
                 "The job's connection to the relay was interrupted. This page retries by itself; the session comes back at the same address if the job is still running.",
+            ),
+            Self::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many requests",
+                "This session has as many requests in flight as the relay allows. Try again in a moment.",
             ),
             Self::BadRequest => (
                 StatusCode::BAD_REQUEST,
@@ -100,7 +107,7 @@ impl Page {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         h.insert("x-jobgate", HeaderValue::from_static("relay"));
-        if self == Self::Reconnecting {
+        if matches!(self, Self::Reconnecting | Self::Busy) {
             h.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),
