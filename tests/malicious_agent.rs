@@ -54,23 +54,9 @@ fn fixture(name: &str) -> Fixture {
     }
 }
 
-/// The well-behaved session answers a fresh request from its own app.
+/// The well-behaved session on this fixture's relay still answers correctly.
 async fn assert_serves(fx: &Fixture, context: &str) {
-    let host = fx.good.host();
-    let probe = format!("/echo?probe={:016x}", rand::random::<u64>());
-    let path = fx.good.path(&probe);
-    let request = get(&fx.env, fx.relay.https_port, &host, &path);
-    let Ok((status, headers, body)) = tokio::time::timeout(Duration::from_secs(10), request).await
-    else {
-        panic!("{context}: the good session did not answer within 10 s");
-    };
-    assert_eq!(status, StatusCode::OK, "{context}: the good session failed");
-    assert_eq!(
-        headers.get("x-app-label").map(|v| v.as_bytes()),
-        Some(&b"good"[..]),
-        "{context}: answered by the wrong app"
-    );
-    assert_eq!(json(&body)["target"], probe.as_str(), "{context}");
+    common::assert_serves(&fx.env, fx.relay.https_port, &fx.good, context).await
 }
 
 // --- The malicious agent's QUIC plumbing ---------------------------------------------------

@@ -496,3 +496,23 @@ where
     }
     None
 }
+
+/// The well-behaved session `good` (demo app labelled "good") answers a fresh request:
+/// 200 from its own app, which saw exactly the request sent (no smuggled prefix from an
+/// earlier attack, nothing confused by a misbehaving neighbour).
+pub async fn assert_serves(env: &TestEnv, port: u16, good: &AgentProc, context: &str) {
+    let probe = format!("/echo?probe={:016x}", rand::random::<u64>());
+    let (host, path) = (good.host(), good.path(&probe));
+    let request = get(env, port, &host, &path);
+    let Ok((status, headers, body)) = tokio::time::timeout(Duration::from_secs(10), request).await
+    else {
+        panic!("{context}: the good session did not answer within 10 s");
+    };
+    assert_eq!(status, StatusCode::OK, "{context}: the good session failed");
+    assert_eq!(
+        headers.get("x-app-label").map(|v| v.as_bytes()),
+        Some(&b"good"[..]),
+        "{context}: answered by the wrong app"
+    );
+    assert_eq!(json(&body)["target"], probe.as_str(), "{context}");
+}
