@@ -164,8 +164,15 @@ impl TargetPool {
         loop {
             let candidate = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match candidate {
-                Some(sender) if sender.is_ready() => return Ok(sender),
-                Some(_) => continue, // closed or busy: drop it
+                // A connection is given back only once its exchange is complete; hyper may
+                // not have polled it back to idle yet, so wait for that (it is immediate
+                // unless the app closed the connection, which `ready` then reports).
+                Some(mut sender) if !sender.is_closed() => {
+                    if sender.ready().await.is_ok() {
+                        return Ok(sender);
+                    }
+                }
+                Some(_) => continue, // closed: drop it
                 None => break,
             }
         }
