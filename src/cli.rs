@@ -82,7 +82,7 @@ struct RelayArgs {
     /// Port written into session URLs [default: the HTTPS port; omitted when 443].
     #[arg(long)]
     url_port: Option<u16>,
-    /// Seconds of silence before an agent counts as gone [default: 10].
+    /// Seconds of silence before an agent counts as gone [default: 30].
     #[arg(long)]
     idle_timeout: Option<u64>,
     /// Live sessions per user [default: 16].

@@ -19,7 +19,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default QUIC idle timeout: a dead relay is noticed after this long; longer than a
 /// 10 s link cut, which then loses nothing.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keep-alive interval, well under the idle timeout.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Requests the relay may have in flight on our connection (the relay opens the streams).

@@ -35,6 +35,8 @@ use tokio::signal::unix::{signal, SignalKind};
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default time the app has to exit after SIGTERM/SIGINT before it is killed.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the agent waits for the relay to close the connection after `Bye`.
+const BYE_LINGER: Duration = Duration::from_secs(3);
 /// How long the agent lingers so that its close reaches the relay.
 const CLOSE_LINGER: Duration = Duration::from_millis(500);
 
@@ -548,8 +550,13 @@ async fn say_bye(session: &mut RelaySession, reason: &str) {
     let bye = ControlMessage::Bye {
         reason: reason.to_owned(),
     };
+    // Bye goes ahead of any response data still queued, and the relay gets a moment to
+    // take it and close: closing at once could lose both Bye and our close while a full
+    // congestion window holds them back (then the name would wait out the resume grace).
+    let _ = session.control.set_priority(i32::MAX);
     let _ = write_frame(&mut session.control, &bye.to_payload()).await;
     let _ = session.control.finish();
+    let _ = tokio::time::timeout(BYE_LINGER, session.connection.closed()).await;
     session
         .connection
         .close(quinn::VarInt::from_u32(CloseCode::Normal.as_u32()), b"bye");

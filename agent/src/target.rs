@@ -11,8 +11,9 @@ use std::sync::Mutex;
 use thiserror::Error;
 use tokio::net::{TcpStream, UnixStream};
 
-/// Idle connections kept per target: enough for a browser's burst of parallel requests.
-const MAX_IDLE_CONNECTIONS: usize = 64;
+/// Idle connections kept per target: enough for the requests the relay has in flight under
+/// load (each costs an fd and a few KiB; 64 made the agent reconnect per request).
+const MAX_IDLE_CONNECTIONS: usize = 1024;
 
 /// Where the app listens.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -117,8 +117,18 @@ use std::future::Future;
 
 impl Drop for QuicBody {
     /// A body dropped before its end (the HTTP client went away) tells the sender why.
+    /// A body whose end already arrived but was never read (hyper does not read a GET's
+    /// empty body) is left alone: a `STOP_SENDING` there would cost a packet per request.
     fn drop(&mut self) {
-        if let Some(recv) = self.recv.as_mut() {
+        let Some(recv) = self.recv.as_mut() else {
+            return;
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let at_end = matches!(
+            pin!(recv.read_chunk(MAX_CHUNK, true)).poll(&mut cx),
+            Poll::Ready(Ok(None))
+        );
+        if !at_end {
             let _ = recv.stop(VarInt::from_u32(StreamCode::Cancelled.as_u32()));
         }
     }
@@ -162,9 +172,11 @@ pub fn abandon(send: &mut SendStream, recv: &mut RecvStream, code: StreamCode) {
     let _ = recv.stop(code);
 }
 
-/// Buffer for the upgraded → QUIC direction of a pipe. Small, because an idle WebSocket
-/// holds it for hours; QUIC reads need none (chunks are handed over without copying).
-const PIPE_BUFFER: usize = 8 * 1024;
+/// Smallest buffer for the upgraded → QUIC direction of a pipe: what an idle WebSocket
+/// holds for hours. QUIC → upgraded reads need none (chunks are handed over as they are).
+const PIPE_BUFFER_MIN: usize = 1024;
+/// Largest buffer that direction grows to while data streams.
+const PIPE_BUFFER_MAX: usize = 64 * 1024;
 
 /// Splices an upgraded connection (WebSocket) to a QUIC stream pair until both
 /// directions are closed. Each direction ends on EOF, which is passed on as a FIN/shutdown.
@@ -184,7 +196,9 @@ where
         up_write.shutdown().await
     };
     let up_to_quic = async {
-        let mut buf = vec![0u8; PIPE_BUFFER];
+        // Adaptive: doubles while reads fill it, falls back to the minimum once traffic
+        // turns sparse, so bulk transfers get big reads and idle sockets cost little.
+        let mut buf = vec![0u8; PIPE_BUFFER_MIN];
         loop {
             let n = up_read.read(&mut buf).await?;
             if n == 0 {
@@ -193,6 +207,11 @@ where
             send.write_all(&buf[..n])
                 .await
                 .map_err(std::io::Error::other)?;
+            if n == buf.len() && buf.len() < PIPE_BUFFER_MAX {
+                buf = vec![0u8; buf.len() * 2];
+            } else if n < PIPE_BUFFER_MIN && buf.len() > PIPE_BUFFER_MIN {
+                buf = vec![0u8; PIPE_BUFFER_MIN];
+            }
         }
         send.finish().map_err(std::io::Error::other)
     };

@@ -32,9 +32,17 @@ pub(crate) fn server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(shared_tls)
         .map_err(std::io::Error::other)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    // quinn restarts its idle timer on our own first send after the peer went silent, so
+    // a dead agent is noticed up to one keep-alive late: aim that much earlier.
+    let (idle, keep_alive) = (config.idle_timeout(), config.keep_alive());
+    let effective_idle = if idle > keep_alive * 2 {
+        idle - keep_alive
+    } else {
+        idle
+    };
     server.transport_config(transport_config(
-        config.idle_timeout(),
-        config.keep_alive(),
+        effective_idle,
+        keep_alive,
         AGENT_OPENED_STREAMS,
     ));
     Ok(server)
