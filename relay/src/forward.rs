@@ -168,12 +168,19 @@ async fn forward(
 
     // If the client goes away while the agent has not answered yet, the guard resets
     // the exchange with `Cancelled` so the agent can stop asking the app.
-    let mut pending = PendingAnswer(Some(recv));
-    let response_head = match read_frame(pending.recv(), MAX_HEAD_FRAME).await {
-        Ok(Some(payload)) => ResponseHead::decode(&payload).ok(),
-        _ => None,
+    let mut recv = recv;
+    let response_head = {
+        let mut pending = PendingAnswer {
+            recv: &mut recv,
+            answered: false,
+        };
+        let head = match read_frame(&mut *pending.recv, MAX_HEAD_FRAME).await {
+            Ok(Some(payload)) => ResponseHead::decode(&payload).ok(),
+            _ => None,
+        };
+        pending.answered = true;
+        head
     };
-    let mut recv = pending.answered();
     let Some(response_head) = response_head else {
         let _ = recv.stop(quinn::VarInt::from_u32(StreamCode::MalformedHead.as_u32()));
         return Page::BadGateway.render(&page_headers);
@@ -217,24 +224,19 @@ async fn forward(
     response
 }
 
-/// A request stream waiting for its response head; stopped with `Cancelled` if dropped.
-struct PendingAnswer(Option<quinn::RecvStream>);
-
-impl PendingAnswer {
-    fn recv(&mut self) -> &mut quinn::RecvStream {
-        // Only `answered` takes the stream out, and it consumes the guard.
-        self.0.as_mut().expect("stream present until answered")
-    }
-
-    fn answered(mut self) -> quinn::RecvStream {
-        self.0.take().expect("stream present until answered")
-    }
+/// A request stream waiting for its response head; stopped with `Cancelled` if the wait
+/// is dropped (the client went away) before the head arrived.
+struct PendingAnswer<'a> {
+    recv: &'a mut quinn::RecvStream,
+    answered: bool,
 }
 
-impl Drop for PendingAnswer {
+impl Drop for PendingAnswer<'_> {
     fn drop(&mut self) {
-        if let Some(recv) = self.0.as_mut() {
-            let _ = recv.stop(quinn::VarInt::from_u32(StreamCode::Cancelled.as_u32()));
+        if !self.answered {
+            let _ = self
+                .recv
+                .stop(quinn::VarInt::from_u32(StreamCode::Cancelled.as_u32()));
         }
     }
 }
