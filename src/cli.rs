@@ -79,6 +79,9 @@ struct RelayArgs {
     /// Plain-HTTP front door, for use behind a TLS-terminating load balancer [default: off].
     #[arg(long)]
     listen_http: Option<SocketAddr>,
+    /// Plain-HTTP listener for /metrics (Prometheus) and /healthz, e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long)]
+    listen_metrics: Option<SocketAddr>,
     /// Port written into session URLs [default: the HTTPS port; omitted when 443].
     #[arg(long)]
     url_port: Option<u16>,
@@ -306,6 +309,7 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
     set("listen_https", addr(args.listen_https));
     set("listen_quic", addr(args.listen_quic));
     set("listen_http", addr(args.listen_http));
+    set("listen_metrics", addr(args.listen_metrics));
     set("url_port", int(args.url_port.map(u64::from)));
     set("idle_timeout_secs", int(args.idle_timeout));
     set("header_read_timeout_secs", int(args.header_read_timeout));
@@ -341,6 +345,11 @@ async fn run_relay(args: RelayArgs) -> anyhow::Result<()> {
         "jobgate relay: HTTPS on {}, agents (QUIC/UDP) on {}",
         relay.https_addr, relay.quic_addr
     );
+    if let Some(addr) = relay.metrics_addr {
+        eprintln!(
+            "jobgate relay: metrics on http://{addr}/metrics, health on http://{addr}/healthz"
+        );
+    }
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;

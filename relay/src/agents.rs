@@ -81,7 +81,13 @@ pub(crate) async fn accept_agents(endpoint: quinn::Endpoint, shared: Arc<Shared>
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(connection) => serve_agent(connection, shared).await,
-                Err(e) => tracing::debug!(%remote, "agent handshake failed: {e}"),
+                Err(e) => {
+                    shared
+                        .metrics
+                        .agent_handshakes_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%remote, "agent handshake failed: {e}");
+                }
             }
         });
     }
@@ -142,13 +148,23 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
     let (mut send, recv, hello) = match control {
         Ok(Some(control)) => control,
         Ok(None) => {
+            shared
+                .metrics
+                .agent_handshakes_failed
+                .fetch_add(1, Ordering::Relaxed);
             return close(
                 &connection,
                 CloseCode::ProtocolError,
                 "expected a control stream with Hello",
-            )
+            );
         }
-        Err(_) => return close(&connection, CloseCode::HandshakeTimeout, "no Hello in time"),
+        Err(_) => {
+            shared
+                .metrics
+                .agent_handshakes_failed
+                .fetch_add(1, Ordering::Relaxed);
+            return close(&connection, CloseCode::HandshakeTimeout, "no Hello in time");
+        }
     };
 
     let admitted = match admit(&shared, &connection, hello) {
@@ -187,6 +203,12 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
         resumed = admitted.resumed,
         "session opened"
     );
+    let opened = if admitted.resumed {
+        &shared.metrics.sessions_resumed
+    } else {
+        &shared.metrics.sessions_opened
+    };
+    opened.fetch_add(1, Ordering::Relaxed);
     shared.audit.record(&AuditEvent::Opened {
         user: &session.user,
         name: session.name.as_str(),
@@ -200,6 +222,10 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
     });
 
     let end = watch_session(&shared, &session, send, recv).await;
+    shared
+        .metrics
+        .sessions_closed
+        .fetch_add(1, Ordering::Relaxed);
     let reason = end.describe();
     let stats = connection.stats();
     shared.audit.record(&AuditEvent::Closed {
@@ -222,6 +248,10 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
 async fn refuse(shared: &Shared, connection: &Connection, mut send: SendStream, refusal: Refusal) {
     let remote = connection.remote_address();
     tracing::info!(%remote, code = ?refusal.code, "agent refused: {}", refusal.message);
+    shared
+        .metrics
+        .agents_refused
+        .fetch_add(1, Ordering::Relaxed);
     let code = serde_json::to_value(refusal.code).ok();
     shared.audit.record(&AuditEvent::Refused {
         user: refusal.user.as_deref(),

@@ -58,6 +58,10 @@ pub struct RelayConfig {
     /// Optional plain-HTTP front door, for a TLS-terminating load balancer in front.
     #[serde(default)]
     pub listen_http: Option<SocketAddr>,
+    /// Optional plain-HTTP listener for `/metrics` (Prometheus) and `/healthz`: keep it on
+    /// loopback or an admin network.
+    #[serde(default)]
+    pub listen_metrics: Option<SocketAddr>,
     /// Port written into session URLs. Default: the HTTPS port, omitted when it is 443.
     #[serde(default)]
     pub url_port: Option<u16>,
@@ -157,6 +161,7 @@ impl RelayConfig {
             listen_https: default_https(),
             listen_quic: default_quic(),
             listen_http: None,
+            listen_metrics: None,
             url_port: None,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             keep_alive_secs: DEFAULT_KEEP_ALIVE_SECS,

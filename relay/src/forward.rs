@@ -5,6 +5,7 @@
 use crate::access::{self, Decision};
 use crate::body::RelayBody;
 use crate::headers;
+use crate::metrics::OwnedGaugeGuard;
 use crate::pages::Page;
 use crate::routes::{name_from_host, Route, Session};
 use crate::Shared;
@@ -12,7 +13,9 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use jobgate_protocol::quic::{abandon, pipe, pump_body, QuicBody};
-use jobgate_protocol::{read_frame, RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME};
+use jobgate_protocol::{
+    read_frame, ReadFrameError, RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME,
+};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,31 +27,41 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     client: SocketAddr,
 ) -> Result<Response<RelayBody>, Infallible> {
+    let response = route(&shared, req, client).await;
+    shared.metrics.count_response(&response);
+    Ok(response)
+}
+
+async fn route(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<RelayBody> {
     if let Err(why) = unambiguous(&req) {
         tracing::debug!(%client, "rejected an ambiguous request: {why}");
-        return Ok(Page::BadRequest.render_closing(req.headers()));
+        return Page::BadRequest.render_closing(req.headers());
     }
     let Some(host) = request_host(&req) else {
-        return Ok(Page::BadRequest.render(req.headers()));
+        return Page::BadRequest.render(req.headers());
     };
     let Some(name) = host
         .to_str()
         .ok()
         .and_then(|h| name_from_host(h, &shared.domain))
     else {
-        return Ok(Page::NotASession.render(req.headers()));
+        return Page::NotASession.render(req.headers());
     };
     let session = match shared.routes.route(&name) {
         Some(Route::Live(session)) => session,
-        Some(Route::Parked) => return Ok(Page::Reconnecting.render(req.headers())),
-        None => return Ok(Page::NoSession.render(req.headers())),
+        Some(Route::Parked) => return Page::Reconnecting.render(req.headers()),
+        None => return Page::NoSession.render(req.headers()),
     };
     let _in_flight = InFlight::enter(&shared.in_flight);
     let session_flight = InFlight::enter(&session.in_flight);
     if session_flight.count > shared.config.max_streams_per_agent as usize {
-        return Ok(Page::Busy.render(req.headers()));
+        return Page::Busy.render(req.headers());
     }
-    Ok(forward(&session, req, host, client).await)
+    forward(shared, &session, req, host, client).await
 }
 
 /// Counts a request as in flight until its response head is ready (or it is dropped).
@@ -112,6 +125,7 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
 }
 
 async fn forward(
+    shared: &Arc<Shared>,
     session: &Session,
     mut req: Request<Incoming>,
     host: HeaderValue,
@@ -135,11 +149,13 @@ async fn forward(
     session
         .requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // A connection that fails here is an agent that just went away: its name is parked
+    // (or ended) a moment later, so the client is told to retry rather than given a 502.
     let Ok((mut send, recv)) = session.connection.open_bi().await else {
-        return Page::BadGateway.render(&page_headers);
+        return Page::Reconnecting.render(&page_headers);
     };
     if send.write_all(&head.to_frame()).await.is_err() {
-        return Page::BadGateway.render(&page_headers);
+        return Page::Reconnecting.render(&page_headers);
     }
 
     // The request body streams on its own task, so a large upload and the response
@@ -175,21 +191,27 @@ async fn forward(
             answered: false,
         };
         let head = match read_frame(&mut *pending.recv, MAX_HEAD_FRAME).await {
-            Ok(Some(payload)) => ResponseHead::decode(&payload).ok(),
-            _ => None,
+            Ok(Some(payload)) => ResponseHead::decode(&payload).map_err(|_| Page::BadGateway),
+            Ok(None) => Err(Page::BadGateway),
+            Err(e) => Err(page_for_failed_answer(&e)),
         };
         pending.answered = true;
         head
     };
-    let Some(response_head) = response_head else {
-        let _ = recv.stop(quinn::VarInt::from_u32(StreamCode::MalformedHead.as_u32()));
-        return Page::BadGateway.render(&page_headers);
+    let response_head = match response_head {
+        Ok(head) => head,
+        Err(page) => {
+            let _ = recv.stop(quinn::VarInt::from_u32(StreamCode::MalformedHead.as_u32()));
+            return page.render(&page_headers);
+        }
     };
 
     let switching = response_head.status == StatusCode::SWITCHING_PROTOCOLS;
     let mut response = match (switching, on_upgrade, send) {
         (true, Some(on_upgrade), Some(send)) => {
+            let open = OwnedGaugeGuard::enter(shared.clone(), |m| &m.upgraded);
             tokio::spawn(async move {
+                let _open = open;
                 match on_upgrade.await {
                     Ok(upgraded) => {
                         if let Err(e) = pipe(TokioIo::new(upgraded), send, recv).await {
@@ -222,6 +244,27 @@ async fn forward(
     headers::for_client(&mut response_headers, switching);
     *response.headers_mut() = response_headers;
     response
+}
+
+/// The page for a request whose stream failed before the response head: the agent could
+/// not reach its app, or the agent's connection is gone (it may come back), or anything
+/// else the agent or app did wrong.
+fn page_for_failed_answer(error: &ReadFrameError) -> Page {
+    let ReadFrameError::Io(io) = error else {
+        return Page::BadGateway;
+    };
+    match io
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<quinn::ReadError>())
+    {
+        Some(quinn::ReadError::Reset(code))
+            if code.into_inner() == u64::from(StreamCode::TargetUnavailable.as_u32()) =>
+        {
+            Page::AppUnreachable
+        }
+        Some(quinn::ReadError::ConnectionLost(_)) => Page::Reconnecting,
+        _ => Page::BadGateway,
+    }
 }
 
 /// A request stream waiting for its response head; stopped with `Cancelled` if the wait

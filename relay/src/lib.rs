@@ -21,6 +21,7 @@ pub mod config;
 pub mod forward;
 pub mod front;
 mod headers;
+pub mod metrics;
 pub mod names;
 mod pages;
 pub mod routes;
@@ -73,6 +74,8 @@ pub(crate) struct Shared {
     pub draining: tokio::sync::watch::Sender<bool>,
     /// Requests between arrival and response head.
     pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Counters for `/metrics`.
+    pub metrics: metrics::Metrics,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -83,6 +86,8 @@ pub struct Relay {
     pub quic_addr: SocketAddr,
     /// Where the optional plain-HTTP front door listens.
     pub http_addr: Option<SocketAddr>,
+    /// Where the optional metrics and health listener listens.
+    pub metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     /// The front door's accept loops (stopped first on drain).
@@ -115,6 +120,10 @@ impl Relay {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
+        let metrics_listener = match config.listen_metrics {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let quic_error = |source| RelayError::Bind {
             addr: config.listen_quic,
             source,
@@ -130,6 +139,10 @@ impl Relay {
             None => None,
         };
         let quic_addr = endpoint.local_addr().map_err(quic_error)?;
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(local_addr(l, config.listen_https)?),
+            None => None,
+        };
 
         let front_tls = tls::front_server_config(certs.clone())?;
         let mut config = config;
@@ -144,6 +157,7 @@ impl Relay {
             certs,
             draining: tokio::sync::watch::Sender::new(false),
             in_flight: Default::default(),
+            metrics: Default::default(),
             domain: config.normalized_domain(),
             config,
         });
@@ -155,11 +169,15 @@ impl Relay {
         let mut tasks = JoinSet::new();
         tasks.spawn(agents::accept_agents(endpoint.clone(), shared.clone()));
         tasks.spawn(watch_files(shared.clone()));
+        if let Some(listener) = metrics_listener {
+            tasks.spawn(metrics::serve(listener, shared.clone()));
+        }
         tracing::info!(domain = %shared.config.domain, https = %https_addr, quic = %quic_addr, "relay listening");
         Ok(Self {
             https_addr,
             quic_addr,
             http_addr,
+            metrics_addr,
             shared,
             endpoint,
             front,
@@ -170,6 +188,11 @@ impl Relay {
     /// How many sessions are live right now.
     pub fn live_sessions(&self) -> usize {
         self.shared.routes.len()
+    }
+
+    /// Every metric, in the Prometheus text format (what `GET /metrics` answers).
+    pub fn metrics_text(&self) -> String {
+        metrics::render(&self.shared)
     }
 
     /// Re-reads the certificate and the tokens file now (SIGHUP). Live connections keep

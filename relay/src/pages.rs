@@ -16,6 +16,8 @@ pub enum Page {
     NotASession,
     /// The agent or the app failed while answering.
     BadGateway,
+    /// The agent is connected but cannot reach its app (not listening, or gone).
+    AppUnreachable,
     /// The request was malformed.
     BadRequest,
     /// No valid access key or cookie for a `link` session.
@@ -27,6 +29,42 @@ pub enum Page {
 }
 
 impl Page {
+    /// Every page, in the order of [`Page::index`].
+    pub const ALL: [Page; 8] = [
+        Self::NoSession,
+        Self::NotASession,
+        Self::BadGateway,
+        Self::AppUnreachable,
+        Self::BadRequest,
+        Self::Unauthorized,
+        Self::Reconnecting,
+        Self::Busy,
+    ];
+
+    /// This page's position in [`Page::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The page's name in metrics.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Self::NoSession => "no_session",
+            Self::NotASession => "not_a_session",
+            Self::BadGateway => "bad_gateway",
+            Self::AppUnreachable => "app_unreachable",
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Reconnecting => "reconnecting",
+            Self::Busy => "busy",
+        }
+    }
+
+    /// The status code the page is sent with.
+    pub fn status(self) -> StatusCode {
+        self.parts().0
+    }
+
     fn parts(self) -> (StatusCode, &'static str, &'static str) {
         match self {
             Self::NoSession => (
@@ -43,6 +81,11 @@ impl Page {
                 StatusCode::BAD_GATEWAY,
                 "The app did not answer",
                 "The job's app could not answer this request: it may have stopped, or the job's connection was lost.",
+            ),
+            Self::AppUnreachable => (
+                StatusCode::BAD_GATEWAY,
+                "The app is not reachable",
+                "The job is connected, but its app does not accept connections: it may still be starting, or it has stopped.",
             ),
             Self::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
@@ -114,6 +157,8 @@ impl Page {
             );
             h.insert(header::REFRESH, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
+        // Lets the front door count which page it sent (see `metrics`).
+        response.extensions_mut().insert(self);
         response
     }
 }

@@ -197,6 +197,12 @@ impl RoutingTable {
         self.read().sessions.len()
     }
 
+    /// Live and parked sessions.
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.read();
+        (inner.sessions.len(), inner.parked.len())
+    }
+
     /// Whether no session is live.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

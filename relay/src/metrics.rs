@@ -1,0 +1,333 @@
+//! What an operator watches: counters and gauges in the Prometheus text format on
+//! `GET /metrics`, and `GET /healthz` for load balancers, both on the optional
+//! `--listen-metrics` address (plain HTTP: keep it on loopback or an admin network).
+//!
+//! Counting costs one relaxed atomic add per event; gauges that the relay already knows
+//! (live and parked sessions, requests in flight) are read only when scraped. No label
+//! ever holds a user name or a session name: the audit log is the place for those.
+
+use crate::pages::Page;
+use crate::Shared;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// How long a metrics client may take to send its request head.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after an accept error before trying again.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A value that goes up and down; [`Gauge::enter`] counts one until the guard drops.
+#[derive(Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// Counts one more until the returned guard is dropped.
+    pub fn enter(&self) -> GaugeGuard<'_> {
+        self.0.fetch_add(1, Relaxed);
+        GaugeGuard(self)
+    }
+
+    /// The current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Holds one unit of a [`Gauge`].
+pub struct GaugeGuard<'a>(&'a Gauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An owned unit of a gauge, for tasks that outlive the request that started them.
+pub struct OwnedGaugeGuard {
+    shared: Arc<Shared>,
+    pick: fn(&Metrics) -> &Gauge,
+}
+
+impl OwnedGaugeGuard {
+    /// Counts one more on the gauge `pick` selects, until dropped.
+    pub(crate) fn enter(shared: Arc<Shared>, pick: fn(&Metrics) -> &Gauge) -> Self {
+        pick(&shared.metrics).0.fetch_add(1, Relaxed);
+        Self { shared, pick }
+    }
+}
+
+impl Drop for OwnedGaugeGuard {
+    fn drop(&mut self) {
+        (self.pick)(&self.shared.metrics).0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Every counter the relay keeps.
+#[derive(Default)]
+pub struct Metrics {
+    /// Requests the front door received (every one, forwarded or answered by the relay).
+    pub requests: AtomicU64,
+    /// Answers from apps, by status class (1xx … 5xx).
+    pub app_responses: [AtomicU64; 5],
+    /// Pages the relay answered with itself, by [`Page`].
+    pub pages: [AtomicU64; Page::ALL.len()],
+    /// Client connections (TCP, after TLS) open now.
+    pub client_connections: Gauge,
+    /// Upgraded connections (WebSockets) being piped now.
+    pub upgraded: Gauge,
+    /// Sessions opened with a fresh name.
+    pub sessions_opened: AtomicU64,
+    /// Sessions that got their old name back with a resume ticket.
+    pub sessions_resumed: AtomicU64,
+    /// Agent connections that ended (their name parked or ended).
+    pub sessions_closed: AtomicU64,
+    /// `Hello`s refused (bad token, limits, bad ticket…).
+    pub agents_refused: AtomicU64,
+    /// QUIC handshakes that failed, and connections that never said `Hello` in time.
+    pub agent_handshakes_failed: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts the answer the front door is about to send.
+    pub(crate) fn count_response<B>(&self, response: &Response<B>) {
+        self.requests.fetch_add(1, Relaxed);
+        match response.extensions().get::<Page>() {
+            Some(page) => {
+                if let Some(counter) = self.pages.get(page.index()) {
+                    counter.fetch_add(1, Relaxed);
+                }
+            }
+            None => {
+                let class = usize::from(response.status().as_u16() / 100);
+                if let Some(counter) = self.app_responses.get(class.wrapping_sub(1)) {
+                    counter.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// Renders every metric in the Prometheus text exposition format (version 0.0.4).
+pub(crate) fn render(shared: &Shared) -> String {
+    let m = &shared.metrics;
+    let (live, parked) = shared.routes.counts();
+    let mut out = String::with_capacity(4096);
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        let _ = writeln!(out, "# HELP jobgate_{name} {help}");
+        let _ = writeln!(out, "# TYPE jobgate_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "jobgate_{name}{labels} {value}");
+        }
+    };
+    let n = |a: &AtomicU64| a.load(Relaxed) as f64;
+    family(
+        "sessions",
+        "gauge",
+        "Sessions by state: live (agent connected) or parked (agent gone, name held for the resume grace).",
+        &[
+            ("{state=\"live\"}", live as f64),
+            ("{state=\"parked\"}", parked as f64),
+        ],
+    );
+    family(
+        "sessions_opened_total",
+        "counter",
+        "Sessions admitted, by whether a resume ticket gave the old name back.",
+        &[
+            ("{resumed=\"false\"}", n(&m.sessions_opened)),
+            ("{resumed=\"true\"}", n(&m.sessions_resumed)),
+        ],
+    );
+    family(
+        "sessions_closed_total",
+        "counter",
+        "Agent connections that ended.",
+        &[("", n(&m.sessions_closed))],
+    );
+    family(
+        "agents_refused_total",
+        "counter",
+        "Hellos refused (token, limits, ticket, malformed).",
+        &[("", n(&m.agents_refused))],
+    );
+    family(
+        "agent_handshakes_failed_total",
+        "counter",
+        "Agent connections that failed the QUIC handshake or sent no Hello in time.",
+        &[("", n(&m.agent_handshakes_failed))],
+    );
+    family(
+        "requests_total",
+        "counter",
+        "Requests received by the front door.",
+        &[("", n(&m.requests))],
+    );
+    let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    let app: Vec<(String, f64)> = classes
+        .iter()
+        .zip(&m.app_responses)
+        .map(|(class, c)| (format!("{{class=\"{class}\"}}"), n(c)))
+        .collect();
+    let app: Vec<(&str, f64)> = app.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    family(
+        "app_responses_total",
+        "counter",
+        "Responses from apps, by status class.",
+        &app,
+    );
+    let pages: Vec<(String, f64)> = Page::ALL
+        .iter()
+        .zip(&m.pages)
+        .map(|(page, c)| {
+            (
+                format!(
+                    "{{page=\"{}\",code=\"{}\"}}",
+                    page.metric_label(),
+                    page.status().as_u16()
+                ),
+                n(c),
+            )
+        })
+        .collect();
+    let pages: Vec<(&str, f64)> = pages.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    family(
+        "relay_pages_total",
+        "counter",
+        "Answers the relay gave itself instead of the app's, by page.",
+        &pages,
+    );
+    family(
+        "requests_in_flight",
+        "gauge",
+        "Requests waiting for the app's response head.",
+        &[(
+            "",
+            shared.in_flight.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        )],
+    );
+    family(
+        "upgraded_connections",
+        "gauge",
+        "Upgraded connections (WebSockets) open through the relay.",
+        &[("", m.upgraded.get() as f64)],
+    );
+    family(
+        "client_connections",
+        "gauge",
+        "Client connections open on the front door.",
+        &[("", m.client_connections.get() as f64)],
+    );
+    family(
+        "runtime_tasks",
+        "gauge",
+        "Tasks alive in the relay's async runtime.",
+        &[(
+            "",
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks() as f64,
+        )],
+    );
+    family(
+        "draining",
+        "gauge",
+        "1 while the relay drains (SIGTERM), else 0.",
+        &[("", f64::from(u8::from(*shared.draining.borrow())))],
+    );
+    if let Some((rss, fds)) = process_figures() {
+        family(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the relay process.",
+            &[("", rss as f64)],
+        );
+        family(
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors of the relay process.",
+            &[("", fds as f64)],
+        );
+    }
+    out
+}
+
+/// Resident bytes and open descriptors of this process, where /proc tells.
+fn process_figures() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    Some((rss_kib * 1024, fds))
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the task is aborted.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(shared.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+async fn answer(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(&shared),
+        ),
+        (&Method::GET, "/healthz") if *shared.draining.borrow() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            "draining\n".to_owned(),
+        ),
+        (&Method::GET, "/healthz") => (
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "ok\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: try /metrics or /healthz\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    Ok(response)
+}
