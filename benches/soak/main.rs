@@ -418,6 +418,34 @@ fn main() -> Result<()> {
             after.fds, baseline.fds
         ),
     );
+    // The relay's own account: the mappings, streams and tasks of the churn are all gone.
+    let stable = opts.stable as u64;
+    check(
+        after.live == stable && after.parked == 0 && after.in_flight == 0,
+        format!(
+            "after the soak the relay holds {} live sessions ({} stable agents), {} parked, {} requests in flight",
+            after.live, stable, after.parked, after.in_flight
+        ),
+    );
+    check(
+        after.upgraded <= baseline.upgraded && after.tasks <= baseline.tasks,
+        format!(
+            "relay WebSockets {} and runtime tasks {} after the soak vs {} and {} before",
+            after.upgraded, after.tasks, baseline.upgraded, baseline.tasks
+        ),
+    );
+    check(
+        empty.live == 0
+            && empty.parked == 0
+            && empty.upgraded == 0
+            && empty.client_connections == 0
+            && empty.fds <= start_figures.fds
+            && empty.tasks <= start_figures.tasks,
+        format!(
+            "with every agent and client gone the relay still holds {} sessions, {} parked, {} WebSockets, {} client connections, {} fds (at start {}), {} tasks (at start {})",
+            empty.live, empty.parked, empty.upgraded, empty.client_connections, empty.fds, start_figures.fds, empty.tasks, start_figures.tasks
+        ),
+    );
     check(
         after.rss_kib as f64 <= rss_limit,
         format!(
@@ -466,30 +494,36 @@ fn main() -> Result<()> {
         "    wrong echo / hung / lost   {:>3} / {:>3} / {:>3}",
         c["ws_wrong_echo"], c["ws_hung"], c["ws_churn_lost"]
     );
-    println!("  agent connect errors         {:>10}", c["open_errors"]);
+    println!(
+        "  agent connect errors         {:>10}  ({} during the soak; each agent retried and got in)",
+        c["open_errors"],
+        soak_count("open_errors")
+    );
     println!(
         "  relay CPU during the soak    {:>10.1} s  ({:.0} % of one core)",
         cpu,
         100.0 * cpu / soak_wall
     );
-    println!("  relay                          RSS KiB    fds  threads");
-    println!(
-        "    at start (no agents)       {:>9} {:>6} {:>8}",
-        start_figures.rss_kib, start_figures.fds, start_figures.threads
-    );
-    println!(
-        "    baseline (after warm-up)   {:>9} {:>6} {:>8}",
-        baseline.rss_kib, baseline.fds, baseline.threads
-    );
+    println!("  relay                          RSS KiB    fds  threads   live parked  in-flight  websockets  client-conns  tasks");
+    let row = |label: &str, f: &relay::Figures| {
+        println!(
+            "    {label:<26} {:>9} {:>6} {:>8} {:>6} {:>6} {:>10} {:>11} {:>13} {:>6}",
+            f.rss_kib,
+            f.fds,
+            f.threads,
+            f.live,
+            f.parked,
+            f.in_flight,
+            f.upgraded,
+            f.client_connections,
+            f.tasks
+        )
+    };
+    row("at start (no agents)", &start_figures);
+    row("baseline (after warm-up)", &baseline);
     println!("    peak during the soak       {:>9} {:>6}", peak.0, peak.1);
-    println!(
-        "    after the soak, quiet      {:>9} {:>6} {:>8}",
-        after.rss_kib, after.fds, after.threads
-    );
-    println!(
-        "    all agents gone            {:>9} {:>6} {:>8}",
-        empty.rss_kib, empty.fds, empty.threads
-    );
+    row("after the soak, quiet", &after);
+    row("all agents gone", &empty);
     println!("  load generator (peaks)       fds   RSS KiB   of RLIMIT_NOFILE {hard}");
     for (label, (fds, rss)) in &peaks.peaks {
         println!("    {label:<26} {fds:>6} {rss:>9}");
@@ -513,11 +547,11 @@ fn main() -> Result<()> {
         "soak_requests": requests,
         "relay_cpu_seconds": cpu,
         "relay": {
-            "start": {"rss_kib": start_figures.rss_kib, "fds": start_figures.fds, "threads": start_figures.threads},
-            "baseline": {"rss_kib": baseline.rss_kib, "fds": baseline.fds, "threads": baseline.threads},
+            "start": start_figures.json(),
+            "baseline": baseline.json(),
             "peak": {"rss_kib": peak.0, "fds": peak.1},
-            "after": {"rss_kib": after.rss_kib, "fds": after.fds, "threads": after.threads},
-            "empty": {"rss_kib": empty.rss_kib, "fds": empty.fds, "threads": empty.threads},
+            "after": after.json(),
+            "empty": empty.json(),
         },
         "load_generator_peaks": peaks.peaks.iter().map(|(k, (fds, rss))| (k.to_string(), json!({"fds": fds, "rss_kib": rss}))).collect::<serde_json::Map<_, _>>(),
         "failures": failures,
