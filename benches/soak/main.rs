@@ -1,7 +1,7 @@
 //! Soak test (issue 6): agents churning against one relay under client load.
 //!
 //!     cargo bench --bench soak                 # defaults below, ~4 min on 2 vCPUs
-//!     SOAK_AGENTS=1000 SOAK_SECS=600 SOAK_WEBSOCKETS=5000 cargo bench --bench soak
+//!     SOAK_AGENTS=1000 SOAK_CLIENTS=1000 SOAK_WEBSOCKETS=4000 SOAK_SECS=600 cargo bench --bench soak
 //!
 //! Three kinds of process: one real `jobgate relay`; two agents processes (this same binary
 //! with `SOAK_ROLE=agents`, see `agents.rs`), one for the stable agents and one for the
@@ -18,7 +18,9 @@
 //! Checks: no request misrouted (a 200 from the wrong agent), none lost (failed while its
 //! agent stayed up), no stable WebSocket broken or answered wrongly, every WebSocket of a
 //! departed agent closed promptly, every blip got its old name back, the relay's file
-//! descriptors back to baseline, its RSS back near it. Prints a summary and writes
+//! descriptors back to baseline, its RSS back near it, and its own account (`/metrics`) of
+//! sessions, parked names, requests in flight, WebSockets and runtime tasks back to
+//! baseline after the soak and to its start once everyone is gone. Prints a summary and writes
 //! target/bench/soak.json; exits non-zero on a failed check.
 //!
 //! Knobs (environment): SOAK_AGENTS churning agents [300], SOAK_STABLE stable agents [20],
