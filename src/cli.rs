@@ -97,6 +97,9 @@ struct RelayArgs {
     /// File holding the resume-ticket key [default: jobgate-resume.key beside the tokens file].
     #[arg(long)]
     resume_key: Option<PathBuf>,
+    /// File keeping held and recently ended names across restarts [default: jobgate-state.json beside the tokens file].
+    #[arg(long)]
+    state_file: Option<PathBuf>,
     /// Seconds in-flight requests get when the relay drains on SIGTERM [default: 10].
     #[arg(long)]
     drain_grace: Option<u64>,
@@ -320,6 +323,7 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
     );
     set("max_agents", int(args.max_agents.map(|n| n as u64)));
     set("resume_key", path(args.resume_key));
+    set("state_file", path(args.state_file));
     set("drain_grace_secs", int(args.drain_grace));
     set(
         "max_sessions_per_user",

@@ -102,3 +102,42 @@ async fn a_vanished_agent_shows_reconnecting_then_the_name_ends() {
         "the name never ended after the grace period"
     );
 }
+
+#[tokio::test]
+async fn a_restarted_relay_answers_reconnecting_for_the_names_it_held_not_404() {
+    let env = TestEnv::new("heldnames");
+    let token = env.token_file("alice");
+    let relay = start_relay(&env, &[]);
+    let (https, quic) = (relay.https_port, relay.quic_port);
+    let agent = start_demo_agent(&env, &relay, &token, "a");
+    assert_eq!(status(&env, https, &agent).await, StatusCode::OK);
+    // The relay writes what it holds at most every 2 s; a SIGKILL loses no more than that.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The agent is frozen, so it cannot come back before we look.
+    agent.proc.signal(Signal::SIGSTOP);
+    relay.proc.signal(Signal::SIGKILL);
+    drop(relay);
+    let relay = start_relay_at(&env, https, quic, &[]);
+    let (code, headers, body) =
+        get(&env, relay.https_port, &agent.host(), &agent.path("/echo")).await;
+    assert_eq!(
+        code,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a name held before the restart must not look ended: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(headers.contains_key("retry-after"));
+    assert!(String::from_utf8_lossy(&body).contains("Reconnecting"));
+
+    agent.proc.signal(Signal::SIGCONT);
+    let back = eventually(Duration::from_secs(30), || async {
+        status(&env, relay.https_port, &agent).await == StatusCode::OK
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the old URL did not come back:\n{}",
+        agent.proc.stderr()
+    );
+}

@@ -6,6 +6,7 @@
 use crate::access::Access;
 use crate::audit::AuditEvent;
 use crate::config::RelayConfig;
+use crate::names::SessionName;
 use crate::routes::{InsertError, Session};
 use crate::ticket::TicketClaims;
 use crate::Shared;
@@ -280,7 +281,7 @@ fn end_session(shared: &Arc<Shared>, session: &Arc<Session>, is_final: bool) {
     let grace = Duration::from_secs(shared.config.resume_grace_secs);
     if is_final || grace.is_zero() {
         if shared.routes.remove(session) {
-            shared.names.mark_ended(session.name);
+            mark_ended(shared, session.name);
         }
         return;
     }
@@ -288,15 +289,26 @@ fn end_session(shared: &Arc<Shared>, session: &Arc<Session>, is_final: bool) {
     if !shared.routes.park(session, until) {
         return; // replaced by a newer connection already
     }
+    expire_after_grace(shared, session.name, until);
+}
+
+/// Ends a parked name at `until` unless its agent came back by then.
+pub(crate) fn expire_after_grace(shared: &Arc<Shared>, name: SessionName, until: Instant) {
     let shared = shared.clone();
-    let name = session.name;
     tokio::spawn(async move {
         tokio::time::sleep_until(until.into()).await;
         if shared.routes.expire(&name, until) {
-            shared.names.mark_ended(name);
+            mark_ended(&shared, name);
             tracing::info!(%name, "session ended: its agent did not come back within the grace period");
         }
     });
+}
+
+/// A name dead for good: remembered (also across restarts) until its last possible
+/// ticket has expired, so no ticket brings it back.
+fn mark_ended(shared: &Shared, name: SessionName) {
+    let forget_after = unix_now().saturating_add(shared.config.ticket_lifetime_secs);
+    shared.names.mark_ended_until(name, forget_after);
 }
 
 /// A signed resume ticket for `session`.

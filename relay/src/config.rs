@@ -105,6 +105,10 @@ pub struct RelayConfig {
     /// File holding the resume-ticket key [default: `jobgate-resume.key` beside the tokens file].
     #[serde(default)]
     pub resume_key: Option<PathBuf>,
+    /// File where the relay keeps the names it holds and recently ended names across
+    /// restarts [default: `jobgate-state.json` beside the tokens file].
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
     /// Seconds in-flight requests get to finish when the relay drains (SIGTERM).
     #[serde(default = "default_drain")]
     pub drain_grace_secs: u64,
@@ -176,6 +180,7 @@ impl RelayConfig {
             resume_grace_secs: DEFAULT_RESUME_GRACE_SECS,
             ticket_lifetime_secs: DEFAULT_TICKET_LIFETIME_SECS,
             resume_key: None,
+            state_file: None,
             drain_grace_secs: DEFAULT_DRAIN_GRACE_SECS,
         }
     }
@@ -225,6 +230,13 @@ impl RelayConfig {
         self.resume_key
             .clone()
             .unwrap_or_else(|| self.tokens.with_file_name("jobgate-resume.key"))
+    }
+
+    /// The state file's path.
+    pub fn state_file_path(&self) -> PathBuf {
+        self.state_file
+            .clone()
+            .unwrap_or_else(|| self.tokens.with_file_name("jobgate-state.json"))
     }
 
     /// QUIC keep-alive interval.

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod names;
 mod pages;
 pub mod routes;
+pub mod state;
 pub mod ticket;
 pub mod tls;
 pub mod tokens;
@@ -161,6 +162,7 @@ impl Relay {
             domain: config.normalized_domain(),
             config,
         });
+        state::restore(&shared);
         let mut front = JoinSet::new();
         front.spawn(front::serve_https(https, front_tls, shared.clone()));
         if let Some(http) = http {
@@ -169,6 +171,7 @@ impl Relay {
         let mut tasks = JoinSet::new();
         tasks.spawn(agents::accept_agents(endpoint.clone(), shared.clone()));
         tasks.spawn(watch_files(shared.clone()));
+        tasks.spawn(state::keep_saved(shared.clone()));
         if let Some(listener) = metrics_listener {
             tasks.spawn(metrics::serve(listener, shared.clone()));
         }
@@ -233,6 +236,8 @@ impl Relay {
 
     /// Closes every agent connection and stops listening at once.
     pub async fn shutdown(mut self) {
+        // Every name still held is parked by the next relay process until its agent is back.
+        let _ = state::save(&self.shared, None);
         self.endpoint.close(
             quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Draining.as_u32()),
             b"relay shutting down",

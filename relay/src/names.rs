@@ -3,7 +3,7 @@
 
 use rand::rngs::OsRng;
 use rand::RngCore;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 /// Random bytes in a name: 10 bytes = 80 bits = 16 base32 characters.
@@ -83,7 +83,9 @@ pub fn random_secret(n: usize) -> String {
 #[derive(Default)]
 pub struct NameRegistry {
     issued: Mutex<HashSet<SessionName>>,
-    ended: Mutex<HashSet<SessionName>>,
+    /// Ended names, each with the Unix time after which no ticket for it can be valid
+    /// (then it is forgotten: only a ticket could have brought it back).
+    ended: Mutex<HashMap<SessionName, u64>>,
 }
 
 impl NameRegistry {
@@ -111,12 +113,19 @@ impl NameRegistry {
             .insert(name);
     }
 
-    /// Marks a name dead for good: no ticket can bring it back.
-    pub fn mark_ended(&self, name: SessionName) {
-        self.ended
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name);
+    /// Marks a name dead for good: no ticket can bring it back. `forget_after` is when
+    /// every ticket for it will have expired.
+    pub fn mark_ended_until(&self, name: SessionName, forget_after: u64) {
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = ended.entry(name).or_insert(forget_after);
+        *entry = (*entry).max(forget_after);
+    }
+
+    /// The ended names still to remember at Unix time `now`; forgets the others.
+    pub fn ended_until(&self, now: u64) -> Vec<(SessionName, u64)> {
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        ended.retain(|_, forget_after| *forget_after > now);
+        ended.iter().map(|(n, t)| (*n, *t)).collect()
     }
 
     /// Whether a name has ended for good.
@@ -124,7 +133,7 @@ impl NameRegistry {
         self.ended
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(name)
+            .contains_key(name)
     }
 
     /// How many names were issued.
@@ -151,6 +160,18 @@ mod tests {
             assert!(seen.insert(name));
         }
         assert_eq!(registry.issued_count(), 10_000);
+    }
+
+    #[test]
+    fn ended_names_are_remembered_until_their_tickets_expire() {
+        let registry = NameRegistry::default();
+        let (a, b) = (registry.issue(), registry.issue());
+        registry.mark_ended_until(a, 100);
+        registry.mark_ended_until(b, 200);
+        assert!(registry.is_ended(&a) && registry.is_ended(&b));
+        assert_eq!(registry.ended_until(150), vec![(b, 200)]);
+        assert!(!registry.is_ended(&a), "forgotten once its tickets expired");
+        assert!(registry.is_ended(&b));
     }
 
     #[test]

@@ -177,6 +177,36 @@ impl RoutingTable {
         true
     }
 
+    /// Parks a name that has no live session (one held before a relay restart), so it
+    /// answers `503 Reconnecting` until its agent is back or `until`. Counts toward the
+    /// user's limit like any parked name. False if the name is already live or parked.
+    pub fn park_name(&self, name: SessionName, user: &str, until: Instant) -> bool {
+        let mut inner = self.write();
+        if inner.sessions.contains_key(&name) || inner.parked.contains_key(&name) {
+            return false;
+        }
+        inner.parked.insert(
+            name,
+            Parked {
+                user: user.to_owned(),
+                until,
+            },
+        );
+        *inner.per_user.entry(user.to_owned()).or_default() += 1;
+        true
+    }
+
+    /// Every name live or parked, with its user.
+    pub fn held_names(&self) -> Vec<(SessionName, String)> {
+        let inner = self.read();
+        inner
+            .sessions
+            .values()
+            .map(|s| (s.name, s.user.clone()))
+            .chain(inner.parked.iter().map(|(n, p)| (*n, p.user.clone())))
+            .collect()
+    }
+
     /// Every live session of `user`.
     pub fn sessions_of(&self, user: &str) -> Vec<Arc<Session>> {
         self.read()
