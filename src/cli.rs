@@ -22,6 +22,17 @@ pub struct Cli {
     command: Command,
 }
 
+impl Cli {
+    /// For `__app-guard`: the agent's pid and the app's group. The guard must run before
+    /// any runtime thread exists (it blocks signals on its one thread).
+    pub fn app_guard(&self) -> Option<(i32, i32)> {
+        match self.command {
+            Command::AppGuard { parent, pgid } => Some((parent, pgid)),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the relay (DMZ host): HTTPS for *.<domain>, QUIC for agents.
@@ -45,6 +56,16 @@ enum Command {
     /// The demo's web app (echo, bytes, WebSocket echo); used by the demo and the tests.
     #[command(hide = true)]
     DemoApp(crate::demo_app::DemoAppArgs),
+    /// The app's guard, started by the agent (see agent/src/guard.rs).
+    #[command(name = jobgate_agent::guard::GUARD_SUBCOMMAND, hide = true)]
+    AppGuard {
+        /// The agent's pid.
+        #[arg(long)]
+        parent: i32,
+        /// The app's process group.
+        #[arg(long)]
+        pgid: i32,
+    },
     /// Submit a Slurm job running your app (or JupyterLab) behind the relay; print its URL.
     Launch(crate::launch::LaunchArgs),
     /// List your sessions in batch jobs: job id, state, URL, start, time left.
@@ -271,6 +292,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
             init_logging("warn");
             crate::demo_app::run(args).await
         }
+        Command::AppGuard { parent, pgid } => return jobgate_agent::guard::run(parent, pgid),
         Command::Launch(args) => return crate::launch::run_launch(args).await,
         Command::Jobs(args) => return crate::launch::run_jobs(args).await,
         Command::Cancel(args) => return crate::launch::run_cancel(args).await,
@@ -449,6 +471,7 @@ async fn run_agent(args: AgentArgs) -> i32 {
         stop_grace: jobgate_agent::DEFAULT_STOP_GRACE,
         container,
         job_file,
+        app_guard: std::env::current_exe().ok(),
     };
     let code = match jobgate_agent::run_opening(options, app_path).await {
         Ok(code) => code,

@@ -71,6 +71,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         stop_grace: jobgate_agent::DEFAULT_STOP_GRACE,
         container: None,
         job_file: None,
+        app_guard: None, // the demo's app is in-process
     };
     let agent = tokio::spawn(jobgate_agent::run(options));
     let url = wait_for_url(&url_file).await?;

@@ -15,6 +15,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
+    if let Some((parent, pgid)) = cli.app_guard() {
+        let code = jobgate_agent::guard::run(parent, pgid);
+        return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let runtime = match cli::runtime(cli.workers) {
         Ok(runtime) => runtime,
         Err(e) => {

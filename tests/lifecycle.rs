@@ -277,3 +277,87 @@ async fn an_unreachable_relay_is_reported_while_the_app_is_still_starting() {
         started.elapsed()
     );
 }
+
+/// Children of `pid` whose command line contains `needle`.
+fn children_matching(pid: i32, needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return found;
+    };
+    for task in tasks.filter_map(|t| t.ok()) {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok())
+        {
+            let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(needle) {
+                found.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// Whether `pid` still runs (a zombie nobody reaped counts as gone).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
+#[tokio::test]
+async fn a_killed_agent_does_not_leave_its_app_running() {
+    let env = TestEnv::new("guard");
+    let token = env.token_file("alice");
+    let relay = start_relay(&env, &[]);
+    let agent = start_demo_agent(&env, &relay, &token, "a");
+    let agent_pid = agent.proc.pid();
+    let app = children_matching(agent_pid, "demo-app");
+    assert_eq!(app.len(), 1, "the agent runs one app");
+    let guard = children_matching(agent_pid, "__app-guard");
+    assert_eq!(guard.len(), 1, "the agent runs one guard next to its app");
+    let (app, guard) = (app[0], guard[0]);
+
+    // SIGKILL: the agent cannot stop its app itself.
+    agent.proc.signal(Signal::SIGKILL);
+    let gone = eventually(Duration::from_secs(15), || async {
+        !running(app) && !running(guard)
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "app running: {}, guard running: {}",
+        running(app),
+        running(guard)
+    );
+    eprintln!("agent SIGKILL -> app stopped by its guard after {gone:?}");
+}
+
+#[tokio::test]
+async fn the_guard_leaves_a_running_agents_app_alone() {
+    let env = TestEnv::new("guardidle");
+    let token = env.token_file("alice");
+    let relay = start_relay(&env, &[]);
+    let mut agent = start_demo_agent(&env, &relay, &token, "a");
+    let guard = children_matching(agent.proc.pid(), "__app-guard");
+    assert_eq!(guard.len(), 1);
+    // Signals meant for the agent's job (scancel, Ctrl-C) do not end the guard early.
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(guard[0]), signal).expect("signal");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(running(guard[0]), "the guard must ignore stray signals");
+    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+
+    // A normal end: the agent stops the app, and the guard leaves with it.
+    agent.proc.signal(Signal::SIGTERM);
+    agent.proc.wait_exit(Duration::from_secs(20));
+    let gone = eventually(Duration::from_secs(5), || async { !running(guard[0]) }).await;
+    assert!(gone.is_some(), "the guard outlived a normal agent exit");
+}

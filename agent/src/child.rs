@@ -183,6 +183,11 @@ impl App {
         }
     }
 
+    /// The app's process group (its leader's pid).
+    pub fn pgid(&self) -> i32 {
+        self.pgid.as_raw()
+    }
+
     /// Sends `signal` to the app's whole process group.
     pub fn signal(&self, signal: Signal) {
         if self.pgid.as_raw() > 0 {

@@ -14,6 +14,7 @@
 pub mod child;
 pub mod container;
 pub mod dial;
+pub mod guard;
 pub mod jobfile;
 pub mod jupyter;
 pub mod serve;
@@ -121,6 +122,9 @@ pub struct AgentOptions {
     pub container: Option<container::Container>,
     /// Keep this job file up to date (see [`jobfile`]).
     pub job_file: Option<jobfile::JobFile>,
+    /// The `jobgate` binary, to run the app's [`guard`] (stops the app if the agent is
+    /// killed); `None` runs no guard.
+    pub app_guard: Option<PathBuf>,
 }
 
 /// Job metadata from the batch system's environment.
@@ -185,6 +189,11 @@ async fn run_session(
                 prepared.argv = container.wrap_app(&prepared);
             }
             let mut app = App::spawn(&prepared.argv, &env)?;
+            if let Some(exe) = &options.app_guard {
+                if let Err(e) = guard::spawn(exe, app.pgid()) {
+                    tracing::warn!("no app guard ({e}): the app would outlive a killed agent");
+                }
+            }
             let ready = {
                 let wait = app.wait_ready(&prepared.target, options.ready_timeout);
                 tokio::pin!(wait);

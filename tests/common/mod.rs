@@ -81,10 +81,15 @@ pub fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
+/// How long `wait_exit` waits for an exited process's stderr to be read to its end.
+const STDERR_DRAIN: Duration = Duration::from_secs(2);
+
 /// A child process whose stderr is collected, killed on drop.
 pub struct Proc {
     pub child: Child,
     pub stderr: Arc<Mutex<String>>,
+    /// Set once stderr reached EOF (every writer closed it).
+    stderr_closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proc {
@@ -97,14 +102,21 @@ impl Proc {
         let stderr = Arc::new(Mutex::new(String::new()));
         let pipe = child.stderr.take().expect("stderr");
         let sink = stderr.clone();
+        let stderr_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed = stderr_closed.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 let mut s = sink.lock().expect("lock");
                 s.push_str(&line);
                 s.push('\n');
             }
+            closed.store(true, std::sync::atomic::Ordering::Release);
         });
-        Self { child, stderr }
+        Self {
+            child,
+            stderr,
+            stderr_closed,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -137,6 +149,16 @@ impl Proc {
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 use std::os::unix::process::ExitStatusExt;
+                // Let the reader thread take in the last lines the process wrote (a
+                // process it left behind may hold the pipe: wait a little, not forever).
+                let read_until = Instant::now() + STDERR_DRAIN;
+                while !self
+                    .stderr_closed
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    && Instant::now() < read_until
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return status
                     .code()
                     .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
