@@ -466,15 +466,29 @@ pub async fn request_loop(ctx: Arc<Ctx>, id: usize) {
     }
 }
 
-async fn ws_connect(
-    ctx: &Ctx,
-    info: &LiveInfo,
-) -> Result<WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>> {
+/// A client's WebSocket through the relay.
+type ClientWebSocket = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+async fn ws_connect(ctx: &Ctx, info: &LiveInfo) -> Result<ClientWebSocket> {
     let host = info.host(ctx.https_port);
     let tls = tls_to_relay(ctx, &ctx.tls_h1, host.split(':').next().unwrap_or("")).await?;
     let req = format!("wss://{host}/ws?jobgate_key={}", info.key).into_client_request()?;
     let (ws, _) = tokio_tungstenite::client_async(req, tls).await?;
     Ok(ws)
+}
+
+/// Sends `text` and returns the next text message (the echo), skipping pings and pongs.
+async fn echo(ws: &mut ClientWebSocket, text: &str) -> Result<String> {
+    ws.send(Message::Text(text.to_owned())).await?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return Ok(t),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(other)) => bail!("unexpected {other:?}"),
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("closed"),
+        }
+    }
 }
 
 /// A WebSocket on a stable agent for the whole run: a message every ~5 s, echo checked.
@@ -503,19 +517,7 @@ pub async fn stable_ws(ctx: Arc<Ctx>, id: usize) {
     while !ctx.all_stop.load(Relaxed) {
         seq += 1;
         let text = format!("{id}:{seq}:{}", info.ident);
-        let echo = tokio::time::timeout(Duration::from_secs(30), async {
-            ws.send(Message::Text(text.clone())).await?;
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => return Ok::<_, anyhow::Error>(t),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(other)) => bail!("unexpected {other:?}"),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => bail!("closed"),
-                }
-            }
-        })
-        .await;
+        let echo = tokio::time::timeout(Duration::from_secs(30), echo(&mut ws, &text)).await;
         match echo {
             Ok(Ok(t)) if t == text => inc(&ctx.c.ws_msgs_ok),
             Ok(Ok(t)) => {
@@ -574,19 +576,7 @@ pub async fn churn_ws(ctx: Arc<Ctx>, id: usize) {
         loop {
             seq += 1;
             let text = format!("c{id}:{seq}");
-            let echo = tokio::time::timeout(Duration::from_secs(15), async {
-                ws.send(Message::Text(text.clone())).await?;
-                loop {
-                    match ws.next().await {
-                        Some(Ok(Message::Text(t))) => return Ok::<_, anyhow::Error>(t),
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                        Some(Ok(other)) => bail!("unexpected {other:?}"),
-                        Some(Err(e)) => return Err(e.into()),
-                        None => bail!("closed"),
-                    }
-                }
-            })
-            .await;
+            let echo = tokio::time::timeout(Duration::from_secs(15), echo(&mut ws, &text)).await;
             match echo {
                 Ok(Ok(t)) if t == text => {
                     inc(&ctx.c.ws_msgs_ok);
