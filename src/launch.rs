@@ -93,6 +93,11 @@ pub struct LaunchArgs {
         requires = "sif"
     )]
     sif_option: Vec<String>,
+    /// Seconds the app has to accept connections once started: the agent's
+    /// --ready-timeout, for apps slow to start (cold file systems, many extensions)
+    /// [default: 300].
+    #[arg(long, value_name = "SECS")]
+    ready_timeout: Option<u64>,
     /// Directory the app starts in [default: the current directory].
     #[arg(long, value_name = "DIR")]
     workdir: Option<PathBuf>,
@@ -323,6 +328,8 @@ pub struct JobSpec {
     pub sif: Option<String>,
     /// Options for `apptainer exec`.
     pub sif_options: Vec<String>,
+    /// The agent's --ready-timeout, when given.
+    pub ready_timeout: Option<u64>,
     /// JupyterLab instead of a command.
     pub jupyter: bool,
     /// The command, or `jupyter lab`'s extra arguments.
@@ -368,6 +375,10 @@ impl JobSpec {
         flag("relay", &self.relay);
         flag("relay-ca", &self.relay_ca);
         flag("token-file", &self.token_file);
+        flag(
+            "ready-timeout",
+            &self.ready_timeout.map(|secs| secs.to_string()),
+        );
         flag("sif", &self.sif);
         if self.sif.is_some() {
             for option in &self.sif_options {
@@ -599,6 +610,7 @@ fn job_spec(args: &LaunchArgs, template: &str) -> Result<(JobSpec, Vec<String>),
             token_file,
             sif,
             sif_options,
+            ready_timeout: args.ready_timeout,
             jupyter: args.jupyter,
             app: args.command.clone(),
         },
@@ -1578,6 +1590,18 @@ mod tests {
                 "--title=it's $HOME",
                 "{sock}",
             ])
+        );
+    }
+
+    #[test]
+    fn a_slow_app_gets_its_ready_timeout_on_the_agent_line() {
+        let mut s = spec();
+        s.jupyter = true;
+        s.app.clear();
+        s.ready_timeout = Some(900);
+        assert_eq!(
+            s.agent_argv()[4..],
+            strings(&["--ready-timeout", "900", "--jupyter"])
         );
     }
 
