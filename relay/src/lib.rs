@@ -237,7 +237,7 @@ impl Relay {
     /// Closes every agent connection and stops listening at once.
     pub async fn shutdown(mut self) {
         // Every name still held is parked by the next relay process until its agent is back.
-        let _ = state::save(&self.shared, None);
+        let _ = state::save(&self.shared);
         self.endpoint.close(
             quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Draining.as_u32()),
             b"relay shutting down",

@@ -86,6 +86,8 @@ pub struct NameRegistry {
     /// Ended names, each with the Unix time after which no ticket for it can be valid
     /// (then it is forgotten: only a ticket could have brought it back).
     ended: Mutex<HashMap<SessionName, u64>>,
+    /// Bumped whenever a name ends, so the state file is rewritten only when needed.
+    ended_generation: std::sync::atomic::AtomicU64,
 }
 
 impl NameRegistry {
@@ -119,6 +121,14 @@ impl NameRegistry {
         let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
         let entry = ended.entry(name).or_insert(forget_after);
         *entry = (*entry).max(forget_after);
+        self.ended_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many times a name was marked ended.
+    pub fn ended_generation(&self) -> u64 {
+        self.ended_generation
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The ended names still to remember at Unix time `now`; forgets the others.

@@ -88,6 +88,8 @@ pub enum InsertError {
 #[derive(Default)]
 pub struct RoutingTable {
     inner: RwLock<Inner>,
+    /// Bumped by every change, so the state file is rewritten only when needed.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl RoutingTable {
@@ -243,7 +245,14 @@ impl RoutingTable {
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes so far (any call that may have changed the table counts).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -108,35 +108,47 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Saves the state if it differs from `last` (what was written before); returns what is
-/// on disk now.
-pub(crate) fn save(shared: &Shared, last: Option<Vec<u8>>) -> Option<Vec<u8>> {
-    let path = shared.config.state_file_path();
-    let bytes = match serde_json::to_vec(&snapshot(shared)) {
-        Ok(bytes) => bytes,
-        Err(e) => {
-            tracing::warn!("cannot encode the relay state: {e}");
-            return last;
-        }
-    };
-    if last.as_deref() == Some(&bytes[..]) {
-        return last;
+/// Encodes `state` and writes it to `path`; says why not in the log.
+fn write_state(path: &Path, state: &RelayState) -> bool {
+    let written = serde_json::to_vec(state)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| write_atomically(path, &bytes));
+    if let Err(e) = &written {
+        tracing::warn!("cannot write the relay state to {}: {e}", path.display());
     }
-    match write_atomically(&path, &bytes) {
-        Ok(()) => Some(bytes),
-        Err(e) => {
-            tracing::warn!("cannot write the relay state to {}: {e}", path.display());
-            last
-        }
-    }
+    written.is_ok()
 }
 
-/// Keeps the state file up to date until the task is aborted.
+/// Saves the state now (at shutdown).
+pub(crate) fn save(shared: &Shared) -> bool {
+    write_state(&shared.config.state_file_path(), &snapshot(shared))
+}
+
+/// A number that changes whenever the routing table or the ended names do.
+fn generation(shared: &Shared) -> u64 {
+    shared
+        .routes
+        .generation()
+        .wrapping_add(shared.names.ended_generation())
+}
+
+/// Keeps the state file up to date until the task is aborted. Only the snapshot is taken
+/// on the runtime: encoding and the synced write run on the blocking pool, so a relay
+/// holding thousands of names does not stall requests while it saves.
 pub(crate) async fn keep_saved(shared: Arc<Shared>) {
-    let mut last = std::fs::read(shared.config.state_file_path()).ok();
+    let path = shared.config.state_file_path();
+    let mut saved = None;
     loop {
         tokio::time::sleep(STATE_SAVE_INTERVAL).await;
-        last = save(&shared, last);
+        let now = generation(&shared);
+        if saved == Some(now) {
+            continue;
+        }
+        let state = snapshot(&shared);
+        let path = path.clone();
+        if let Ok(true) = tokio::task::spawn_blocking(move || write_state(&path, &state)).await {
+            saved = Some(now);
+        }
     }
 }
 
