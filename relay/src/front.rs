@@ -71,8 +71,7 @@ async fn serve_connection<I>(io: I, peer: SocketAddr, shared: Arc<Shared>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let shared_for_gauge = shared.clone();
-    let _open = shared_for_gauge.metrics.client_connections.enter();
+    let _open = shared.metrics.client_connections.enter();
     let config = &shared.config;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
