@@ -72,6 +72,20 @@ enum Command {
     Jobs(crate::launch::JobsArgs),
     /// Cancel a batch job and wait until it is gone (its URL dies with it).
     Cancel(crate::launch::CancelArgs),
+    /// Print the shell completion script for bash, zsh or fish (see the install section of
+    /// docs/admin-guide.md).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page jobgate(1) (roff), or with --out-dir write one page per
+    /// subcommand there (jobgate.1, jobgate-relay.1, ...).
+    Man {
+        /// Directory for all the pages.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -296,12 +310,35 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Launch(args) => return crate::launch::run_launch(args).await,
         Command::Jobs(args) => return crate::launch::run_jobs(args).await,
         Command::Cancel(args) => return crate::launch::run_cancel(args).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "jobgate", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out_dir } => write_man(out_dir),
     };
     match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("jobgate: {e:#}");
             1
+        }
+    }
+}
+
+/// `jobgate man`: jobgate(1) on stdout, or every page into `out_dir`.
+fn write_man(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let command = <Cli as clap::CommandFactory>::command();
+    match out_dir {
+        None => clap_mangen::Man::new(command)
+            .render(&mut std::io::stdout())
+            .context("writing the manual page"),
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(command, &dir)
+                .with_context(|| format!("writing manual pages into {}", dir.display()))?;
+            eprintln!("jobgate: manual pages written to {}", dir.display());
+            Ok(())
         }
     }
 }
