@@ -18,6 +18,10 @@ pub struct Cli {
     /// at most 2 cores (measured faster there), else one per core.
     #[arg(long, global = true, env = "JOBGATE_WORKERS")]
     pub workers: Option<usize>,
+    /// Log lines as human-readable text, or as one JSON object per line (for a log store;
+    /// the relay's own status lines become JSON events too).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "JOBGATE_LOG_FORMAT")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,6 +34,27 @@ impl Cli {
             Command::AppGuard { parent, pgid } => Some((parent, pgid)),
             _ => None,
         }
+    }
+}
+
+/// How log events are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `2026-12-04T22:53:00Z  INFO jobgate_relay::agents: session opened name=…`
+    Text,
+    /// `{"timestamp":…,"level":"INFO","fields":{"message":"session opened","name":…},"target":…}`
+    Json,
+}
+
+/// Set once at start: whether status lines go out as JSON events.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A status line of the relay for its operator: plain on stderr, or a JSON event.
+fn relay_says(message: std::fmt::Arguments<'_>) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!(target: "jobgate::relay", "{message}");
+    } else {
+        eprintln!("jobgate relay: {message}");
     }
 }
 
@@ -272,17 +297,25 @@ pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtim
     }
 }
 
-fn init_logging(default: &str) {
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            builder.json().with_current_span(false).try_init()
+        }
+    };
 }
 
 /// Runs a subcommand and returns the process exit code.
 pub async fn dispatch(cli: Cli) -> i32 {
+    let format = cli.log_format;
+    let init_logging = |default: &str| init_logging(default, format);
     let result = match cli.command {
         Command::Relay(args) => {
             init_logging("info");
@@ -404,14 +437,14 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
 async fn run_relay(args: RelayArgs) -> anyhow::Result<()> {
     let config = relay_config(args)?;
     let relay = Relay::start(config).await?;
-    eprintln!(
-        "jobgate relay: HTTPS on {}, agents (QUIC/UDP) on {}",
+    relay_says(format_args!(
+        "HTTPS on {}, agents (QUIC/UDP) on {}",
         relay.https_addr, relay.quic_addr
-    );
+    ));
     if let Some(addr) = relay.metrics_addr {
-        eprintln!(
-            "jobgate relay: metrics on http://{addr}/metrics, health on http://{addr}/healthz"
-        );
+        relay_says(format_args!(
+            "metrics on http://{addr}/metrics, health on http://{addr}/healthz"
+        ));
     }
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
@@ -420,20 +453,22 @@ async fn run_relay(args: RelayArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                eprintln!("jobgate relay: SIGHUP: reloading the certificate and tokens");
+                relay_says(format_args!("SIGHUP: reloading the certificate and tokens"));
                 relay.reload();
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
-    eprintln!("jobgate relay: draining (agents will reconnect; a second signal stops at once)");
+    relay_says(format_args!(
+        "draining (agents will reconnect; a second signal stops at once)"
+    ));
     tokio::select! {
         _ = relay.drain() => {}
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
     }
-    eprintln!("jobgate relay: stopped");
+    relay_says(format_args!("stopped"));
     Ok(())
 }
 
