@@ -1,5 +1,6 @@
 //! Command-line interface: flags, config merging, and the entry point of each subcommand.
 
+use crate::config::{AccessSetting, ClientConfig};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use jobgate_agent::{dial::DialConfig, exit, AgentOptions, AppSource};
@@ -180,19 +181,11 @@ struct RelayArgs {
     allow_public: bool,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Access {
-    /// A private link with an access key (default).
-    Link,
-    /// No relay-side lock: the app's own login protects it (if the relay allows it).
-    Public,
-}
-
 #[derive(Debug, Args)]
 struct AgentArgs {
-    /// Relay QUIC address, HOST:PORT.
+    /// Relay QUIC address, HOST:PORT [default: `relay` in the site's or your jobgate.toml].
     #[arg(long, env = "JOBGATE_RELAY")]
-    relay: String,
+    relay: Option<String>,
     /// CA certificate (PEM) to trust for the relay instead of the system roots.
     #[arg(long, env = "JOBGATE_RELAY_CA")]
     relay_ca: Option<PathBuf>,
@@ -215,15 +208,15 @@ struct AgentArgs {
     /// The `jupyter` program for --jupyter [default: `jupyter` on PATH].
     #[arg(long, env = "JOBGATE_JUPYTER", value_name = "PATH")]
     jupyter_program: Option<String>,
-    /// How the URL is guarded.
-    #[arg(long, value_enum, default_value_t = Access::Link)]
-    access: Access,
-    /// Seconds the app has to accept connections.
-    #[arg(long, default_value_t = jobgate_agent::DEFAULT_READY_TIMEOUT.as_secs())]
-    ready_timeout: u64,
-    /// Seconds of silence before the relay counts as gone.
-    #[arg(long, default_value_t = jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT.as_secs())]
-    idle_timeout: u64,
+    /// How the URL is guarded [default: link].
+    #[arg(long, value_enum)]
+    access: Option<AccessSetting>,
+    /// Seconds the app has to accept connections [default: 300].
+    #[arg(long)]
+    ready_timeout: Option<u64>,
+    /// Seconds of silence before the relay counts as gone [default: 30].
+    #[arg(long)]
+    idle_timeout: Option<u64>,
     /// Run the app inside this Apptainer/Singularity image (the agent stays outside).
     #[arg(long, value_name = "IMAGE", conflicts_with = "to")]
     sif: Option<String>,
@@ -378,12 +371,13 @@ fn write_man(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
 
 /// Merges `relay.toml` and flags (flags win) into a [`RelayConfig`].
 fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
+    // The file gets the same strict reading as the agent's: no group/other-writable file,
+    // every key a setting (a typo names the nearest one), types checked with its name.
     let mut table = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str::<toml::Table>(&text)
-                .with_context(|| format!("parsing {}", path.display()))?
+            let table = crate::config::read_table(path)?;
+            crate::config::check_keys::<RelayConfig>(path, &table, &[])?;
+            table
         }
         None => toml::Table::new(),
     };
@@ -429,7 +423,10 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
             bail!("--{required} is required (as a flag or in --config)");
         }
     }
-    let config: RelayConfig = table.try_into().context("invalid relay configuration")?;
+    let config: RelayConfig = match &args.config {
+        Some(path) => crate::config::typed(path, table)?,
+        None => table.try_into().context("invalid relay configuration")?,
+    };
     config.validate().map_err(anyhow::Error::msg)?;
     Ok(config)
 }
@@ -472,7 +469,37 @@ async fn run_relay(args: RelayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fills what neither a flag nor its environment variable set from the config files.
+fn agent_settings(mut args: AgentArgs) -> Result<AgentArgs, String> {
+    let config = ClientConfig::load().map_err(|e| e.to_string())?;
+    args.relay = args.relay.or(config.relay);
+    args.relay_ca = args.relay_ca.or(config.relay_ca);
+    if args.token_file.is_none() && std::env::var_os("JOBGATE_TOKEN_FILE").is_none() {
+        args.token_file = config.token_file;
+    }
+    args.access = args.access.or(config.access);
+    args.ready_timeout = args.ready_timeout.or(config.ready_timeout);
+    args.idle_timeout = args.idle_timeout.or(config.idle_timeout);
+    args.jupyter_program = args.jupyter_program.or(config.jupyter_program);
+    if args.relay.is_none() {
+        return Err(format!(
+            "no relay: pass --relay HOST:PORT, set JOBGATE_RELAY, or put `relay = \"HOST:PORT\"` \
+             in {} or ~/{} (your admins know it)",
+            crate::config::SITE_CONFIG,
+            crate::config::USER_CONFIG
+        ));
+    }
+    Ok(args)
+}
+
 async fn run_agent(args: AgentArgs) -> i32 {
+    let args = match agent_settings(args) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("jobgate: {e}");
+            return exit::USAGE;
+        }
+    };
     let token = match jobgate_agent::token::load_token(args.token_file.clone()) {
         Ok(token) => token,
         Err(e) => {
@@ -528,18 +555,25 @@ async fn run_agent(args: AgentArgs) -> i32 {
     };
     let options = AgentOptions {
         dial: DialConfig {
-            relay: args.relay,
+            relay: args.relay.unwrap_or_default(),
             relay_ca: args.relay_ca,
-            idle_timeout: Duration::from_secs(args.idle_timeout.max(2)),
+            idle_timeout: args
+                .idle_timeout
+                .map(Duration::from_secs)
+                .unwrap_or(jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT)
+                .max(Duration::from_secs(2)),
         },
         token,
-        access: match args.access {
-            Access::Link => AccessMode::Link,
-            Access::Public => AccessMode::Public,
+        access: match args.access.unwrap_or(AccessSetting::Link) {
+            AccessSetting::Link => AccessMode::Link,
+            AccessSetting::Public => AccessMode::Public,
         },
         url_file: args.url_file,
         app,
-        ready_timeout: Duration::from_secs(args.ready_timeout),
+        ready_timeout: args
+            .ready_timeout
+            .map(Duration::from_secs)
+            .unwrap_or(jobgate_agent::DEFAULT_READY_TIMEOUT),
         stop_grace: jobgate_agent::DEFAULT_STOP_GRACE,
         container,
         job_file,

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 mod cli;
+mod config;
 mod demo;
 mod demo_app;
 mod launch;

@@ -68,6 +68,9 @@ pub enum LaunchError {
     /// Bad flags or environment: nothing was submitted.
     #[error("{0}")]
     Usage(String),
+    /// A config file (the site's or the user's jobgate.toml) cannot be used.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The template cannot be read or rendered: nothing was submitted.
     #[error("template {from}: {error}")]
     Template {
@@ -95,7 +98,7 @@ impl LaunchError {
     /// The exit code for this failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Usage(_) | Self::Template { .. } => code::USAGE,
+            Self::Usage(_) | Self::Config(_) | Self::Template { .. } => code::USAGE,
             Self::Slurm(_) | Self::Io { .. } => code::FAILED,
         }
     }
@@ -115,9 +118,9 @@ pub struct LaunchArgs {
     /// Slurm account to charge.
     #[arg(long, short = 'A')]
     pub(crate) account: Option<String>,
-    /// Time limit (Slurm's formats: 2:00:00, 1-12:00:00, 90).
-    #[arg(long, short = 't', default_value = DEFAULT_TIME)]
-    pub(crate) time: String,
+    /// Time limit (Slurm's formats: 2:00:00, 1-12:00:00, 90) [default: 2:00:00].
+    #[arg(long, short = 't')]
+    pub(crate) time: Option<String>,
     /// CPUs for the app (--cpus-per-task).
     #[arg(long, short = 'c')]
     pub(crate) cpus: Option<u32>,
@@ -173,6 +176,35 @@ pub struct LaunchArgs {
     pub(crate) command: Vec<String>,
 }
 
+impl LaunchArgs {
+    /// Fills what the flags (and their environment variables) left open from the site's
+    /// and the user's config files, then the built-in defaults.
+    fn with_defaults(mut self, config: &crate::config::ClientConfig) -> Self {
+        let defaults = &config.launch;
+        self.partition = self.partition.or_else(|| defaults.partition.clone());
+        self.account = self.account.or_else(|| defaults.account.clone());
+        self.time = self
+            .time
+            .or_else(|| defaults.time.clone())
+            .or_else(|| Some(DEFAULT_TIME.to_owned()));
+        self.cpus = self.cpus.or(defaults.cpus);
+        self.mem = self.mem.or_else(|| defaults.mem.clone());
+        self.gpus = self.gpus.or_else(|| defaults.gpus.clone());
+        self.template = self.template.or_else(|| defaults.template.clone());
+        if self.sif.is_none() {
+            self.sif = defaults.sif.clone();
+            if self.sif_option.is_empty() {
+                self.sif_option = defaults.sif_option.clone().unwrap_or_default();
+            }
+        }
+        self.relay = self.relay.or_else(|| config.relay.clone());
+        self.relay_ca = self.relay_ca.or_else(|| config.relay_ca.clone());
+        self.token_file = self.token_file.or_else(|| config.token_file.clone());
+        self.ready_timeout = self.ready_timeout.or(config.ready_timeout);
+        self
+    }
+}
+
 /// `jobgate jobs`.
 #[derive(Debug, Args)]
 pub struct JobsArgs {}
@@ -195,6 +227,7 @@ pub async fn run_launch(args: LaunchArgs) -> i32 {
 
 /// Renders the script, submits it and follows the job until its URL (or its failure).
 async fn launch(args: LaunchArgs) -> Result<i32, LaunchError> {
+    let args = args.with_defaults(&crate::config::ClientConfig::load()?);
     let source = template_source(args.template.clone(), &template_candidates());
     let template = load_template(&source)?;
     let (spec, warnings) = job_spec(&args, &template)?;

@@ -236,7 +236,11 @@ pub(super) fn job_spec(
             check_value(flag, value)?;
         }
     }
-    check_value("time", &args.time)?;
+    let time = args
+        .time
+        .clone()
+        .unwrap_or_else(|| super::DEFAULT_TIME.to_owned());
+    check_value("time", &time)?;
     if args.cpus == Some(0) {
         return Err(LaunchError::usage("--cpus must be at least 1"));
     }
@@ -325,7 +329,7 @@ pub(super) fn job_spec(
                 .job_name
                 .clone()
                 .unwrap_or_else(|| default_job_name(args.jupyter, &args.command)),
-            time: args.time.clone(),
+            time,
             output,
             partition: args.partition.clone(),
             account: args.account.clone(),
