@@ -132,12 +132,14 @@ async fn new_sessions_beyond_the_users_burst_are_refused_with_when_to_retry() {
 async fn an_agent_refused_for_the_rate_limit_waits_and_retries() {
     let env = TestEnv::new("ratewait");
     let token = env.token_file("alice");
-    // A burst of one, then one new session every 5 s.
+    // A burst of one, then one new session every 6 s: long enough that the agent's first
+    // Hello comes before the refill even on a busy machine, short enough for its backoff
+    // (0.2 s doubling) to get in well within start_demo_agent's 30 s.
     let relay = start_relay(
         &env,
         &[
             "--max-new-sessions-per-user-per-minute",
-            "12",
+            "10",
             "--new-sessions-burst-per-user",
             "1",
         ],
