@@ -2532,7 +2532,17 @@ fn scenario_scale_agents(
     let n = opts.agents;
     eprintln!("[scale] {n} idle agents on one relay");
     let limit = (n + 64).to_string();
-    let relay = start_relay(setup, opts.workers[0], &["--max-sessions-per-user", &limit])?;
+    // One user opens every agent at once: lift the per-user rate of new sessions too.
+    let relay = start_relay(
+        setup,
+        opts.workers[0],
+        &[
+            "--max-sessions-per-user",
+            &limit,
+            "--max-new-sessions-per-user-per-minute",
+            "0",
+        ],
+    )?;
     let dial = jobgate_agent::dial::DialConfig {
         relay: format!("127.0.0.1:{}", relay.quic),
         relay_ca: Some(setup.ca.clone()),

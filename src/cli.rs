@@ -176,6 +176,13 @@ struct RelayArgs {
     /// Live agents in total [default: 20000].
     #[arg(long)]
     max_agents: Option<usize>,
+    /// New sessions (fresh names) a user may open per minute once their burst is spent;
+    /// resumes do not count; 0 = no limit [default: 60].
+    #[arg(long)]
+    max_new_sessions_per_user_per_minute: Option<u32>,
+    /// New sessions a user may open at once before the per-minute rate applies [default: 120].
+    #[arg(long)]
+    new_sessions_burst_per_user: Option<u32>,
     /// Let agents ask for public sessions (no access key) [default: off].
     #[arg(long)]
     allow_public: bool,
@@ -408,6 +415,14 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
         int(args.max_streams_per_agent.map(u64::from)),
     );
     set("max_agents", int(args.max_agents.map(|n| n as u64)));
+    set(
+        "max_new_sessions_per_user_per_minute",
+        int(args.max_new_sessions_per_user_per_minute.map(u64::from)),
+    );
+    set(
+        "new_sessions_burst_per_user",
+        int(args.new_sessions_burst_per_user.map(u64::from)),
+    );
     set("resume_key", path(args.resume_key));
     set("state_file", path(args.state_file));
     set("drain_grace_secs", int(args.drain_grace));
@@ -638,13 +653,12 @@ fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             user,
             max_mappings,
         } => {
-            let mut file = TokensFile::read(&tokens)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            let token = file.issue(&user, max_mappings, now)?;
-            file.write(&tokens)?;
+            // Locked read-modify-write: parallel `token issue` runs lose nobody.
+            let token = TokensFile::update(&tokens, |file| file.issue(&user, max_mappings, now))?;
             eprintln!(
                 "jobgate: token for {user} written to {} (hash only); it is shown once:",
                 tokens.display()
@@ -652,11 +666,9 @@ fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             println!("{token}");
         }
         TokenCommand::Revoke { tokens, user } => {
-            let mut file = TokensFile::read(&tokens)?;
-            if !file.revoke(&user) {
+            if !TokensFile::update(&tokens, |file| Ok(file.revoke(&user)))? {
                 bail!("{user} has no token in {}", tokens.display());
             }
-            file.write(&tokens)?;
             eprintln!("jobgate: revoked the token of {user}");
         }
         TokenCommand::List { tokens } => {

@@ -23,7 +23,9 @@ pub mod token;
 
 use child::{App, ChildError};
 use dial::{DialConfig, DialError, HelloParams, RelaySession};
-use jobgate_protocol::{write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, Token};
+use jobgate_protocol::{
+    write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, RefusalCode, Token,
+};
 use nix::sys::signal::Signal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -181,7 +183,7 @@ async fn run_session(
     let dial_config = options.dial.clone();
     let mut dialing = tokio::spawn(async move { dial::connect(&dial_config).await });
     let mut dial_result = None;
-    let (mut app, target, private_dir) = match options.app.clone() {
+    let (app, target, private_dir) = match options.app.clone() {
         AppSource::Existing(target) => (None, target, None),
         AppSource::Command { argv, to, env } => {
             let mut prepared = child::prepare(argv, to)?;
@@ -241,23 +243,6 @@ async fn run_session(
         Ok(Err(e)) => Err(e),
         Err(e) => Err(DialError::Protocol(format!("dialing task failed: {e}"))),
     };
-    let session = match opened {
-        Ok(session) => session,
-        Err(e) => {
-            if let Some(app) = app.as_mut() {
-                app.stop(Signal::SIGTERM, options.stop_grace).await;
-            }
-            cleanup(private_dir.as_deref());
-            return Err(e.into());
-        }
-    };
-    announce(
-        &session,
-        app_path.as_deref(),
-        options.url_file.as_deref(),
-        job_file,
-    );
-
     let mut supervisor = Supervisor {
         app,
         pool: Arc::new(TargetPool::new(target)),
@@ -268,7 +253,35 @@ async fn run_session(
         terminate,
         interrupt,
     };
-    let outcome = supervisor.run(session).await;
+    let outcome = match opened {
+        Ok(session) => Ok(Reconnect::Connected(Box::new(session))),
+        // Too many new sessions too fast (a job array starting): temporary, so wait and
+        // retry like a reconnect instead of failing the job.
+        Err(DialError::Refused {
+            code: RefusalCode::RateLimited,
+            message,
+        }) => {
+            eprintln!("jobgate: the relay asks this agent to wait: {message}");
+            supervisor.reconnect("no session yet").await
+        }
+        Err(e) => {
+            supervisor.stop_app(Signal::SIGTERM).await;
+            Err(e.into())
+        }
+    };
+    let outcome = match outcome {
+        Ok(Reconnect::Connected(session)) => {
+            announce(
+                &session,
+                app_path.as_deref(),
+                options.url_file.as_deref(),
+                job_file,
+            );
+            supervisor.run(*session).await
+        }
+        Ok(Reconnect::Finished(code)) => Ok(code),
+        Err(e) => Err(e),
+    };
     cleanup(private_dir.as_deref());
     outcome
 }
@@ -448,7 +461,7 @@ impl Supervisor<'_> {
                 Event::Control(None) => control_open = false,
                 Event::Lost(reason, true) => {
                     eprintln!(
-                        "jobgate: the relay closed the session: the token was revoked ({reason})"
+                        "jobgate: the relay closed the session: the token was revoked or replaced ({reason}); ask your admin for the new token"
                     );
                     self.stop_app(Signal::SIGTERM).await;
                     return Err(AgentError::Dial(DialError::Refused {
@@ -461,7 +474,7 @@ impl Supervisor<'_> {
                     if let Some(job_file) = self.job_file {
                         job_file.record(jobfile::SessionState::Reconnecting, |_| {});
                     }
-                    match self.reconnect().await? {
+                    match self.reconnect("reconnect failed").await? {
                         Reconnect::Connected(session) => {
                             if session.welcome.name == name {
                                 eprintln!("jobgate: reconnected; the URL is unchanged");
@@ -492,8 +505,8 @@ impl Supervisor<'_> {
     }
 
     /// Dials until a session opens, backing off with jitter; the app exiting or a signal
-    /// ends the wait.
-    async fn reconnect(&mut self) -> Result<Reconnect, AgentError> {
+    /// ends the wait. `failed` starts the line printed after each failed attempt.
+    async fn reconnect(&mut self, failed: &str) -> Result<Reconnect, AgentError> {
         let mut delay = RECONNECT_INITIAL;
         loop {
             let attempt = dial::open_session(&self.options.dial, &self.hello);
@@ -521,7 +534,7 @@ impl Supervisor<'_> {
                 Some(Err(e)) => {
                     let jittered = delay.mul_f64(0.5 + rand::random::<f64>() / 2.0);
                     eprintln!(
-                        "jobgate: reconnect failed ({e}); retrying in {:.1} s",
+                        "jobgate: {failed} ({e}); retrying in {:.1} s",
                         jittered.as_secs_f64()
                     );
                     tokio::time::sleep(jittered).await;

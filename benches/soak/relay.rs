@@ -128,6 +128,8 @@ pub fn start_relay(bin: &Path, dir: &Path, opts: &Opts) -> Result<Relay> {
             "--max-sessions-per-user",
             &(2 * (opts.agents + opts.stable) + 64).to_string(),
         ])
+        // Every churning agent is the same user: no per-user rate of new sessions.
+        .args(["--max-new-sessions-per-user-per-minute", "0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -62,6 +62,9 @@ pub enum RefusalCode {
     AccessModeNotAllowed,
     /// The user already has as many live sessions as allowed.
     TooManySessions,
+    /// The user opened new sessions faster than the relay's per-user rate allows; the
+    /// message says when to try again. Temporary: agents wait and retry.
+    RateLimited,
     /// The relay is at its global agent limit or is draining.
     Unavailable,
     /// The first frame was not a valid `Hello`.

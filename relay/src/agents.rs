@@ -9,6 +9,7 @@ use crate::config::RelayConfig;
 use crate::names::SessionName;
 use crate::routes::{InsertError, Session};
 use crate::ticket::TicketClaims;
+use crate::tokens::Identity;
 use crate::Shared;
 use jobgate_protocol::quic::{transport_config, UDP_SOCKET_BUFFER};
 use jobgate_protocol::{
@@ -223,6 +224,7 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
     });
 
     let end = watch_session(&shared, &session, send, recv).await;
+    let is_final = end.is_final() || session.revoked.load(Ordering::Relaxed);
     shared
         .metrics
         .sessions_closed
@@ -239,11 +241,11 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
         requests: session.requests.load(Ordering::Relaxed),
     });
     tracing::info!(name = %session.name, user = %session.user, "session closed: {reason}");
-    end_session(
-        &shared,
-        &session,
-        end.is_final() || session.revoked.load(Ordering::Relaxed),
-    );
+    end_session(&shared, &session, is_final).await;
+    // The agent's `Bye` is acknowledged only now that its name's end is on disk.
+    if matches!(end, End::Bye(_)) {
+        close(&connection, CloseCode::Normal, "bye");
+    }
 }
 
 async fn refuse(shared: &Shared, connection: &Connection, mut send: SendStream, refusal: Refusal) {
@@ -277,11 +279,18 @@ async fn refuse(shared: &Shared, connection: &Connection, mut send: SendStream, 
 
 /// After the connection ended: a final end frees the name for good; otherwise the name
 /// is parked for the resume grace period (503 meanwhile), then freed.
-fn end_session(shared: &Arc<Shared>, session: &Arc<Session>, is_final: bool) {
+///
+/// A final end is written to the state file before the name leaves the routing table:
+/// once anyone can see that it ended (a 404, the agent's acknowledged `Bye`), a relay
+/// killed at that moment still knows after its restart, so no ticket brings it back.
+/// Marking it ended first also refuses any resume racing with the write.
+async fn end_session(shared: &Arc<Shared>, session: &Arc<Session>, is_final: bool) {
     let grace = Duration::from_secs(shared.config.resume_grace_secs);
     if is_final || grace.is_zero() {
-        if shared.routes.remove(session) {
+        if shared.routes.is_current(session) {
             mark_ended(shared, session.name);
+            crate::state::save_now(shared).await;
+            shared.routes.remove(session);
         }
         return;
     }
@@ -299,6 +308,9 @@ pub(crate) fn expire_after_grace(shared: &Arc<Shared>, name: SessionName, until:
         tokio::time::sleep_until(until.into()).await;
         if shared.routes.expire(&name, until) {
             mark_ended(&shared, name);
+            // Nobody waits for an acknowledgement, but a ticket may still be out there:
+            // write at once rather than at the next periodic save.
+            crate::state::save_soon(&shared);
             tracing::info!(%name, "session ended: its agent did not come back within the grace period");
         }
     });
@@ -306,7 +318,7 @@ pub(crate) fn expire_after_grace(shared: &Arc<Shared>, name: SessionName, until:
 
 /// A name dead for good: remembered (also across restarts) until its last possible
 /// ticket has expired, so no ticket brings it back.
-fn mark_ended(shared: &Shared, name: SessionName) {
+pub(crate) fn mark_ended(shared: &Shared, name: SessionName) {
     let forget_after = unix_now().saturating_add(shared.config.ticket_lifetime_secs);
     shared.names.mark_ended_until(name, forget_after);
 }
@@ -327,7 +339,7 @@ fn ticket_for(shared: &Shared, session: &Session) -> Token {
 
 /// Checks a `Hello` and registers the session it asks for (or gives back, on resume).
 fn admit(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     connection: &Connection,
     hello: Option<ControlMessage>,
 ) -> Result<Admitted, Refusal> {
@@ -384,6 +396,11 @@ fn admit(
             (claims.name, guard, None)
         }
         None => {
+            // Only a fresh name counts against the user's rate: it is what the relay must
+            // remember for a ticket lifetime after it ends.
+            if let Err(wait) = shared.new_sessions.try_take(&identity.user, Instant::now()) {
+                return Err(rate_limited(shared, &identity.user, wait));
+            }
             let (guard, key) = match access {
                 AccessMode::Public if !shared.config.allow_public => {
                     return Err(Refusal::new(
@@ -402,7 +419,7 @@ fn admit(
         }
     };
     let is_resume = key.is_none() && resume.is_some();
-    let session = new_session(name, identity.user.clone(), job, access, guard, connection);
+    let session = new_session(name, &identity, job, access, guard, connection);
     let user_limit = identity
         .max_mappings
         .unwrap_or(shared.config.max_sessions_per_user);
@@ -460,9 +477,24 @@ fn usable_ticket(
     .then_some(claims)
 }
 
+/// The refusal for a user over their rate of new sessions, saying when to retry.
+fn rate_limited(shared: &Shared, user: &str, wait: Duration) -> Refusal {
+    let config = &shared.config;
+    Refusal::new(
+        RefusalCode::RateLimited,
+        format!(
+            "user {user} opened new sessions faster than this relay allows ({} at once, then {} a minute): try again in {} s",
+            config.new_sessions_burst_per_user,
+            config.max_new_sessions_per_user_per_minute,
+            wait.as_secs().max(1),
+        ),
+    )
+    .for_user(user)
+}
+
 fn new_session(
     name: crate::names::SessionName,
-    user: String,
+    identity: &Identity,
     job: JobInfo,
     access: AccessMode,
     guard: Access,
@@ -470,7 +502,8 @@ fn new_session(
 ) -> Arc<Session> {
     Arc::new(Session {
         name,
-        user,
+        user: identity.user.clone(),
+        token_sha256: identity.token_sha256,
         job,
         access,
         guard,
@@ -528,20 +561,16 @@ async fn watch_session(
             error = connection.closed() => return connection_ended(&error),
             message = &mut read => {
                 return match message {
+                    // A `Bye` is acknowledged (Normal close) by the caller, once the
+                    // name's end is on disk.
                     Ok(Some(payload)) => match ControlMessage::from_payload(&payload) {
-                        Ok(ControlMessage::Bye { reason }) => {
-                            close(connection, CloseCode::Normal, "bye");
-                            End::Bye(sanitize(&reason))
-                        }
+                        Ok(ControlMessage::Bye { reason }) => End::Bye(sanitize(&reason)),
                         _ => {
                             close(connection, CloseCode::ProtocolError, "unexpected control message");
                             End::ProtocolError("unexpected control message".into())
                         }
                     },
-                    Ok(None) => {
-                        close(connection, CloseCode::Normal, "control stream closed");
-                        End::Bye("control stream closed".into())
-                    }
+                    Ok(None) => End::Bye("control stream closed".into()),
                     // The stream failed because the whole connection did: not the agent's fault.
                     Err(_) if connection.close_reason().is_some() => {
                         connection_ended(&connection.closed().await)

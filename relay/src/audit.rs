@@ -43,6 +43,14 @@ pub enum AuditEvent<'a> {
         /// Requests forwarded.
         requests: u64,
     },
+    /// A live session was closed because the token that opened it was revoked or
+    /// replaced (`jobgate token issue` again): its name ended for good.
+    Revoked {
+        /// User from the token.
+        user: &'a str,
+        /// Session name.
+        name: &'a str,
+    },
     /// An agent was refused.
     Refused {
         /// The user, if the token was valid (limits, mode).

@@ -36,6 +36,15 @@ pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 16;
 pub const DEFAULT_MAX_AGENTS: usize = 20_000;
 /// Default requests in flight per session (streams the relay opens to one agent).
 pub const DEFAULT_MAX_STREAMS_PER_AGENT: u32 = 16_384;
+/// Default new sessions (fresh names) a user may open per minute once their burst is
+/// spent: one a second sustained, far above any real workflow (a job array's agents
+/// start within seconds and stay up for hours), far below the ~345 a second that grew
+/// the state file past its restore cap. Resumes do not count. 0 turns the limit off.
+pub const DEFAULT_MAX_NEW_SESSIONS_PER_USER_PER_MINUTE: u32 = 60;
+/// Default new sessions a user may open at once before the per-minute rate applies:
+/// a 100-task job array whose agents all start within seconds fits, with room for a
+/// few interactive sessions beside it.
+pub const DEFAULT_NEW_SESSIONS_BURST_PER_USER: u32 = 120;
 
 /// Everything the relay needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +98,13 @@ pub struct RelayConfig {
     /// Requests in flight per session.
     #[serde(default = "default_streams")]
     pub max_streams_per_agent: u32,
+    /// New sessions (fresh names) a user may open per minute after their burst; resumes
+    /// do not count; 0 = no limit.
+    #[serde(default = "default_new_sessions_per_minute")]
+    pub max_new_sessions_per_user_per_minute: u32,
+    /// New sessions a user may open at once before the per-minute rate applies.
+    #[serde(default = "default_new_sessions_burst")]
+    pub new_sessions_burst_per_user: u32,
     /// Whether agents may ask for `public` sessions (no access key; the app's own login
     /// is the only lock).
     #[serde(default)]
@@ -153,6 +169,12 @@ fn default_max_agents() -> usize {
 fn default_streams() -> u32 {
     DEFAULT_MAX_STREAMS_PER_AGENT
 }
+fn default_new_sessions_per_minute() -> u32 {
+    DEFAULT_MAX_NEW_SESSIONS_PER_USER_PER_MINUTE
+}
+fn default_new_sessions_burst() -> u32 {
+    DEFAULT_NEW_SESSIONS_BURST_PER_USER
+}
 
 impl RelayConfig {
     /// A configuration with every optional field at its default.
@@ -175,6 +197,8 @@ impl RelayConfig {
             max_sessions_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
             max_agents: DEFAULT_MAX_AGENTS,
             max_streams_per_agent: DEFAULT_MAX_STREAMS_PER_AGENT,
+            max_new_sessions_per_user_per_minute: DEFAULT_MAX_NEW_SESSIONS_PER_USER_PER_MINUTE,
+            new_sessions_burst_per_user: DEFAULT_NEW_SESSIONS_BURST_PER_USER,
             allow_public: false,
             audit_log: None,
             resume_grace_secs: DEFAULT_RESUME_GRACE_SECS,
@@ -197,6 +221,9 @@ impl RelayConfig {
         }
         if self.keep_alive_secs == 0 || self.keep_alive_secs >= self.idle_timeout_secs {
             return Err("keep_alive_secs must be at least 1 and below idle_timeout_secs".into());
+        }
+        if self.max_new_sessions_per_user_per_minute > 0 && self.new_sessions_burst_per_user == 0 {
+            return Err("new_sessions_burst_per_user must be at least 1".into());
         }
         if self.max_header_bytes < 8 * 1024 {
             return Err("max_header_bytes must be at least 8192".into());

@@ -24,6 +24,7 @@ mod headers;
 pub mod metrics;
 pub mod names;
 mod pages;
+pub mod ratelimit;
 pub mod routes;
 pub mod state;
 pub mod ticket;
@@ -77,6 +78,10 @@ pub(crate) struct Shared {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Counters for `/metrics`.
     pub metrics: metrics::Metrics,
+    /// Coalesces writes of the state file.
+    pub saver: state::Saver,
+    /// Per-user rate of new sessions.
+    pub new_sessions: ratelimit::NewSessionLimiter,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -159,6 +164,11 @@ impl Relay {
             draining: tokio::sync::watch::Sender::new(false),
             in_flight: Default::default(),
             metrics: Default::default(),
+            saver: Default::default(),
+            new_sessions: ratelimit::NewSessionLimiter::new(
+                config.max_new_sessions_per_user_per_minute,
+                config.new_sessions_burst_per_user,
+            ),
             domain: config.normalized_domain(),
             config,
         });
@@ -205,10 +215,10 @@ impl Relay {
             Ok(()) => tracing::info!("certificate reloaded"),
             Err(e) => tracing::warn!("certificate not reloaded, the current one stays: {e}"),
         }
-        if let Err(e) = self.shared.tokens.reload() {
-            tracing::warn!("tokens not reloaded: {e}");
+        match self.shared.tokens.reload() {
+            Ok(_) => close_sessions_of_stale_tokens(&self.shared),
+            Err(e) => tracing::warn!("tokens not reloaded: {e}"),
         }
-        revoke_missing_users(&self.shared);
     }
 
     /// Graceful stop (SIGTERM): stop accepting clients and agents, tell agents to
@@ -275,32 +285,57 @@ async fn watch_files(shared: Arc<Shared>) {
     }
 }
 
-/// Reloads tokens if the file changed, and closes the sessions of revoked users.
-pub(crate) fn reload_tokens(shared: &Shared) {
+/// Reloads tokens if the file changed, and closes the sessions of revoked or replaced
+/// tokens.
+pub(crate) fn reload_tokens(shared: &Arc<Shared>) {
     match shared.tokens.reload_if_changed() {
         Ok(false) => {}
         Ok(true) => {
             tracing::info!("tokens file reloaded");
-            revoke_missing_users(shared);
+            close_sessions_of_stale_tokens(shared);
         }
         Err(e) => tracing::warn!("tokens file not reloaded, previous tokens stay in force: {e}"),
     }
 }
 
-/// Closes every live session whose user no longer has a token.
-fn revoke_missing_users(shared: &Shared) {
-    for session in shared.routes.all() {
-        if !shared.tokens.has_user(&session.user) {
-            tracing::info!(name = %session.name, user = %session.user, "token revoked: closing session");
-            session
-                .revoked
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+/// Closes every live session whose token is no longer in the tokens file: revoked, or
+/// replaced by `jobgate token issue` for the same user (the answer to a leaked token, so
+/// it must evict whoever used the old one). Each name ends for good (its tickets cannot
+/// bring it back), durably: the connections close only once the state file says so.
+fn close_sessions_of_stale_tokens(shared: &Arc<Shared>) {
+    let stale: Vec<Arc<routes::Session>> = shared
+        .routes
+        .all()
+        .into_iter()
+        .filter(|session| {
+            !session.revoked.load(std::sync::atomic::Ordering::Relaxed)
+                && !shared.tokens.holds_hash(&session.token_sha256)
+        })
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    for session in &stale {
+        tracing::info!(name = %session.name, user = %session.user, "token revoked or replaced: closing the session");
+        shared.audit.record(&audit::AuditEvent::Revoked {
+            user: &session.user,
+            name: session.name.as_str(),
+        });
+        session
+            .revoked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        agents::mark_ended(shared, session.name);
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        state::save_now(&shared).await;
+        for session in stale {
             session.connection.close(
                 quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Revoked.as_u32()),
-                b"token revoked",
+                b"token revoked or replaced",
             );
         }
-    }
+    });
 }
 
 fn local_addr(listener: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, RelayError> {

@@ -17,6 +17,9 @@ pub struct Session {
     pub name: SessionName,
     /// The user whose token opened it.
     pub user: String,
+    /// SHA-256 of the token that opened (or resumed) it, never the token itself: when
+    /// the tokens file no longer holds it (re-issued or revoked), the session is closed.
+    pub token_sha256: [u8; 32],
     /// What the agent said about its job.
     pub job: JobInfo,
     /// Access mode in force.
@@ -217,6 +220,11 @@ impl RoutingTable {
             .filter(|s| s.user == user)
             .cloned()
             .collect()
+    }
+
+    /// Whether `session` is still the one registered under its name.
+    pub fn is_current(&self, session: &Arc<Session>) -> bool {
+        matches!(self.read().sessions.get(&session.name), Some(current) if Arc::ptr_eq(current, session))
     }
 
     /// Every live session.

@@ -7,15 +7,26 @@
 //!   after a restart. A name is kept until every ticket for it has expired (one ticket
 //!   lifetime after it ended), which also bounds how many the relay remembers.
 //!
-//! The file is rewritten (temp file + rename, mode 0600) whenever it would change, at most
-//! every [`STATE_SAVE_INTERVAL`], and once more when the relay shuts down. A relay killed
-//! with SIGKILL loses at most that interval. A missing or unreadable file is not an error:
-//! the relay starts empty and says so.
+//! Every transition of a name to *ended* (the agent's `Bye`, a revoked token, a resume
+//! grace that ran out) is written at once: a `Bye` or a revocation is acknowledged (the
+//! connection closed, the URL answering 404) only after the file that says so is synced,
+//! so a relay killed at any moment never gives an ended name back. Those writes are
+//! coalesced ([`Saver`]): one in flight and one pending at most, however many sessions
+//! end at once. Other changes (names opened or parked) are written at most every
+//! [`STATE_SAVE_INTERVAL`] and once more when the relay shuts down; a SIGKILL loses at
+//! most that interval of them, which costs only a `404` instead of a `503 Reconnecting`
+//! until the agent is back. Writes go through a temp file + fsync + rename, mode 0600. A
+//! missing or unreadable file is not an error: the relay starts empty and says so.
+//!
+//! Size: ended names are remembered one ticket lifetime, and new names are rate-limited
+//! per user ([`crate::ratelimit`]), so one user adds at most `burst + per_minute ×
+//! lifetime_minutes` entries of ~55 bytes (defaults: 120 + 60 × 60 = 3,720, ~200 KB).
+//! Whatever the number of users, the file keeps at most [`MAX_SAVED_ENDED_NAMES`] ended
+//! names (those remembered longest), so it always stays under the restore cap.
 
 use crate::names::SessionName;
 use crate::Shared;
 use serde::{Deserialize, Serialize};
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,8 +35,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const STATE_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 /// Format version written into the file.
 const STATE_VERSION: u32 = 1;
-/// Largest state file read back (a relay at its 20,000-session limit writes ~1.5 MB).
+/// Largest state file read back (a relay at its 20,000-session limit writes ~1.5 MB of
+/// held names; ended names are capped by [`MAX_SAVED_ENDED_NAMES`]).
 const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
+/// Most ended names written to the state file: ~55 bytes each, so at most ~55 MB, which
+/// with 20,000 held names (~100 bytes each, 2 MB) stays under [`MAX_STATE_BYTES`]. Only
+/// reached when hundreds of users churn sessions at their full rate for a whole ticket
+/// lifetime; then the names closest to being forgotten are left out (after a restart,
+/// their owners' tickets could resume them: a user gets back only a name that was theirs).
+pub const MAX_SAVED_ENDED_NAMES: usize = 1_000_000;
 
 /// The file's contents.
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,11 +82,19 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The relay's state now (and forgets ended names whose tickets have all expired).
+/// The relay's state now. Also forgets what no longer matters: ended names whose
+/// tickets have all expired, and issued names older than a ticket lifetime that are
+/// neither live nor parked.
 fn snapshot(shared: &Shared) -> RelayState {
-    let mut held: Vec<HeldName> = shared
-        .routes
-        .held_names()
+    let now = unix_now();
+    let held_names = shared.routes.held_names();
+    let held_set: std::collections::HashSet<SessionName> =
+        held_names.iter().map(|(name, _)| *name).collect();
+    shared.names.forget_issued_before(
+        now.saturating_sub(shared.config.ticket_lifetime_secs),
+        |name| held_set.contains(name),
+    );
+    let mut held: Vec<HeldName> = held_names
         .into_iter()
         .map(|(name, user)| HeldName {
             name: name.to_string(),
@@ -76,9 +102,16 @@ fn snapshot(shared: &Shared) -> RelayState {
         })
         .collect();
     held.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut ended: Vec<EndedName> = shared
-        .names
-        .ended_until(unix_now())
+    let mut remembered = shared.names.ended_until(now);
+    if remembered.len() > MAX_SAVED_ENDED_NAMES {
+        tracing::warn!(
+            "{} ended names to remember, more than the {MAX_SAVED_ENDED_NAMES} the state file keeps: leaving out those forgotten soonest",
+            remembered.len()
+        );
+        remembered.sort_unstable_by_key(|(_, forget_after)| std::cmp::Reverse(*forget_after));
+        remembered.truncate(MAX_SAVED_ENDED_NAMES);
+    }
+    let mut ended: Vec<EndedName> = remembered
         .into_iter()
         .map(|(name, forget_after)| EndedName {
             name: name.to_string(),
@@ -93,19 +126,9 @@ fn snapshot(shared: &Shared) -> RelayState {
     }
 }
 
-/// Writes `bytes` to `path` atomically, readable by the relay's user only.
+/// Writes `bytes` to `path` atomically and durably, readable by the relay's user only.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::tokens::write_private_atomically(path, bytes)
 }
 
 /// Encodes `state` and writes it to `path`; says why not in the log.
@@ -119,9 +142,125 @@ fn write_state(path: &Path, state: &RelayState) -> bool {
     written.is_ok()
 }
 
-/// Saves the state now (at shutdown).
+/// Coalesces saves of the state file: at most one write in flight and one pending. A
+/// caller of [`save_now`] is released by the first write whose snapshot was taken after
+/// it asked, so a burst of 1,000 `Bye`s costs two or three writes, not 1,000.
+#[derive(Default)]
+pub(crate) struct Saver {
+    progress: std::sync::Mutex<SaveProgress>,
+    /// The number of the last request covered by a completed write.
+    done: tokio::sync::watch::Sender<u64>,
+    /// Snapshot numbers: the last one written, held during the write, so an older
+    /// snapshot (say, one on the blocking pool while shutdown saves) never replaces a
+    /// newer file.
+    written: std::sync::Mutex<u64>,
+    snapshots: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct SaveProgress {
+    /// Requests so far.
+    requested: u64,
+    /// Whether a task is writing (it loops while requests are pending).
+    running: bool,
+}
+
+/// A snapshot with its number.
+fn numbered_snapshot(shared: &Shared) -> (u64, RelayState) {
+    let number = shared
+        .saver
+        .snapshots
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
+    (number, snapshot(shared))
+}
+
+/// Writes snapshot `number` unless a newer one is on disk already.
+fn write_numbered(saver: &Saver, path: &Path, number: u64, state: &RelayState) -> bool {
+    let mut written = saver.written.lock().unwrap_or_else(|e| e.into_inner());
+    if *written >= number {
+        return true;
+    }
+    let ok = write_state(path, state);
+    if ok {
+        *written = number;
+    }
+    ok
+}
+
+/// Saves the state now, synchronously (at shutdown).
 pub(crate) fn save(shared: &Shared) -> bool {
-    write_state(&shared.config.state_file_path(), &snapshot(shared))
+    let (number, state) = numbered_snapshot(shared);
+    write_numbered(
+        &shared.saver,
+        &shared.config.state_file_path(),
+        number,
+        &state,
+    )
+}
+
+/// Asks for a write that includes every change made so far; returns the request's
+/// number. Starts the writing task if none runs.
+fn request_save(shared: &Arc<Shared>) -> u64 {
+    let (number, start) = {
+        let mut progress = shared
+            .saver
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        progress.requested += 1;
+        let start = !progress.running;
+        progress.running = true;
+        (progress.requested, start)
+    };
+    if start {
+        tokio::spawn(write_requested(shared.clone()));
+    }
+    number
+}
+
+/// Writes the state on the blocking pool until no request is pending.
+async fn write_requested(shared: Arc<Shared>) {
+    let path = shared.config.state_file_path();
+    loop {
+        let target = {
+            let mut progress = shared
+                .saver
+                .progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if *shared.saver.done.borrow() >= progress.requested {
+                progress.running = false;
+                return;
+            }
+            progress.requested
+        };
+        // Taken after reading `target`: it holds every change made before those requests.
+        let (number, state) = numbered_snapshot(&shared);
+        let (writer, path) = (shared.clone(), path.clone());
+        let write = tokio::task::spawn_blocking(move || {
+            write_numbered(&writer.saver, &path, number, &state)
+        });
+        if let Err(e) = write.await {
+            tracing::warn!("the relay state write failed: {e}");
+        }
+        // Waiters are released even after a failed write (it was logged): a session's end
+        // must not hang on a full disk.
+        shared.saver.done.send_replace(target);
+    }
+}
+
+/// Saves the state and waits until a write that began after this call has finished
+/// (the file synced and renamed). Used before acknowledging that a name ended.
+pub(crate) async fn save_now(shared: &Arc<Shared>) {
+    let number = request_save(shared);
+    let mut done = shared.saver.done.subscribe();
+    let _ = done.wait_for(|written| *written >= number).await;
+}
+
+/// Starts a save without waiting for it (a name ended with nobody to acknowledge).
+pub(crate) fn save_soon(shared: &Arc<Shared>) {
+    request_save(shared);
 }
 
 /// A number that changes whenever the routing table or the ended names do.
@@ -136,7 +275,6 @@ fn generation(shared: &Shared) -> u64 {
 /// on the runtime: encoding and the synced write run on the blocking pool, so a relay
 /// holding thousands of names does not stall requests while it saves.
 pub(crate) async fn keep_saved(shared: Arc<Shared>) {
-    let path = shared.config.state_file_path();
     let mut saved = None;
     loop {
         tokio::time::sleep(STATE_SAVE_INTERVAL).await;
@@ -144,11 +282,8 @@ pub(crate) async fn keep_saved(shared: Arc<Shared>) {
         if saved == Some(now) {
             continue;
         }
-        let state = snapshot(&shared);
-        let path = path.clone();
-        if let Ok(true) = tokio::task::spawn_blocking(move || write_state(&path, &state)).await {
-            saved = Some(now);
-        }
+        save_now(&shared).await;
+        saved = Some(now);
     }
 }
 

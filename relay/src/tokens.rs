@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use subtle::ConstantTimeEq;
@@ -75,6 +76,9 @@ pub struct Identity {
     pub user: String,
     /// The user's own session limit, if the entry sets one.
     pub max_mappings: Option<usize>,
+    /// SHA-256 of the token that was presented: a session remembers it (never the token)
+    /// so that re-issuing or revoking the token closes the sessions it opened.
+    pub token_sha256: [u8; 32],
 }
 
 fn hash(token: &str) -> [u8; 32] {
@@ -94,6 +98,69 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
         *o = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// First line of every tokens file written by jobgate.
+const TOKENS_FILE_HEADER: &str = "# jobgate agent tokens: only SHA-256 hashes are stored here.\n";
+
+/// Takes an exclusive `flock` on `<path>.lock`, created 0600 if missing; released when
+/// the returned guard drops (or the process dies, so a crash never leaves it stuck).
+fn lock_exclusive(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, TokensError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let io = |source| TokensError::Io {
+        path: lock_path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io(std::io::Error::from(errno)))
+}
+
+/// Writes `bytes` to `path` through a uniquely named temporary file in the same
+/// directory (`.<name>.<pid>.<random>.tmp`, 0600): fsync, rename over `path`, fsync the
+/// directory. The temporary file is removed if anything fails.
+pub(crate) fn write_private_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    // The rename is durable only once the directory entry is.
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn valid_user(user: &str) -> bool {
@@ -132,10 +199,26 @@ impl TokensFile {
         Ok(file)
     }
 
-    /// Writes the file atomically (temporary file, then rename), mode 0600.
+    /// Reads, changes and writes the file under an exclusive lock, so that concurrent
+    /// `jobgate token` runs never lose each other's entries. The lock is an `flock` on
+    /// `<tokens>.lock` (mode 0600, beside the file), held from before the read until the
+    /// new file is in place; `change` returns what the caller reports.
+    pub fn update<T>(
+        path: &Path,
+        change: impl FnOnce(&mut Self) -> Result<T, TokensError>,
+    ) -> Result<T, TokensError> {
+        let _lock = lock_exclusive(path)?;
+        let mut file = Self::read(path)?;
+        let result = change(&mut file)?;
+        file.write(path)?;
+        Ok(result)
+    }
+
+    /// Writes the file atomically, mode 0600: a temporary file of its own in the same
+    /// directory (so concurrent writers never share one), fsync, rename, fsync of the
+    /// directory (so the rename survives a crash). Prefer [`TokensFile::update`], which
+    /// also keeps concurrent writers from losing each other's entries.
     pub fn write(&self, path: &Path) -> Result<(), TokensError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let io = |source| TokensError::Io {
             path: path.to_owned(),
             source,
@@ -144,19 +227,9 @@ impl TokensFile {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        let tmp = path.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        file.write_all(b"# jobgate agent tokens: only SHA-256 hashes are stored here.\n")
-            .and_then(|_| file.write_all(text.as_bytes()))
-            .and_then(|_| file.sync_all())
-            .map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        let mut contents = String::from(TOKENS_FILE_HEADER);
+        contents.push_str(&text);
+        write_private_atomically(path, contents.as_bytes()).map_err(io)
     }
 
     /// Mints a new token for `user`, replacing any earlier one, and returns it. Only its
@@ -194,10 +267,21 @@ struct Loaded {
     identity: Identity,
 }
 
+/// The entries of one read of the tokens file.
+#[derive(Default)]
+struct Entries {
+    /// Scanned in full, in constant time, for every presented token.
+    list: Vec<Loaded>,
+    /// The same hashes, to check quickly on reload whether a live session's token is
+    /// still in the file (these hashes come from tokens already verified, not from an
+    /// attacker probing, so a hash-set lookup leaks nothing useful).
+    hashes: HashSet<[u8; 32]>,
+}
+
 /// The relay's in-memory view of the tokens file.
 pub struct TokenStore {
     path: PathBuf,
-    entries: RwLock<Vec<Loaded>>,
+    entries: RwLock<Entries>,
     /// (modification time, length) of the file when last read, to notice changes.
     stamp: std::sync::Mutex<Option<(std::time::SystemTime, u64)>>,
 }
@@ -207,7 +291,7 @@ impl TokenStore {
     pub fn load(path: &Path) -> Result<Self, TokensError> {
         let store = Self {
             path: path.to_owned(),
-            entries: RwLock::new(Vec::new()),
+            entries: RwLock::new(Entries::default()),
             stamp: std::sync::Mutex::new(None),
         };
         store.reload()?;
@@ -234,21 +318,24 @@ impl TokenStore {
         let stamp = self.current_stamp();
         let file = TokensFile::read(&self.path)?;
         *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
-        let entries: Vec<Loaded> = file
+        let list: Vec<Loaded> = file
             .tokens
             .into_iter()
             .filter_map(|e| {
+                let hash = unhex(&e.sha256)?;
                 Some(Loaded {
-                    hash: unhex(&e.sha256)?,
+                    hash,
                     identity: Identity {
                         user: e.user,
                         max_mappings: e.max_mappings,
+                        token_sha256: hash,
                     },
                 })
             })
             .collect();
-        let count = entries.len();
-        *self.entries.write().unwrap_or_else(|e| e.into_inner()) = entries;
+        let count = list.len();
+        let hashes = list.iter().map(|e| e.hash).collect();
+        *self.entries.write().unwrap_or_else(|e| e.into_inner()) = Entries { list, hashes };
         Ok(count)
     }
 
@@ -258,7 +345,7 @@ impl TokenStore {
         let presented = hash(token);
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         let mut found = None;
-        for entry in entries.iter() {
+        for entry in entries.list.iter() {
             if bool::from(entry.hash.ct_eq(&presented)) {
                 found = Some(entry.identity.clone());
             }
@@ -269,7 +356,13 @@ impl TokenStore {
     /// Whether `user` still has a token entry.
     pub fn has_user(&self, user: &str) -> bool {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        entries.iter().any(|e| e.identity.user == user)
+        entries.list.iter().any(|e| e.identity.user == user)
+    }
+
+    /// Whether a token with this SHA-256 is still in the file (not re-issued or revoked).
+    pub fn holds_hash(&self, token_sha256: &[u8; 32]) -> bool {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.hashes.contains(token_sha256)
     }
 }
 
@@ -294,16 +387,19 @@ mod tests {
             store.verify(&token),
             Some(Identity {
                 user: "alice".into(),
-                max_mappings: Some(3)
+                max_mappings: Some(3),
+                token_sha256: hash(&token),
             })
         );
         assert_eq!(store.verify("jgt_wrong"), None);
+        assert!(store.holds_hash(&hash(&token)));
 
         let mut file = TokensFile::read(&path).expect("read");
         assert!(file.revoke("alice"));
         file.write(&path).expect("write");
         store.reload().expect("reload");
         assert_eq!(store.verify(&token), None);
+        assert!(!store.holds_hash(&hash(&token)));
         std::fs::remove_dir_all(&dir).ok();
     }
 
