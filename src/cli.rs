@@ -98,6 +98,8 @@ enum Command {
     Jobs(crate::launch::JobsArgs),
     /// Cancel a batch job and wait until it is gone (its URL dies with it).
     Cancel(crate::launch::CancelArgs),
+    /// The relay's sessions (user, job, node, traffic) from its admin API, on the relay host.
+    Status(crate::status::StatusArgs),
     /// Print the shell completion script for bash, zsh or fish (see the install section of
     /// docs/admin-guide.md).
     Completions {
@@ -173,6 +175,10 @@ struct RelayArgs {
     /// Requests in flight per session before the relay answers 503 [default: 16384].
     #[arg(long)]
     max_streams_per_agent: Option<u32>,
+    /// Admin API on the metrics listener, with the bearer token in this file (made, 0600,
+    /// if missing) [default: off].
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Live agents in total [default: 20000].
     #[arg(long)]
     max_agents: Option<usize>,
@@ -349,6 +355,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
             Ok(())
         }
         Command::Man { out_dir } => write_man(out_dir),
+        Command::Status(args) => crate::status::run(args).await,
     };
     match result {
         Ok(()) => 0,
@@ -426,6 +433,7 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
     set("resume_key", path(args.resume_key));
     set("state_file", path(args.state_file));
     set("drain_grace_secs", int(args.drain_grace));
+    set("admin_token_file", path(args.admin_token_file));
     set(
         "max_sessions_per_user",
         int(args.max_sessions_per_user.map(|n| n as u64)),

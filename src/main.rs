@@ -11,6 +11,7 @@ mod demo;
 mod demo_app;
 mod launch;
 mod pki;
+mod status;
 
 use clap::Parser;
 

@@ -396,7 +396,9 @@ async fn read_control(
 enum Event {
     AppExited(Option<std::process::ExitStatus>),
     Signal(Signal),
-    Lost(String, bool),
+    /// The connection ended: why, and the relay's close code if it ended the session
+    /// for good (no reconnect).
+    Lost(String, Option<CloseCode>),
     Control(Option<ControlMessage>),
 }
 
@@ -425,9 +427,14 @@ impl Supervisor<'_> {
                 _ = self.interrupt.recv() => Event::Signal(Signal::SIGINT),
                 error = &mut live.serving => {
                     let error = error.map_err(|e| e.to_string());
-                    let revoked = matches!(&error, Ok(quinn::ConnectionError::ApplicationClosed(c))
-                        if c.error_code == quinn::VarInt::from_u32(CloseCode::Revoked.as_u32()));
-                    Event::Lost(error.map(|e| e.to_string()).unwrap_or_else(|e| e), revoked)
+                    let ended = match &error {
+                        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                            CloseCode::from_u64(c.error_code.into_inner())
+                                .filter(|code| matches!(code, CloseCode::Revoked | CloseCode::ClosedByAdmin))
+                        }
+                        _ => None,
+                    };
+                    Event::Lost(error.map(|e| e.to_string()).unwrap_or_else(|e| e), ended)
                 }
                 message = live.control.recv(), if control_open => Event::Control(message),
             };
@@ -459,7 +466,17 @@ impl Supervisor<'_> {
                     tracing::debug!("ignoring control message {other:?}")
                 }
                 Event::Control(None) => control_open = false,
-                Event::Lost(reason, true) => {
+                Event::Lost(reason, Some(CloseCode::ClosedByAdmin)) => {
+                    eprintln!(
+                        "jobgate: the relay's admin closed this session ({reason}); stopping the app"
+                    );
+                    self.stop_app(Signal::SIGTERM).await;
+                    return Err(AgentError::Dial(DialError::Refused {
+                        code: jobgate_protocol::RefusalCode::Unavailable,
+                        message: "the session was closed by the relay's admin".into(),
+                    }));
+                }
+                Event::Lost(reason, Some(_)) => {
                     eprintln!(
                         "jobgate: the relay closed the session: the token was revoked or replaced ({reason}); ask your admin for the new token"
                     );
@@ -469,7 +486,7 @@ impl Supervisor<'_> {
                         message: "token revoked".into(),
                     }));
                 }
-                Event::Lost(reason, false) => {
+                Event::Lost(reason, None) => {
                     eprintln!("jobgate: lost the connection to the relay ({reason}); reconnecting");
                     if let Some(job_file) = self.job_file {
                         job_file.record(jobfile::SessionState::Reconnecting, |_| {});

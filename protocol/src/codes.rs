@@ -18,6 +18,9 @@ pub enum CloseCode {
     Draining = 5,
     /// The agent did not finish its handshake in time.
     HandshakeTimeout = 6,
+    /// The relay's admin closed the session (admin API); the reason text says so. The
+    /// name is dead: the agent must not resume it.
+    ClosedByAdmin = 7,
 }
 
 impl CloseCode {
@@ -36,6 +39,7 @@ impl CloseCode {
             4 => Self::Replaced,
             5 => Self::Draining,
             6 => Self::HandshakeTimeout,
+            7 => Self::ClosedByAdmin,
             _ => return None,
         })
     }

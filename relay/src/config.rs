@@ -128,6 +128,10 @@ pub struct RelayConfig {
     /// Seconds in-flight requests get to finish when the relay drains (SIGTERM).
     #[serde(default = "default_drain")]
     pub drain_grace_secs: u64,
+    /// File holding the admin API's bearer token (made with a fresh token, 0600, if
+    /// missing). Unset: the admin API is off. Needs `listen_metrics` (the admin listener).
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 fn default_grace() -> u64 {
@@ -206,6 +210,7 @@ impl RelayConfig {
             resume_key: None,
             state_file: None,
             drain_grace_secs: DEFAULT_DRAIN_GRACE_SECS,
+            admin_token_file: None,
         }
     }
 

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod admin;
 pub mod agents;
 pub mod audit;
 mod body;
@@ -82,6 +83,8 @@ pub(crate) struct Shared {
     pub saver: state::Saver,
     /// Per-user rate of new sessions.
     pub new_sessions: ratelimit::NewSessionLimiter,
+    /// The admin API's key (`--admin-token-file`); `None`: the API is off.
+    pub admin: Option<admin::AdminKey>,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -110,6 +113,18 @@ impl Relay {
         let tokens = tokens::TokenStore::load(&config.tokens)?;
         let tickets = ticket::TicketKey::load_or_create(&config.resume_key_path())
             .map_err(|e| RelayError::Config(e.to_string()))?;
+        let admin = match &config.admin_token_file {
+            Some(_) if config.listen_metrics.is_none() => {
+                return Err(RelayError::Config(
+                    "the admin API (admin_token_file) is served on the admin listener: set listen_metrics too".into(),
+                ))
+            }
+            Some(path) => Some(
+                admin::AdminKey::load_or_create(path)
+                    .map_err(|e| RelayError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
         let audit = match &config.audit_log {
             Some(path) => audit::AuditLog::open(path).map_err(|e| {
                 RelayError::Config(format!("cannot open audit log {}: {e}", path.display()))
@@ -169,6 +184,7 @@ impl Relay {
                 config.max_new_sessions_per_user_per_minute,
                 config.new_sessions_burst_per_user,
             ),
+            admin,
             domain: config.normalized_domain(),
             config,
         });

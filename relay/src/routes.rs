@@ -201,6 +201,28 @@ impl RoutingTable {
         true
     }
 
+    /// Every parked name with its user and deadline.
+    pub fn parked(&self) -> Vec<(SessionName, Parked)> {
+        let inner = self.read();
+        inner
+            .parked
+            .iter()
+            .map(|(name, parked)| (*name, parked.clone()))
+            .collect()
+    }
+
+    /// Drops a parked name now (an admin closed it). False if it is not parked.
+    pub fn end_parked(&self, name: &SessionName) -> bool {
+        let mut inner = self.write();
+        match inner.parked.remove(name) {
+            Some(parked) => {
+                inner.release(&parked.user);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Every name live or parked, with its user.
     pub fn held_names(&self) -> Vec<(SessionName, String)> {
         let inner = self.read();

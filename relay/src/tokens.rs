@@ -359,6 +359,29 @@ impl TokenStore {
         entries.list.iter().any(|e| e.identity.user == user)
     }
 
+    /// Every user with a token, sorted.
+    pub fn users(&self) -> Vec<String> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let mut users: Vec<String> = entries
+            .list
+            .iter()
+            .map(|e| e.identity.user.clone())
+            .collect();
+        users.sort();
+        users.dedup();
+        users
+    }
+
+    /// The session limit the tokens file sets for `user`, if it sets one.
+    pub fn max_sessions_of(&self, user: &str) -> Option<usize> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .list
+            .iter()
+            .find(|e| e.identity.user == user)
+            .and_then(|e| e.identity.max_mappings)
+    }
+
     /// Whether a token with this SHA-256 is still in the file (not re-issued or revoked).
     pub fn holds_hash(&self, token_sha256: &[u8; 32]) -> bool {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
