@@ -78,19 +78,19 @@ pub enum ConfigError {
 
 /// Reads a TOML file as a table, refusing files that others may write.
 pub fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    use std::os::unix::fs::MetadataExt;
     let read_error = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(read_error)?;
-    if meta.mode() & 0o022 != 0 {
+    if let Some(mode) =
+        jobgate_files::loose_bits(path, jobgate_files::GROUP_OR_OTHER_WRITE).map_err(read_error)?
+    {
         return Err(ConfigError::Writable {
             path: path.to_owned(),
-            mode: meta.mode() & 0o7777,
+            mode,
         });
     }
-    if meta.len() > MAX_CONFIG_BYTES {
+    if std::fs::metadata(path).map_err(read_error)?.len() > MAX_CONFIG_BYTES {
         return Err(ConfigError::TooLarge {
             path: path.to_owned(),
         });

@@ -4,7 +4,6 @@
 use crate::target::Target;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -65,10 +64,7 @@ pub fn private_dir() -> std::io::Result<PathBuf> {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
-    let suffix: u64 = rand::random();
-    let dir = base.join(format!("jobgate-{suffix:016x}"));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    Ok(dir)
+    jobgate_files::new_dir_in(&base)
 }
 
 /// A free loopback TCP port (bound and released at once).

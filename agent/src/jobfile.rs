@@ -11,8 +11,6 @@
 //! or at the path given with `--job-file`.
 
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -146,28 +144,9 @@ pub fn jobs_dir() -> Option<PathBuf> {
     Some(PathBuf::from(home).join(JOBS_DIR))
 }
 
-/// Creates `dir` (and its parent) private to the user: 0700.
+/// Creates `dir` (and its parents) private to the user: 0700.
 pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
-    if let Some(parent) = dir.parent() {
-        if !parent.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)?;
-        }
-    }
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            // Tighten a directory someone made with a looser umask.
-            let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-            }
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
+    jobgate_files::ensure_dir(dir)
 }
 
 /// One job file.
@@ -240,31 +219,10 @@ impl JobFile {
             _ => PathBuf::from("."),
         };
         ensure_private_dir(&dir)?;
-        let mut text = serde_json::to_string_pretty(record)
+        let mut text = serde_json::to_vec_pretty(record)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        text.push('\n');
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "job.json".into());
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let result = (|| {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            file.write_all(text.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        text.push(b'\n');
+        jobgate_files::write_atomically(&self.path, &text)
     }
 
     /// Reads the record (a fresh one in `state` if there is none or it is unreadable),
@@ -365,6 +323,7 @@ mod tests {
     }
 
     fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(p).expect("meta").permissions().mode() & 0o777
     }
 

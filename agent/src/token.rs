@@ -1,7 +1,6 @@
 //! The user's token file, guarded like an ssh key: refused if group or others can read it.
 
 use jobgate_protocol::Token;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -40,9 +39,9 @@ pub fn token_path(flag: Option<PathBuf>) -> Option<PathBuf> {
 /// Reads the token, refusing a file readable by group or others.
 pub fn load_token(flag: Option<PathBuf>) -> Result<Token, TokenError> {
     let path = token_path(flag).ok_or(TokenError::Missing)?;
-    let meta = std::fs::metadata(&path).map_err(|e| TokenError::Read(path.clone(), e))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    let loose = jobgate_files::loose_bits(&path, jobgate_files::GROUP_OR_OTHER)
+        .map_err(|e| TokenError::Read(path.clone(), e))?;
+    if let Some(mode) = loose {
         return Err(TokenError::Exposed(path, mode));
     }
     let text = std::fs::read_to_string(&path).map_err(|e| TokenError::Read(path.clone(), e))?;
@@ -53,15 +52,7 @@ pub fn load_token(flag: Option<PathBuf>) -> Result<Token, TokenError> {
     Ok(Token(token.to_owned()))
 }
 
-/// Writes `contents` to `path` readable by the owner only (0600).
+/// Writes `contents` to `path` readable by the owner only (0600), atomically.
 pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    file.write_all(contents.as_bytes())
+    jobgate_files::write_atomically(path, contents.as_bytes())
 }

@@ -71,24 +71,21 @@ pub struct AdminKey {
 impl AdminKey {
     /// Reads the token from `path`, or mints one there (0600) if the file does not exist.
     pub fn load_or_create(path: &Path) -> Result<Self, AdminTokenError> {
-        use std::os::unix::fs::MetadataExt;
         let io = |source| AdminTokenError::Io {
             path: path.to_owned(),
             source,
         };
-        let token = match std::fs::metadata(path) {
-            Ok(meta) => {
-                if meta.mode() & 0o077 != 0 {
-                    return Err(AdminTokenError::Exposed {
-                        path: path.to_owned(),
-                        mode: meta.mode() & 0o7777,
-                    });
-                }
-                std::fs::read_to_string(path).map_err(io)?
+        let token = match jobgate_files::loose_bits(path, jobgate_files::GROUP_OR_OTHER) {
+            Ok(Some(mode)) => {
+                return Err(AdminTokenError::Exposed {
+                    path: path.to_owned(),
+                    mode,
+                })
             }
+            Ok(None) => std::fs::read_to_string(path).map_err(io)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let token = crate::names::random_secret(ADMIN_TOKEN_BYTES);
-                crate::tokens::write_private_atomically(path, format!("{token}\n").as_bytes())
+                jobgate_files::write_atomically(path, format!("{token}\n").as_bytes())
                     .map_err(io)?;
                 tracing::info!(file = %path.display(), "minted a new admin token");
                 token

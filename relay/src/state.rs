@@ -126,16 +126,11 @@ fn snapshot(shared: &Shared) -> RelayState {
     }
 }
 
-/// Writes `bytes` to `path` atomically and durably, readable by the relay's user only.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::tokens::write_private_atomically(path, bytes)
-}
-
 /// Encodes `state` and writes it to `path`; says why not in the log.
 fn write_state(path: &Path, state: &RelayState) -> bool {
     let written = serde_json::to_vec(state)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| write_atomically(path, &bytes));
+        .and_then(|bytes| jobgate_files::write_atomically(path, &bytes));
     if let Err(e) = &written {
         tracing::warn!("cannot write the relay state to {}: {e}", path.display());
     }
@@ -390,7 +385,7 @@ mod tests {
             }],
         };
         let bytes = serde_json::to_vec(&state).expect("encode");
-        write_atomically(&path, &bytes).expect("write");
+        jobgate_files::write_atomically(&path, &bytes).expect("write");
         assert_eq!(load(&path), Some(state));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();

@@ -60,7 +60,7 @@ impl TicketKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut bytes = vec![0u8; KEY_BYTES];
                 rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
-                write_new_private(path, &bytes).map_err(err)?;
+                jobgate_files::create_new(path, &bytes).map_err(err)?;
                 bytes
             }
             Err(e) => return Err(err(e)),
@@ -123,18 +123,6 @@ impl TicketKey {
     pub fn raw(&self) -> &[u8; KEY_BYTES] {
         &self.raw
     }
-}
-
-fn write_new_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 fn encode_claims(c: &TicketClaims) -> String {

@@ -126,43 +126,6 @@ fn lock_exclusive(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Token
         .map_err(|(_, errno)| io(std::io::Error::from(errno)))
 }
 
-/// Writes `bytes` to `path` through a uniquely named temporary file in the same
-/// directory (`.<name>.<pid>.<random>.tmp`, 0600): fsync, rename over `path`, fsync the
-/// directory. The temporary file is removed if anything fails.
-pub(crate) fn write_private_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.{}.{:016x}.tmp",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    // The rename is durable only once the directory entry is.
-    std::fs::File::open(dir)?.sync_all()
-}
-
 fn valid_user(user: &str) -> bool {
     !user.is_empty()
         && user.len() <= 64
@@ -229,7 +192,7 @@ impl TokensFile {
         })?;
         let mut contents = String::from(TOKENS_FILE_HEADER);
         contents.push_str(&text);
-        write_private_atomically(path, contents.as_bytes()).map_err(io)
+        jobgate_files::write_atomically(path, contents.as_bytes()).map_err(io)
     }
 
     /// Mints a new token for `user`, replacing any earlier one, and returns it. Only its
