@@ -18,6 +18,8 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     if let Some((parent, pgid)) = cli.app_guard() {
+        // No runtime thread exists yet, and logging starts none.
+        cli::init_logging("warn", cli.log_format);
         let code = jobgate_agent::guard::run(parent, pgid);
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }

@@ -62,7 +62,7 @@ pub fn run(parent: i32, pgid: i32) -> i32 {
     if waited.thread_block().is_err()
         || nix::sys::prctl::set_pdeathsig(PARENT_DEATH_SIGNAL).is_err()
     {
-        eprintln!("jobgate: the app guard could not arm itself; the app will not be stopped if the agent is killed");
+        crate::warn_user!("the app guard could not arm itself; the app will not be stopped if the agent is killed");
         return 1;
     }
     // The signal also comes when the thread that started the guard ends while the agent
@@ -86,8 +86,8 @@ fn stop_group(pgid: Pid) {
     if pgid.as_raw() <= 1 || !group_alive(pgid) {
         return;
     }
-    eprintln!(
-        "jobgate: the agent ended without stopping its app: stopping the app (process group {pgid})"
+    crate::say!(
+        "the agent ended without stopping its app: stopping the app (process group {pgid})"
     );
     let _ = killpg(pgid, Signal::SIGTERM);
     let deadline = Instant::now() + GUARD_STOP_GRACE;

@@ -272,8 +272,8 @@ impl AgentJobFile {
     pub fn record(&self, state: SessionState, change: impl FnOnce(&mut JobRecord)) {
         if let Err(e) = self.file.update(state, change) {
             if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                eprintln!(
-                    "jobgate: cannot write the job file {}: {e}",
+                crate::warn_user!(
+                    "cannot write the job file {}: {e}",
                     self.file.path().display()
                 );
             }

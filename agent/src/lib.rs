@@ -11,6 +11,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+/// A line for the person running the agent (see [`USER_TARGET`]).
+macro_rules! say {
+    ($($arg:tt)*) => { tracing::info!(target: $crate::USER_TARGET, $($arg)*) };
+}
+/// A warning for the person running the agent (see [`USER_TARGET`]).
+macro_rules! warn_user {
+    ($($arg:tt)*) => { tracing::warn!(target: $crate::USER_TARGET, $($arg)*) };
+}
+pub(crate) use {say, warn_user};
+
 pub mod child;
 pub mod container;
 pub mod dial;
@@ -18,20 +28,26 @@ pub mod guard;
 pub mod jobfile;
 pub mod jupyter;
 pub mod serve;
+mod supervisor;
 pub mod target;
 pub mod token;
 
 use child::{App, ChildError};
 use dial::{DialConfig, DialError, HelloParams, RelaySession};
-use jobgate_protocol::{
-    write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, RefusalCode, Token,
-};
+use jobgate_protocol::{AccessMode, JobInfo, RefusalCode, Token};
 use nix::sys::signal::Signal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use supervisor::{Reconnect, Supervisor};
 use target::{Target, TargetPool};
 use thiserror::Error;
+
+/// The tracing target of what the person running the agent must read (the job's output:
+/// the URL, reconnects, why it stopped). The binary prints these as `jobgate: <message>`
+/// (or as JSON events with `--log-format json`); everything else is diagnostics.
+pub const USER_TARGET: &str = "jobgate::user";
+
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Default time the app has to accept connections after it starts.
@@ -39,9 +55,9 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default time the app has to exit after SIGTERM/SIGINT before it is killed.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long the agent waits for the relay to close the connection after `Bye`.
-const BYE_LINGER: Duration = Duration::from_secs(3);
+pub(crate) const BYE_LINGER: Duration = Duration::from_secs(3);
 /// How long the agent lingers so that its close reaches the relay.
-const CLOSE_LINGER: Duration = Duration::from_millis(500);
+pub(crate) const CLOSE_LINGER: Duration = Duration::from_millis(500);
 
 /// Exit codes of `jobgate agent` besides the app's own (documented in the README).
 pub mod exit {
@@ -261,7 +277,7 @@ async fn run_session(
             code: RefusalCode::RateLimited,
             message,
         }) => {
-            eprintln!("jobgate: the relay asks this agent to wait: {message}");
+            say!("the relay asks this agent to wait: {message}");
             supervisor.reconnect("no session yet").await
         }
         Err(e) => {
@@ -287,7 +303,7 @@ async fn run_session(
 }
 
 /// Prints the URL line and writes the URL file and the job file.
-fn announce(
+pub(crate) fn announce(
     session: &RelaySession,
     app_path: Option<&str>,
     url_file: Option<&std::path::Path>,
@@ -298,11 +314,11 @@ fn announce(
         Some(path) => app_url(access_url, path),
         None => access_url.clone(),
     };
-    eprintln!("jobgate: your app is at {url}");
+    say!("your app is at {url}");
     tracing::info!(name = %session.welcome.name, "session open");
     if let Some(path) = url_file {
         if let Err(e) = token::write_private(path, &format!("{url}\n")) {
-            eprintln!("jobgate: cannot write the URL file {}: {e}", path.display());
+            say!("cannot write the URL file {}: {e}", path.display());
         }
     }
     if let Some(job_file) = job_file {
@@ -341,265 +357,6 @@ pub fn app_url(access_url: &str, app_path: &str) -> String {
         url.push_str(fragment);
     }
     url
-}
-
-/// First wait before reconnecting; doubled after each failed attempt.
-const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
-/// Longest wait between reconnect attempts.
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
-/// Control messages buffered between the control-stream reader and the supervisor.
-const CONTROL_QUEUE: usize = 8;
-
-/// One live connection: the session plus the tasks serving it.
-struct Live {
-    session: RelaySession,
-    serving: tokio::task::JoinHandle<quinn::ConnectionError>,
-    control: tokio::sync::mpsc::Receiver<ControlMessage>,
-}
-
-impl Live {
-    fn start(mut session: RelaySession, pool: Arc<TargetPool>) -> Self {
-        let serving = tokio::spawn(serve::serve_streams(session.connection.clone(), pool));
-        let (tx, control) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
-        // The control stream is read by its own task: reading a frame is not cancel-safe.
-        tokio::spawn(read_control(session.control_recv.take(), tx));
-        Self {
-            session,
-            serving,
-            control,
-        }
-    }
-}
-
-async fn read_control(
-    mut recv: Option<quinn::RecvStream>,
-    tx: tokio::sync::mpsc::Sender<ControlMessage>,
-) {
-    let Some(recv) = recv.as_mut() else { return };
-    while let Ok(Some(payload)) =
-        jobgate_protocol::read_frame(recv, jobgate_protocol::MAX_CONTROL_FRAME).await
-    {
-        match ControlMessage::from_payload(&payload) {
-            Ok(message) => {
-                if tx.send(message).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::warn!("ignoring an unreadable control message: {e}");
-            }
-        }
-    }
-}
-
-/// What woke the supervisor.
-enum Event {
-    AppExited(Option<std::process::ExitStatus>),
-    Signal(Signal),
-    /// The connection ended: why, and the relay's close code if it ended the session
-    /// for good (no reconnect).
-    Lost(String, Option<CloseCode>),
-    Control(Option<ControlMessage>),
-}
-
-/// Watches the app, the signals and the relay connection; reconnects when it is lost.
-struct Supervisor<'a> {
-    app: Option<App>,
-    pool: Arc<TargetPool>,
-    hello: HelloParams,
-    options: &'a AgentOptions,
-    app_path: Option<&'a str>,
-    job_file: Option<&'a jobfile::AgentJobFile>,
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-}
-
-impl Supervisor<'_> {
-    async fn run(&mut self, session: RelaySession) -> Result<i32, AgentError> {
-        self.hello.resume = session.welcome.resume_ticket.clone();
-        let mut name = session.welcome.name.clone();
-        let mut live = Live::start(session, self.pool.clone());
-        let mut control_open = true;
-        loop {
-            let event = tokio::select! {
-                status = wait_app(&mut self.app) => Event::AppExited(status),
-                _ = self.terminate.recv() => Event::Signal(Signal::SIGTERM),
-                _ = self.interrupt.recv() => Event::Signal(Signal::SIGINT),
-                error = &mut live.serving => {
-                    let error = error.map_err(|e| e.to_string());
-                    let ended = match &error {
-                        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-                            CloseCode::from_u64(c.error_code.into_inner())
-                                .filter(|code| matches!(code, CloseCode::Revoked | CloseCode::ClosedByAdmin))
-                        }
-                        _ => None,
-                    };
-                    Event::Lost(error.map(|e| e.to_string()).unwrap_or_else(|e| e), ended)
-                }
-                message = live.control.recv(), if control_open => Event::Control(message),
-            };
-            match event {
-                Event::AppExited(status) => {
-                    let code = status.map(child::exit_code).unwrap_or(1);
-                    let reason = status
-                        .map(child::describe)
-                        .unwrap_or_else(|| "app status unknown".into());
-                    eprintln!("jobgate: the app ended ({reason}); closing the session");
-                    say_bye(&mut live.session, &reason).await;
-                    return Ok(code);
-                }
-                Event::Signal(signal) => {
-                    eprintln!(
-                        "jobgate: received {signal}; stopping the app and closing the session"
-                    );
-                    // Bye first: the URL dies at once instead of failing requests while the app stops.
-                    say_bye(&mut live.session, &format!("agent received {signal}")).await;
-                    return Ok(self.stop_app(signal).await.unwrap_or(128 + signal as i32));
-                }
-                Event::Control(Some(ControlMessage::Ticket { resume_ticket })) => {
-                    self.hello.resume = Some(resume_ticket);
-                }
-                Event::Control(Some(ControlMessage::Drain { reason })) => {
-                    eprintln!("jobgate: the relay is going away ({reason}); will reconnect");
-                }
-                Event::Control(Some(other)) => {
-                    tracing::debug!("ignoring control message {other:?}")
-                }
-                Event::Control(None) => control_open = false,
-                Event::Lost(reason, Some(CloseCode::ClosedByAdmin)) => {
-                    eprintln!(
-                        "jobgate: the relay's admin closed this session ({reason}); stopping the app"
-                    );
-                    self.stop_app(Signal::SIGTERM).await;
-                    return Err(AgentError::Dial(DialError::Refused {
-                        code: jobgate_protocol::RefusalCode::Unavailable,
-                        message: "the session was closed by the relay's admin".into(),
-                    }));
-                }
-                Event::Lost(reason, Some(_)) => {
-                    eprintln!(
-                        "jobgate: the relay closed the session: the token was revoked or replaced ({reason}); ask your admin for the new token"
-                    );
-                    self.stop_app(Signal::SIGTERM).await;
-                    return Err(AgentError::Dial(DialError::Refused {
-                        code: jobgate_protocol::RefusalCode::BadToken,
-                        message: "token revoked".into(),
-                    }));
-                }
-                Event::Lost(reason, None) => {
-                    eprintln!("jobgate: lost the connection to the relay ({reason}); reconnecting");
-                    if let Some(job_file) = self.job_file {
-                        job_file.record(jobfile::SessionState::Reconnecting, |_| {});
-                    }
-                    match self.reconnect("reconnect failed").await? {
-                        Reconnect::Connected(session) => {
-                            if session.welcome.name == name {
-                                eprintln!("jobgate: reconnected; the URL is unchanged");
-                                if let Some(job_file) = self.job_file {
-                                    job_file.record(jobfile::SessionState::Connected, |_| {});
-                                }
-                            } else {
-                                eprintln!("jobgate: reconnected under a NEW name (the old one had expired)");
-                                announce(
-                                    &session,
-                                    self.app_path,
-                                    self.options.url_file.as_deref(),
-                                    self.job_file,
-                                );
-                                name = session.welcome.name.clone();
-                            }
-                            if let Some(ticket) = &session.welcome.resume_ticket {
-                                self.hello.resume = Some(ticket.clone());
-                            }
-                            live = Live::start(*session, self.pool.clone());
-                            control_open = true;
-                        }
-                        Reconnect::Finished(code) => return Ok(code),
-                    }
-                }
-            }
-        }
-    }
-
-    /// Dials until a session opens, backing off with jitter; the app exiting or a signal
-    /// ends the wait. `failed` starts the line printed after each failed attempt.
-    async fn reconnect(&mut self, failed: &str) -> Result<Reconnect, AgentError> {
-        let mut delay = RECONNECT_INITIAL;
-        loop {
-            let attempt = dial::open_session(&self.options.dial, &self.hello);
-            let result = tokio::select! {
-                result = attempt => Some(result),
-                status = wait_app(&mut self.app) => {
-                    let code = status.map(child::exit_code).unwrap_or(1);
-                    eprintln!("jobgate: the app ended while reconnecting");
-                    return Ok(Reconnect::Finished(code));
-                }
-                _ = self.terminate.recv() => return Ok(Reconnect::Finished(self.stop_app(Signal::SIGTERM).await.unwrap_or(143))),
-                _ = self.interrupt.recv() => return Ok(Reconnect::Finished(self.stop_app(Signal::SIGINT).await.unwrap_or(130))),
-            };
-            match result {
-                Some(Ok(session)) => return Ok(Reconnect::Connected(Box::new(session))),
-                Some(Err(
-                    e @ DialError::Refused {
-                        code: jobgate_protocol::RefusalCode::BadToken,
-                        ..
-                    },
-                )) => {
-                    self.stop_app(Signal::SIGTERM).await;
-                    return Err(e.into());
-                }
-                Some(Err(e)) => {
-                    let jittered = delay.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-                    eprintln!(
-                        "jobgate: {failed} ({e}); retrying in {:.1} s",
-                        jittered.as_secs_f64()
-                    );
-                    tokio::time::sleep(jittered).await;
-                    delay = (delay * 2).min(RECONNECT_MAX);
-                }
-                None => {}
-            }
-        }
-    }
-
-    /// Stops the app (if the agent runs one) and returns its exit code.
-    async fn stop_app(&mut self, signal: Signal) -> Option<i32> {
-        let app = self.app.as_mut()?;
-        app.stop(signal, self.options.stop_grace)
-            .await
-            .map(child::exit_code)
-    }
-}
-
-/// How a reconnect ended.
-enum Reconnect {
-    Connected(Box<RelaySession>),
-    Finished(i32),
-}
-
-async fn wait_app(app: &mut Option<App>) -> Option<std::process::ExitStatus> {
-    match app.as_mut() {
-        Some(app) => app.wait().await.ok(),
-        None => std::future::pending().await,
-    }
-}
-
-/// Tells the relay the session is over and closes the connection.
-async fn say_bye(session: &mut RelaySession, reason: &str) {
-    let bye = ControlMessage::Bye {
-        reason: reason.to_owned(),
-    };
-    // Bye goes ahead of any response data still queued, and the relay gets a moment to
-    // take it and close: closing at once could lose both Bye and our close while a full
-    // congestion window holds them back (then the name would wait out the resume grace).
-    let _ = session.control.set_priority(i32::MAX);
-    let _ = write_frame(&mut session.control, &bye.to_payload()).await;
-    let _ = session.control.finish();
-    let _ = tokio::time::timeout(BYE_LINGER, session.connection.closed()).await;
-    session
-        .connection
-        .close(quinn::VarInt::from_u32(CloseCode::Normal.as_u32()), b"bye");
-    let _ = tokio::time::timeout(CLOSE_LINGER, session.endpoint.wait_idle()).await;
 }
 
 fn cleanup(private_dir: Option<&std::path::Path>) {

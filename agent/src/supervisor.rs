@@ -1,0 +1,267 @@
+//! The agent's life once its session is open: watch the app, the signals and the relay
+//! connection; say `Bye` when the job ends; reconnect (same name, by resume ticket) when
+//! the connection is lost; stop for good when the relay ends the session.
+
+use crate::child::{self, App};
+use crate::dial::{self, DialError, HelloParams, RelaySession};
+use crate::serve;
+use crate::target::TargetPool;
+use crate::{announce, jobfile, AgentError, AgentOptions, BYE_LINGER, CLOSE_LINGER};
+use jobgate_protocol::{write_frame, CloseCode, ControlMessage};
+use nix::sys::signal::Signal;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// First wait before reconnecting; doubled after each failed attempt.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
+/// Longest wait between reconnect attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Control messages buffered between the control-stream reader and the supervisor.
+const CONTROL_QUEUE: usize = 8;
+
+/// One live connection: the session plus the tasks serving it.
+pub(crate) struct Live {
+    session: RelaySession,
+    serving: tokio::task::JoinHandle<quinn::ConnectionError>,
+    control: tokio::sync::mpsc::Receiver<ControlMessage>,
+}
+
+impl Live {
+    fn start(mut session: RelaySession, pool: Arc<TargetPool>) -> Self {
+        let serving = tokio::spawn(serve::serve_streams(session.connection.clone(), pool));
+        let (tx, control) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
+        // The control stream is read by its own task: reading a frame is not cancel-safe.
+        tokio::spawn(read_control(session.control_recv.take(), tx));
+        Self {
+            session,
+            serving,
+            control,
+        }
+    }
+}
+
+async fn read_control(
+    mut recv: Option<quinn::RecvStream>,
+    tx: tokio::sync::mpsc::Sender<ControlMessage>,
+) {
+    let Some(recv) = recv.as_mut() else { return };
+    while let Ok(Some(payload)) =
+        jobgate_protocol::read_frame(recv, jobgate_protocol::MAX_CONTROL_FRAME).await
+    {
+        match ControlMessage::from_payload(&payload) {
+            Ok(message) => {
+                if tx.send(message).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("ignoring an unreadable control message: {e}");
+            }
+        }
+    }
+}
+
+/// What woke the supervisor.
+enum Event {
+    AppExited(Option<std::process::ExitStatus>),
+    Signal(Signal),
+    /// The connection ended: why, and the relay's close code if it ended the session
+    /// for good (no reconnect).
+    Lost(String, Option<CloseCode>),
+    Control(Option<ControlMessage>),
+}
+
+/// Watches the app, the signals and the relay connection; reconnects when it is lost.
+pub(crate) struct Supervisor<'a> {
+    pub(crate) app: Option<App>,
+    pub(crate) pool: Arc<TargetPool>,
+    pub(crate) hello: HelloParams,
+    pub(crate) options: &'a AgentOptions,
+    pub(crate) app_path: Option<&'a str>,
+    pub(crate) job_file: Option<&'a jobfile::AgentJobFile>,
+    pub(crate) terminate: tokio::signal::unix::Signal,
+    pub(crate) interrupt: tokio::signal::unix::Signal,
+}
+
+impl Supervisor<'_> {
+    pub(crate) async fn run(&mut self, session: RelaySession) -> Result<i32, AgentError> {
+        self.hello.resume = session.welcome.resume_ticket.clone();
+        let mut name = session.welcome.name.clone();
+        let mut live = Live::start(session, self.pool.clone());
+        let mut control_open = true;
+        loop {
+            let event = tokio::select! {
+                status = wait_app(&mut self.app) => Event::AppExited(status),
+                _ = self.terminate.recv() => Event::Signal(Signal::SIGTERM),
+                _ = self.interrupt.recv() => Event::Signal(Signal::SIGINT),
+                error = &mut live.serving => {
+                    let error = error.map_err(|e| e.to_string());
+                    let ended = match &error {
+                        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                            CloseCode::from_u64(c.error_code.into_inner())
+                                .filter(|code| matches!(code, CloseCode::Revoked | CloseCode::ClosedByAdmin))
+                        }
+                        _ => None,
+                    };
+                    Event::Lost(error.map(|e| e.to_string()).unwrap_or_else(|e| e), ended)
+                }
+                message = live.control.recv(), if control_open => Event::Control(message),
+            };
+            match event {
+                Event::AppExited(status) => {
+                    let code = status.map(child::exit_code).unwrap_or(1);
+                    let reason = status
+                        .map(child::describe)
+                        .unwrap_or_else(|| "app status unknown".into());
+                    say!("the app ended ({reason}); closing the session");
+                    say_bye(&mut live.session, &reason).await;
+                    return Ok(code);
+                }
+                Event::Signal(signal) => {
+                    say!("received {signal}; stopping the app and closing the session");
+                    // Bye first: the URL dies at once instead of failing requests while the app stops.
+                    say_bye(&mut live.session, &format!("agent received {signal}")).await;
+                    return Ok(self.stop_app(signal).await.unwrap_or(128 + signal as i32));
+                }
+                Event::Control(Some(ControlMessage::Ticket { resume_ticket })) => {
+                    self.hello.resume = Some(resume_ticket);
+                }
+                Event::Control(Some(ControlMessage::Drain { reason })) => {
+                    say!("the relay is going away ({reason}); will reconnect");
+                }
+                Event::Control(Some(other)) => {
+                    tracing::debug!("ignoring control message {other:?}")
+                }
+                Event::Control(None) => control_open = false,
+                Event::Lost(reason, Some(CloseCode::ClosedByAdmin)) => {
+                    say!("the relay's admin closed this session ({reason}); stopping the app");
+                    self.stop_app(Signal::SIGTERM).await;
+                    return Err(AgentError::Dial(DialError::Refused {
+                        code: jobgate_protocol::RefusalCode::Unavailable,
+                        message: "the session was closed by the relay's admin".into(),
+                    }));
+                }
+                Event::Lost(reason, Some(_)) => {
+                    say!("the relay closed the session: the token was revoked or replaced ({reason}); ask your admin for the new token"
+                    );
+                    self.stop_app(Signal::SIGTERM).await;
+                    return Err(AgentError::Dial(DialError::Refused {
+                        code: jobgate_protocol::RefusalCode::BadToken,
+                        message: "token revoked".into(),
+                    }));
+                }
+                Event::Lost(reason, None) => {
+                    say!("lost the connection to the relay ({reason}); reconnecting");
+                    if let Some(job_file) = self.job_file {
+                        job_file.record(jobfile::SessionState::Reconnecting, |_| {});
+                    }
+                    match self.reconnect("reconnect failed").await? {
+                        Reconnect::Connected(session) => {
+                            if session.welcome.name == name {
+                                say!("reconnected; the URL is unchanged");
+                                if let Some(job_file) = self.job_file {
+                                    job_file.record(jobfile::SessionState::Connected, |_| {});
+                                }
+                            } else {
+                                say!("reconnected under a NEW name (the old one had expired)");
+                                announce(
+                                    &session,
+                                    self.app_path,
+                                    self.options.url_file.as_deref(),
+                                    self.job_file,
+                                );
+                                name = session.welcome.name.clone();
+                            }
+                            if let Some(ticket) = &session.welcome.resume_ticket {
+                                self.hello.resume = Some(ticket.clone());
+                            }
+                            live = Live::start(*session, self.pool.clone());
+                            control_open = true;
+                        }
+                        Reconnect::Finished(code) => return Ok(code),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dials until a session opens, backing off with jitter; the app exiting or a signal
+    /// ends the wait. `failed` starts the line printed after each failed attempt.
+    pub(crate) async fn reconnect(&mut self, failed: &str) -> Result<Reconnect, AgentError> {
+        let mut delay = RECONNECT_INITIAL;
+        loop {
+            let attempt = dial::open_session(&self.options.dial, &self.hello);
+            let result = tokio::select! {
+                result = attempt => Some(result),
+                status = wait_app(&mut self.app) => {
+                    let code = status.map(child::exit_code).unwrap_or(1);
+                    say!("the app ended while reconnecting");
+                    return Ok(Reconnect::Finished(code));
+                }
+                _ = self.terminate.recv() => return Ok(Reconnect::Finished(self.stop_app(Signal::SIGTERM).await.unwrap_or(143))),
+                _ = self.interrupt.recv() => return Ok(Reconnect::Finished(self.stop_app(Signal::SIGINT).await.unwrap_or(130))),
+            };
+            match result {
+                Some(Ok(session)) => return Ok(Reconnect::Connected(Box::new(session))),
+                Some(Err(
+                    e @ DialError::Refused {
+                        code: jobgate_protocol::RefusalCode::BadToken,
+                        ..
+                    },
+                )) => {
+                    self.stop_app(Signal::SIGTERM).await;
+                    return Err(e.into());
+                }
+                Some(Err(e)) => {
+                    let jittered = delay.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                    say!(
+                        "{failed} ({e}); retrying in {:.1} s",
+                        jittered.as_secs_f64()
+                    );
+                    tokio::time::sleep(jittered).await;
+                    delay = (delay * 2).min(RECONNECT_MAX);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Stops the app (if the agent runs one) and returns its exit code.
+    pub(crate) async fn stop_app(&mut self, signal: Signal) -> Option<i32> {
+        let app = self.app.as_mut()?;
+        app.stop(signal, self.options.stop_grace)
+            .await
+            .map(child::exit_code)
+    }
+}
+
+/// How a reconnect ended.
+pub(crate) enum Reconnect {
+    Connected(Box<RelaySession>),
+    Finished(i32),
+}
+
+async fn wait_app(app: &mut Option<App>) -> Option<std::process::ExitStatus> {
+    match app.as_mut() {
+        Some(app) => app.wait().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Tells the relay the session is over and closes the connection.
+async fn say_bye(session: &mut RelaySession, reason: &str) {
+    let bye = ControlMessage::Bye {
+        reason: reason.to_owned(),
+    };
+    // Bye goes ahead of any response data still queued, and the relay gets a moment to
+    // take it and close: closing at once could lose both Bye and our close while a full
+    // congestion window holds them back (then the name would wait out the resume grace).
+    let _ = session.control.set_priority(i32::MAX);
+    let _ = write_frame(&mut session.control, &bye.to_payload()).await;
+    let _ = session.control.finish();
+    let _ = tokio::time::timeout(BYE_LINGER, session.connection.closed()).await;
+    session
+        .connection
+        .close(quinn::VarInt::from_u32(CloseCode::Normal.as_u32()), b"bye");
+    let _ = tokio::time::timeout(CLOSE_LINGER, session.endpoint.wait_idle()).await;
+}
