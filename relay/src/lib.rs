@@ -21,6 +21,7 @@ pub mod config;
 pub mod forward;
 pub mod front;
 mod headers;
+pub mod limits;
 pub mod metrics;
 pub mod names;
 mod pages;
@@ -77,6 +78,10 @@ pub(crate) struct Shared {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Counters for `/metrics`.
     pub metrics: metrics::Metrics,
+    /// Client connections open, in total and per address.
+    pub client_caps: Arc<limits::ConnectionCaps>,
+    /// The relay-wide budget for agents' receive windows.
+    pub window_budget: Arc<limits::WindowBudget>,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -146,6 +151,7 @@ impl Relay {
         };
 
         let front_tls = tls::front_server_config(certs.clone())?;
+        let client_caps = Arc::new(client_caps(&config));
         let mut config = config;
         // URLs carry the port actually bound (matters when the config said port 0).
         config.url_port.get_or_insert(https_addr.port());
@@ -159,6 +165,8 @@ impl Relay {
             draining: tokio::sync::watch::Sender::new(false),
             in_flight: Default::default(),
             metrics: Default::default(),
+            client_caps,
+            window_budget: Arc::new(limits::WindowBudget::new(config.max_buffered_mib)),
             domain: config.normalized_domain(),
             config,
         });
@@ -301,6 +309,26 @@ fn revoke_missing_users(shared: &Shared) {
             );
         }
     }
+}
+
+/// Raises the open-files limit and sizes the client-connection caps to fit it.
+fn client_caps(config: &RelayConfig) -> limits::ConnectionCaps {
+    let fd_limit = limits::raise_fd_limit();
+    let max_total = limits::client_cap_for_fd_limit(config.max_client_connections, fd_limit);
+    match fd_limit {
+        Some(limit) if max_total < config.max_client_connections => tracing::warn!(
+            "open-files limit {limit} is too low for max_client_connections = {} (+{} kept in reserve): \
+             at most {max_total} client connections; raise LimitNOFILE (systemd) or ulimit -n",
+            config.max_client_connections,
+            limits::FD_RESERVE
+        ),
+        Some(limit) => tracing::info!(
+            "open-files limit {limit}: up to {max_total} client connections, {} per address",
+            config.max_client_connections_per_ip
+        ),
+        None => tracing::warn!("open-files limit unknown: client connections are capped at {max_total}"),
+    }
+    limits::ConnectionCaps::new(max_total, config.max_client_connections_per_ip)
 }
 
 fn local_addr(listener: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, RelayError> {
