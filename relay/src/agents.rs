@@ -32,10 +32,12 @@ const REFUSED_LINGER: Duration = Duration::from_secs(1);
 /// reconnect at once after a relay restart only pay one extra round trip.
 const RETRY_FROM_PENDING_PERCENT: usize = 50;
 
-/// The QUIC server configuration for agents (certificate from the shared resolver).
+/// The QUIC server configuration for agents (certificate from the shared resolver), with
+/// `stream_window` bytes of receive window per stream.
 pub(crate) fn server_config(
     config: &RelayConfig,
     shared_tls: Arc<rustls::ServerConfig>,
+    stream_window: u32,
 ) -> std::io::Result<quinn::ServerConfig> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(shared_tls)
         .map_err(std::io::Error::other)?;
@@ -50,13 +52,13 @@ pub(crate) fn server_config(
     };
     // Until its `Hello` is admitted a connection may make the relay buffer only a small
     // window (QUIC counts out-of-order data with gaps against it too); admission raises
-    // it (see `serve_agent`). The per-stream window is fixed at the handshake and stays
-    // the session's: the connection window caps all streams together anyway.
+    // it (see `serve_agent`). The per-stream window is fixed at the handshake.
     server.transport_config(relay_transport_config(
         effective_idle,
         keep_alive,
         AGENT_OPENED_STREAMS,
         PRE_HELLO_WINDOW,
+        stream_window,
     ));
     Ok(server)
 }
@@ -89,7 +91,15 @@ pub(crate) fn bind_endpoint(
 /// Accepts agent connections until the endpoint closes. Connections waiting for their
 /// handshake and `Hello` are capped: under load, unvalidated addresses get a QUIC Retry
 /// first; at the cap, new connections are refused.
-pub(crate) async fn accept_agents(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+///
+/// A connection that arrives while the memory budget is spent is accepted with
+/// `small_windows` (small per-stream windows), so that a few stalled downloads cannot
+/// fill its small connection window and stall the whole session.
+pub(crate) async fn accept_agents(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    small_windows: Arc<quinn::ServerConfig>,
+) {
     let cap = shared.config.max_pending_handshakes;
     let retry_from = cap * RETRY_FROM_PENDING_PERCENT / 100;
     while let Some(incoming) = endpoint.accept().await {
@@ -115,9 +125,18 @@ pub(crate) async fn accept_agents(endpoint: quinn::Endpoint, shared: Arc<Shared>
         // Counted here, in the accept loop, so the cap cannot be overrun by a burst.
         let pending = OwnedGaugeGuard::enter(shared.clone(), |m| &m.pending_handshakes);
         let shared = shared.clone();
+        let remote = incoming.remote_address();
+        let connecting = if shared.window_budget.has_room() {
+            incoming.accept()
+        } else {
+            incoming.accept_with(small_windows.clone())
+        };
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
+            let connection = match connecting {
+                Ok(connecting) => connecting.await,
+                Err(e) => Err(e),
+            };
+            match connection {
                 Ok(connection) => serve_agent(connection, shared, pending).await,
                 Err(e) => {
                     shared

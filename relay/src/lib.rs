@@ -134,8 +134,13 @@ impl Relay {
             addr: config.listen_quic,
             source,
         };
-        let server = agents::server_config(&config, tls::quic_server_config(certs.clone())?)
+        let quic_tls = tls::quic_server_config(certs.clone())?;
+        let server = agents::server_config(&config, quic_tls.clone(), limits::FULL_STREAM_WINDOW)
             .map_err(quic_error)?;
+        let small_windows = Arc::new(
+            agents::server_config(&config, quic_tls, limits::SMALL_STREAM_WINDOW)
+                .map_err(quic_error)?,
+        );
         let endpoint =
             agents::bind_endpoint(&config, server, tickets.reset_key(), tickets.cid_key())
                 .map_err(quic_error)?;
@@ -177,7 +182,11 @@ impl Relay {
             front.spawn(front::serve_http(http, shared.clone()));
         }
         let mut tasks = JoinSet::new();
-        tasks.spawn(agents::accept_agents(endpoint.clone(), shared.clone()));
+        tasks.spawn(agents::accept_agents(
+            endpoint.clone(),
+            shared.clone(),
+            small_windows,
+        ));
         tasks.spawn(watch_files(shared.clone()));
         tasks.spawn(state::keep_saved(shared.clone()));
         if let Some(listener) = metrics_listener {

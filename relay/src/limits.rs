@@ -185,6 +185,14 @@ pub const FULL_SESSION_WINDOW: u32 = jobgate_protocol::quic::CONNECTION_RECEIVE_
 /// Receive window of a session admitted once the budget is spent: still ~50 MB/s at
 /// 20 ms RTT, and a thirty-second of the full window's memory.
 pub const SMALL_SESSION_WINDOW: u32 = 1024 * 1024;
+/// Per-stream receive window of a session accepted while the budget had room: one
+/// download at WAN bandwidth × RTT.
+pub const FULL_STREAM_WINDOW: u32 = jobgate_protocol::quic::STREAM_RECEIVE_WINDOW;
+/// Per-stream receive window of a connection accepted once the budget is spent (fixed at
+/// the QUIC handshake): a quarter of [`SMALL_SESSION_WINDOW`], so that one download a
+/// client stopped reading cannot fill the session's whole window and stall its other
+/// requests (it takes four).
+pub const SMALL_STREAM_WINDOW: u32 = SMALL_SESSION_WINDOW / 4;
 /// Receive window of a connection until its `Hello` is admitted: a `Hello` is at most
 /// 16 KiB, so this is plenty, and a stranger can make the relay buffer no more.
 pub const PRE_HELLO_WINDOW: u32 = 64 * 1024;
@@ -201,6 +209,12 @@ impl WindowBudget {
         Self {
             left: AtomicU64::new(mib.saturating_mul(1024 * 1024)),
         }
+    }
+
+    /// Whether a full window is left to grant (a connection accepted now gets full-size
+    /// stream windows).
+    pub fn has_room(&self) -> bool {
+        self.left.load(Ordering::Relaxed) >= u64::from(FULL_SESSION_WINDOW)
     }
 
     /// The window a new session gets: the full one if the budget still has room, else
