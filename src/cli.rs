@@ -192,6 +192,24 @@ struct RelayArgs {
     /// Let agents ask for public sessions (no access key) [default: off].
     #[arg(long)]
     allow_public: bool,
+    /// Seconds a client connection may sit with no request in flight before it is closed [default: 60].
+    #[arg(long)]
+    client_idle_timeout: Option<u64>,
+    /// Client connections open at once, in total (lowered to fit the open-files limit) [default: 20000].
+    #[arg(long)]
+    max_client_connections: Option<usize>,
+    /// Client connections open at once from one IP address [default: 2048].
+    #[arg(long)]
+    max_client_connections_per_ip: Option<usize>,
+    /// Agent connections waiting for their handshake and Hello; more are refused [default: 1024].
+    #[arg(long)]
+    max_pending_handshakes: Option<usize>,
+    /// MiB of memory agents may make the relay buffer in total (32 MiB per session while it lasts, then 1 MiB) [default: 1024].
+    #[arg(long)]
+    max_buffered_mib: Option<u64>,
+    /// Seconds an app has to send its response head before the client gets 504 (0: no limit) [default: 300].
+    #[arg(long)]
+    response_head_timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -496,6 +514,24 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
     set(
         "max_sessions_per_user",
         int(args.max_sessions_per_user.map(|n| n as u64)),
+    );
+    set("client_idle_timeout_secs", int(args.client_idle_timeout));
+    set(
+        "max_client_connections",
+        int(args.max_client_connections.map(|n| n as u64)),
+    );
+    set(
+        "max_client_connections_per_ip",
+        int(args.max_client_connections_per_ip.map(|n| n as u64)),
+    );
+    set(
+        "max_pending_handshakes",
+        int(args.max_pending_handshakes.map(|n| n as u64)),
+    );
+    set("max_buffered_mib", int(args.max_buffered_mib));
+    set(
+        "response_head_timeout_secs",
+        int(args.response_head_timeout),
     );
     if args.allow_public {
         table.insert("allow_public".into(), toml::Value::Boolean(true));

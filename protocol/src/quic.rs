@@ -57,6 +57,27 @@ pub fn transport_config(
     Arc::new(config)
 }
 
+/// The relay's tuning: [`transport_config`], but every connection starts with a
+/// connection-level receive window of `initial_receive_window` bytes, which the relay
+/// raises once the agent is admitted (`quinn::Connection::set_receive_window`), and
+/// streams get `stream_receive_window` bytes each.
+pub fn relay_transport_config(
+    idle_timeout: Duration,
+    keep_alive: Duration,
+    max_incoming_bidi: u32,
+    initial_receive_window: u32,
+    stream_receive_window: u32,
+) -> Arc<quinn::TransportConfig> {
+    let mut config = transport_config(idle_timeout, keep_alive, max_incoming_bidi);
+    // Freshly made, so never shared yet: `get_mut` always succeeds.
+    if let Some(config) = Arc::get_mut(&mut config) {
+        config
+            .receive_window(VarInt::from_u32(initial_receive_window))
+            .stream_receive_window(VarInt::from_u32(stream_receive_window));
+    }
+    config
+}
+
 /// A QUIC receive stream as a streaming HTTP body, chunk by chunk, without copying.
 pub struct QuicBody {
     recv: Option<RecvStream>,

@@ -6,12 +6,14 @@
 use crate::access::Access;
 use crate::audit::AuditEvent;
 use crate::config::RelayConfig;
+use crate::limits::PRE_HELLO_WINDOW;
+use crate::metrics::OwnedGaugeGuard;
 use crate::names::SessionName;
 use crate::routes::{InsertError, Session};
 use crate::ticket::TicketClaims;
 use crate::tokens::Identity;
 use crate::Shared;
-use jobgate_protocol::quic::{transport_config, UDP_SOCKET_BUFFER};
+use jobgate_protocol::quic::{relay_transport_config, UDP_SOCKET_BUFFER};
 use jobgate_protocol::{
     read_frame, write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, RefusalCode,
     SessionLimits, Token, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
@@ -25,11 +27,18 @@ use std::time::{Duration, Instant};
 const AGENT_OPENED_STREAMS: u32 = 1;
 /// How long a `Refused` frame gets to reach the agent before the connection closes.
 const REFUSED_LINGER: Duration = Duration::from_secs(1);
+/// From this share (in percent) of `max_pending_handshakes` on, a new connection from
+/// an address not yet validated gets a QUIC Retry first: a spoofed source cannot answer
+/// it, so a flood of forged Initials costs one stateless packet each, while agents that
+/// reconnect at once after a relay restart only pay one extra round trip.
+const RETRY_FROM_PENDING_PERCENT: usize = 50;
 
-/// The QUIC server configuration for agents (certificate from the shared resolver).
+/// The QUIC server configuration for agents (certificate from the shared resolver), with
+/// `stream_window` bytes of receive window per stream.
 pub(crate) fn server_config(
     config: &RelayConfig,
     shared_tls: Arc<rustls::ServerConfig>,
+    stream_window: u32,
 ) -> std::io::Result<quinn::ServerConfig> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(shared_tls)
         .map_err(std::io::Error::other)?;
@@ -42,10 +51,15 @@ pub(crate) fn server_config(
     } else {
         idle
     };
-    server.transport_config(transport_config(
+    // Until its `Hello` is admitted a connection may make the relay buffer only a small
+    // window (QUIC counts out-of-order data with gaps against it too); admission raises
+    // it (see `serve_agent`). The per-stream window is fixed at the handshake.
+    server.transport_config(relay_transport_config(
         effective_idle,
         keep_alive,
         AGENT_OPENED_STREAMS,
+        PRE_HELLO_WINDOW,
+        stream_window,
     ));
     Ok(server)
 }
@@ -75,14 +89,56 @@ pub(crate) fn bind_endpoint(
     )
 }
 
-/// Accepts agent connections until the endpoint closes.
-pub(crate) async fn accept_agents(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+/// Accepts agent connections until the endpoint closes. Connections waiting for their
+/// handshake and `Hello` are capped: under load, unvalidated addresses get a QUIC Retry
+/// first; at the cap, new connections are refused.
+///
+/// A connection that arrives while the memory budget is spent is accepted with
+/// `small_windows` (small per-stream windows), so that a few stalled downloads cannot
+/// fill its small connection window and stall the whole session.
+pub(crate) async fn accept_agents(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    small_windows: Arc<quinn::ServerConfig>,
+) {
+    let cap = shared.config.max_pending_handshakes;
+    let retry_from = cap * RETRY_FROM_PENDING_PERCENT / 100;
     while let Some(incoming) = endpoint.accept().await {
+        let pending_now = usize::try_from(shared.metrics.pending_handshakes.get()).unwrap_or(0);
+        if pending_now >= cap {
+            shared
+                .metrics
+                .agent_handshakes_over_cap
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(remote = %incoming.remote_address(), "too many pending agent handshakes: refused");
+            incoming.refuse();
+            continue;
+        }
+        if pending_now >= retry_from && !incoming.remote_address_validated() && incoming.may_retry()
+        {
+            shared
+                .metrics
+                .agent_handshakes_retried
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = incoming.retry();
+            continue;
+        }
+        // Counted here, in the accept loop, so the cap cannot be overrun by a burst.
+        let pending = OwnedGaugeGuard::enter(shared.clone(), |m| &m.pending_handshakes);
         let shared = shared.clone();
+        let remote = incoming.remote_address();
+        let connecting = if shared.window_budget.has_room() {
+            incoming.accept()
+        } else {
+            incoming.accept_with(small_windows.clone())
+        };
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(connection) => serve_agent(connection, shared).await,
+            let connection = match connecting {
+                Ok(connecting) => connecting.await,
+                Err(e) => Err(e),
+            };
+            match connection {
+                Ok(connection) => serve_agent(connection, shared, pending).await,
                 Err(e) => {
                     shared
                         .metrics
@@ -137,8 +193,9 @@ struct Admitted {
     resumed: bool,
 }
 
-/// One agent connection, from handshake to close.
-async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
+/// One agent connection, from handshake to close. `pending` counts it among the pending
+/// handshakes until its `Hello` is answered.
+async fn serve_agent(connection: Connection, shared: Arc<Shared>, pending: OwnedGaugeGuard) {
     let remote = connection.remote_address();
     let handshake = Duration::from_secs(shared.config.handshake_timeout_secs);
     let control = tokio::time::timeout(handshake, async {
@@ -169,11 +226,27 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>) {
         }
     };
 
-    let admitted = match admit(&shared, &connection, hello) {
+    let admitted = admit(&shared, &connection, hello);
+    drop(pending);
+    let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => return refuse(&shared, &connection, send, refusal).await,
     };
     let session = admitted.session;
+    // The session's receive window, out of the relay-wide budget while it lasts; held
+    // (and counted) until the session ends.
+    let window = shared.window_budget.grant();
+    connection.set_receive_window(VarInt::from_u32(window.window()));
+    let _full_window = window
+        .is_full()
+        .then(|| shared.metrics.sessions_full_window.enter());
+    if !window.is_full() {
+        shared
+            .metrics
+            .sessions_small_window
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(name = %session.name, "memory budget spent: session gets the small receive window");
+    }
     let url = shared.config.session_url(session.name.as_str());
     let welcome = ControlMessage::Welcome {
         name: session.name.to_string(),

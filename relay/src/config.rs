@@ -45,6 +45,39 @@ pub const DEFAULT_MAX_NEW_SESSIONS_PER_USER_PER_MINUTE: u32 = 60;
 /// a 100-task job array whose agents all start within seconds fits, with room for a
 /// few interactive sessions beside it.
 pub const DEFAULT_NEW_SESSIONS_BURST_PER_USER: u32 = 120;
+/// Default time a client connection may sit with no request in flight before it is
+/// closed (HTTP/2: GOAWAY). Long enough that a browser moving between tabs keeps its
+/// connection (no new TLS handshake per click), short enough that idle connections do
+/// not pile up file descriptors. An idle HTTP/1.1 keep-alive connection is closed after
+/// the shorter of this and `header_read_timeout_secs` (hyper's header timer also runs
+/// between keep-alive requests).
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Default client connections open at once, in total. Each costs one file descriptor and
+/// some kernel and TLS buffers (tens of KiB): 20,000 fit a small DMZ host and match
+/// `max_agents`. The relay lowers it further if its open-files limit is too low.
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 20_000;
+/// Default client connections open at once from one IP address. A whole campus may reach
+/// the relay from one NAT address: 2,048 is ~500 busy browsers at 4 connections each
+/// (HTTP/2 coalescing usually makes it 1–2), and leaves room for the benchmarks (256
+/// connections from 127.0.0.1), while one address can take at most a tenth of the total.
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS_PER_IP: usize = 2_048;
+/// Default QUIC connections between their first packet and an admitted `Hello`. Each
+/// costs connection state plus a pre-`Hello` receive window (64 KiB): 1,024 of them
+/// cost ~64 MiB at most, and far more than agents reconnecting at once after a relay
+/// restart need (they also get Retry'd, not refused, below the cap).
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1_024;
+/// Default relay-wide budget for data agents may make the relay buffer (QUIC receive
+/// windows of admitted sessions), in MiB. Each session takes its full 32 MiB window out
+/// of it while there is room (32 sessions at full WAN speed by default), later ones get a
+/// 1 MiB window (they work, bulk transfers are slower over long paths).
+pub const DEFAULT_MAX_BUFFERED_MIB: u64 = 1_024;
+/// Default time an app has to send its response head. Jupyter's own slow endpoints
+/// (kernels, terminals, events) are WebSockets and its REST calls answer in
+/// milliseconds, but an app may compute a large download (an export, a zip of a
+/// directory) before it sends the head: 5 minutes is 3× the usual proxy limit (100 s,
+/// which users of other tunnels complained about) and still frees a request an agent
+/// never answers. 0 turns it off.
+pub const DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS: u64 = 300;
 
 /// Everything the relay needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +165,44 @@ pub struct RelayConfig {
     /// missing). Unset: the admin API is off. Needs `listen_metrics` (the admin listener).
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+    /// Seconds a client connection may sit with no request in flight before it is closed.
+    #[serde(default = "default_client_idle")]
+    pub client_idle_timeout_secs: u64,
+    /// Client connections open at once, in total (more are closed before TLS).
+    #[serde(default = "default_max_client_connections")]
+    pub max_client_connections: usize,
+    /// Client connections open at once from one IP address.
+    #[serde(default = "default_max_client_connections_per_ip")]
+    pub max_client_connections_per_ip: usize,
+    /// QUIC connections waiting for their handshake and `Hello`; more are refused (and
+    /// from half of it on, unvalidated addresses must first answer a QUIC Retry).
+    #[serde(default = "default_max_pending_handshakes")]
+    pub max_pending_handshakes: usize,
+    /// MiB of relay memory that agents' sessions may fill with buffered data in total.
+    #[serde(default = "default_max_buffered_mib")]
+    pub max_buffered_mib: u64,
+    /// Seconds an app has to send its response head before the client gets `504` (0: no limit).
+    #[serde(default = "default_response_head_timeout")]
+    pub response_head_timeout_secs: u64,
+}
+
+fn default_client_idle() -> u64 {
+    DEFAULT_CLIENT_IDLE_TIMEOUT_SECS
+}
+fn default_max_client_connections() -> usize {
+    DEFAULT_MAX_CLIENT_CONNECTIONS
+}
+fn default_max_client_connections_per_ip() -> usize {
+    DEFAULT_MAX_CLIENT_CONNECTIONS_PER_IP
+}
+fn default_max_pending_handshakes() -> usize {
+    DEFAULT_MAX_PENDING_HANDSHAKES
+}
+fn default_max_buffered_mib() -> u64 {
+    DEFAULT_MAX_BUFFERED_MIB
+}
+fn default_response_head_timeout() -> u64 {
+    DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS
 }
 
 fn default_grace() -> u64 {
@@ -211,6 +282,12 @@ impl RelayConfig {
             state_file: None,
             drain_grace_secs: DEFAULT_DRAIN_GRACE_SECS,
             admin_token_file: None,
+            client_idle_timeout_secs: DEFAULT_CLIENT_IDLE_TIMEOUT_SECS,
+            max_client_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
+            max_client_connections_per_ip: DEFAULT_MAX_CLIENT_CONNECTIONS_PER_IP,
+            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
+            max_buffered_mib: DEFAULT_MAX_BUFFERED_MIB,
+            response_head_timeout_secs: DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS,
         }
     }
 
@@ -229,6 +306,15 @@ impl RelayConfig {
         }
         if self.max_new_sessions_per_user_per_minute > 0 && self.new_sessions_burst_per_user == 0 {
             return Err("new_sessions_burst_per_user must be at least 1".into());
+        }
+        if self.client_idle_timeout_secs == 0 {
+            return Err("client_idle_timeout_secs must be at least 1".into());
+        }
+        if self.max_client_connections == 0
+            || self.max_client_connections_per_ip == 0
+            || self.max_pending_handshakes == 0
+        {
+            return Err("max_client_connections, max_client_connections_per_ip and max_pending_handshakes must be at least 1".into());
         }
         if self.max_header_bytes < 8 * 1024 {
             return Err("max_header_bytes must be at least 8192".into());
@@ -269,6 +355,12 @@ impl RelayConfig {
         self.state_file
             .clone()
             .unwrap_or_else(|| self.tokens.with_file_name("jobgate-state.json"))
+    }
+
+    /// How long an app may take to send its response head (`None`: no limit).
+    pub fn response_head_timeout(&self) -> Option<Duration> {
+        (self.response_head_timeout_secs > 0)
+            .then(|| Duration::from_secs(self.response_head_timeout_secs))
     }
 
     /// QUIC keep-alive interval.

@@ -190,10 +190,17 @@ async fn forward(
             recv: &mut recv,
             answered: false,
         };
-        let head = match read_frame(&mut *pending.recv, MAX_HEAD_FRAME).await {
-            Ok(Some(payload)) => ResponseHead::decode(&payload).map_err(|_| Page::BadGateway),
-            Ok(None) => Err(Page::BadGateway),
-            Err(e) => Err(page_for_failed_answer(&e)),
+        let head = match read_head_in_time(
+            &mut *pending.recv,
+            shared.config.response_head_timeout(),
+        )
+        .await
+        {
+            Some(Ok(Some(payload))) => ResponseHead::decode(&payload).map_err(|_| Page::BadGateway),
+            Some(Ok(None)) => Err(Page::BadGateway),
+            Some(Err(e)) => Err(page_for_failed_answer(&e)),
+            // Not answered: the guard stops the stream with `Cancelled` as it drops.
+            None => return answer_timed_out(send, &page_headers),
         };
         pending.answered = true;
         head
@@ -244,6 +251,31 @@ async fn forward(
     headers::for_client(&mut response_headers, switching);
     *response.headers_mut() = response_headers;
     response
+}
+
+/// Reads the response head, giving up (`None`) after `limit`.
+async fn read_head_in_time(
+    recv: &mut quinn::RecvStream,
+    limit: Option<std::time::Duration>,
+) -> Option<Result<Option<Vec<u8>>, ReadFrameError>> {
+    let read = read_frame(recv, MAX_HEAD_FRAME);
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, read).await.ok(),
+        None => Some(read.await),
+    }
+}
+
+/// The app sent no response head within the timeout: the client gets `504`, and the
+/// request stream is reset both ways with `Cancelled` (its receive half by the caller's
+/// guard) so the agent stops waiting for the app.
+fn answer_timed_out(
+    send: Option<quinn::SendStream>,
+    page_headers: &http::HeaderMap,
+) -> Response<RelayBody> {
+    if let Some(mut send) = send {
+        let _ = send.reset(quinn::VarInt::from_u32(StreamCode::Cancelled.as_u32()));
+    }
+    Page::GatewayTimeout.render(page_headers)
 }
 
 /// The page for a request whose stream failed before the response head: the agent could

@@ -1,20 +1,25 @@
 //! The front door: accept TCP, terminate TLS (ALPN h2 / http/1.1), and serve each
 //! connection with hyper, every request going to [`crate::forward`].
 
+use crate::body::RelayBody;
+use crate::limits::{AcceptBackoff, ClientPermit};
 use crate::Shared;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-/// Pause after an accept error (e.g. out of file descriptors) before trying again.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Interval of HTTP/2 keep-alive pings to idle clients.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 
@@ -26,12 +31,13 @@ pub(crate) async fn serve_https(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let handshake_timeout = Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
-    accept_loop(listener, move |tcp, peer| {
+    let accepting = shared.clone();
+    accept_loop(listener, accepting, move |tcp, peer, permit| {
         let acceptor = acceptor.clone();
         let shared = shared.clone();
         async move {
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => serve_connection(tls, peer, shared).await,
+                Ok(Ok(tls)) => serve_connection(tls, peer, shared, permit).await,
                 Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
@@ -42,32 +48,125 @@ pub(crate) async fn serve_https(
 
 /// Serves plain HTTP on `listener` (behind a TLS-terminating load balancer).
 pub(crate) async fn serve_http(listener: TcpListener, shared: Arc<Shared>) {
-    accept_loop(listener, move |tcp, peer| {
-        serve_connection(tcp, peer, shared.clone())
+    let accepting = shared.clone();
+    accept_loop(listener, accepting, move |tcp, peer, permit| {
+        serve_connection(tcp, peer, shared.clone(), permit)
     })
     .await
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, serve: F)
+/// Accepts connections; one over a cap is closed at once, before any TLS work.
+async fn accept_loop<F, Fut>(listener: TcpListener, shared: Arc<Shared>, serve: F)
 where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, ClientPermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let mut backoff = AcceptBackoff::new("front door");
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                let _ = tcp.set_nodelay(true);
-                tokio::spawn(serve(tcp, peer));
+                backoff.succeeded();
+                match shared.client_caps.admit(peer.ip()) {
+                    Ok(permit) => {
+                        let _ = tcp.set_nodelay(true);
+                        tokio::spawn(serve(tcp, peer, permit));
+                    }
+                    Err(over) => {
+                        shared.metrics.count_client_refused(over);
+                        tracing::debug!(%peer, "client connection over the cap ({over:?}): closed");
+                    }
+                }
             }
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-            }
+            Err(e) => backoff.failed(&e).await,
         }
     }
 }
 
-async fn serve_connection<I>(io: I, peer: SocketAddr, shared: Arc<Shared>)
+/// What a connection is doing, for its idle timer: requests in flight (from arrival to
+/// the end of the response body) and when the last one ended.
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    /// Requests seen so far (only whether it is zero matters).
+    seen: AtomicUsize,
+    /// When the last request ended, in milliseconds since `opened`.
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            seen: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// When the connection counts as idle for `idle`, if nothing is in flight now.
+    fn idle_at(&self, idle: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last_end = Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
+        Some(self.opened + last_end + idle)
+    }
+}
+
+/// One request in flight on its connection: from its arrival until its response body
+/// ends or is dropped (a long download or a pending answer keeps the connection busy).
+struct ActiveRequest(Arc<Activity>);
+
+impl ActiveRequest {
+    fn enter(activity: &Arc<Activity>) -> Self {
+        activity.seen.fetch_add(1, Ordering::Relaxed);
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        let ms = self.0.opened.elapsed().as_millis();
+        self.0
+            .last_end_ms
+            .fetch_max(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it ends.
+struct TrackedBody {
+    inner: RelayBody,
+    active: Option<ActiveRequest>,
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if frame.is_none() {
+            this.active = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn serve_connection<I>(io: I, peer: SocketAddr, shared: Arc<Shared>, _permit: ClientPermit)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -85,34 +184,80 @@ where
         .max_header_list_size(config.max_header_bytes as u32)
         .keep_alive_interval(H2_KEEP_ALIVE)
         .max_concurrent_streams(256);
-    // hyper's header timer starts only once a request begins (and HTTP/2 has none): a
-    // connection must deliver its first complete request head within the same timeout,
-    // or it is closed (silent clients, half prefaces, never-ending header blocks).
-    let got_request = Arc::new(AtomicBool::new(false));
+    let activity = Arc::new(Activity::new());
     let service = {
         let shared = shared.clone();
-        let got_request = got_request.clone();
+        let activity = activity.clone();
         service_fn(move |req| {
-            got_request.store(true, Ordering::Relaxed);
-            crate::forward::handle(shared.clone(), req, peer)
+            let active = ActiveRequest::enter(&activity);
+            let answer = crate::forward::handle(shared.clone(), req, peer);
+            async move {
+                let response = answer.await?;
+                Ok::<_, Infallible>(response.map(|inner| TrackedBody {
+                    inner,
+                    active: Some(active),
+                }))
+            }
         })
     };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let first_request_deadline = Duration::from_secs(config.header_read_timeout_secs);
-    let early = tokio::select! {
-        result = &mut connection => Some(result),
-        _ = tokio::time::sleep(first_request_deadline) => None,
-    };
-    let result = match early {
-        Some(result) => result,
-        None if !got_request.load(Ordering::Relaxed) => {
-            tracing::debug!(%peer, "no complete request within the header timeout: closing");
-            return;
-        }
-        None => connection.await,
+    let first_request_within = Duration::from_secs(config.header_read_timeout_secs);
+    let idle = Duration::from_secs(config.client_idle_timeout_secs);
+    let result = tokio::select! {
+        result = &mut connection => result,
+        quiet = quiet(&activity, first_request_within, idle) => match quiet {
+            Quiet::NoRequest => {
+                tracing::debug!(%peer, "no complete request within the header timeout: closing");
+                return;
+            }
+            Quiet::Idle => {
+                tracing::debug!(%peer, "client connection idle: closing");
+                shared.metrics.client_connections_idle_closed.fetch_add(1, Ordering::Relaxed);
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        },
     };
     if let Err(e) = result {
         tracing::debug!(%peer, "client connection ended: {e}");
+    }
+}
+
+/// Why a client connection is closed by the relay.
+enum Quiet {
+    /// No complete request head within the header timeout.
+    NoRequest,
+    /// No request in flight for the idle timeout.
+    Idle,
+}
+
+/// Resolves when the connection should be closed:
+/// * hyper's header timer starts only once a request begins (and HTTP/2 has none), so a
+///   connection must deliver its first complete request head within
+///   `first_request_within` (silent clients, half prefaces, never-ending header blocks);
+/// * hyper's HTTP/2 server has no idle timeout (its HTTP/1.1 header timer also runs
+///   between keep-alive requests), so a connection with nothing in flight for `idle` is
+///   closed gracefully (HTTP/2 `GOAWAY`).
+///
+/// Wakes at most once per `idle` while requests flow.
+async fn quiet(activity: &Activity, first_request_within: Duration, idle: Duration) -> Quiet {
+    let no_request_by = activity.opened + first_request_within;
+    loop {
+        let now = Instant::now();
+        let wake = if activity.seen.load(Ordering::Relaxed) == 0 {
+            if now >= no_request_by {
+                return Quiet::NoRequest;
+            }
+            // Also wake early enough to catch a first request that came and went.
+            no_request_by.min(now + idle)
+        } else {
+            match activity.idle_at(idle) {
+                Some(at) if at <= now => return Quiet::Idle,
+                Some(at) => at,
+                None => now + idle,
+            }
+        };
+        tokio::time::sleep_until(wake.into()).await;
     }
 }

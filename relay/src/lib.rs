@@ -22,6 +22,7 @@ pub mod config;
 pub mod forward;
 pub mod front;
 mod headers;
+pub mod limits;
 pub mod metrics;
 pub mod names;
 mod pages;
@@ -85,6 +86,10 @@ pub(crate) struct Shared {
     pub new_sessions: ratelimit::NewSessionLimiter,
     /// The admin API's key (`--admin-token-file`); `None`: the API is off.
     pub admin: Option<admin::AdminKey>,
+    /// Client connections open, in total and per address.
+    pub client_caps: Arc<limits::ConnectionCaps>,
+    /// The relay-wide budget for agents' receive windows.
+    pub window_budget: Arc<limits::WindowBudget>,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -149,8 +154,13 @@ impl Relay {
             addr: config.listen_quic,
             source,
         };
-        let server = agents::server_config(&config, tls::quic_server_config(certs.clone())?)
+        let quic_tls = tls::quic_server_config(certs.clone())?;
+        let server = agents::server_config(&config, quic_tls.clone(), limits::FULL_STREAM_WINDOW)
             .map_err(quic_error)?;
+        let small_windows = Arc::new(
+            agents::server_config(&config, quic_tls, limits::SMALL_STREAM_WINDOW)
+                .map_err(quic_error)?,
+        );
         let endpoint =
             agents::bind_endpoint(&config, server, tickets.reset_key(), tickets.cid_key())
                 .map_err(quic_error)?;
@@ -166,6 +176,7 @@ impl Relay {
         };
 
         let front_tls = tls::front_server_config(certs.clone())?;
+        let client_caps = Arc::new(client_caps(&config));
         let mut config = config;
         // URLs carry the port actually bound (matters when the config said port 0).
         config.url_port.get_or_insert(https_addr.port());
@@ -185,6 +196,8 @@ impl Relay {
                 config.new_sessions_burst_per_user,
             ),
             admin,
+            client_caps,
+            window_budget: Arc::new(limits::WindowBudget::new(config.max_buffered_mib)),
             domain: config.normalized_domain(),
             config,
         });
@@ -195,7 +208,11 @@ impl Relay {
             front.spawn(front::serve_http(http, shared.clone()));
         }
         let mut tasks = JoinSet::new();
-        tasks.spawn(agents::accept_agents(endpoint.clone(), shared.clone()));
+        tasks.spawn(agents::accept_agents(
+            endpoint.clone(),
+            shared.clone(),
+            small_windows,
+        ));
         tasks.spawn(watch_files(shared.clone()));
         tasks.spawn(state::keep_saved(shared.clone()));
         if let Some(listener) = metrics_listener {
@@ -352,6 +369,26 @@ fn close_sessions_of_stale_tokens(shared: &Arc<Shared>) {
             );
         }
     });
+}
+
+/// Raises the open-files limit and sizes the client-connection caps to fit it.
+fn client_caps(config: &RelayConfig) -> limits::ConnectionCaps {
+    let fd_limit = limits::raise_fd_limit();
+    let max_total = limits::client_cap_for_fd_limit(config.max_client_connections, fd_limit);
+    match fd_limit {
+        Some(limit) if max_total < config.max_client_connections => tracing::warn!(
+            "open-files limit {limit} is too low for max_client_connections = {} (+{} kept in reserve): \
+             at most {max_total} client connections; raise LimitNOFILE (systemd) or ulimit -n",
+            config.max_client_connections,
+            limits::FD_RESERVE
+        ),
+        Some(limit) => tracing::info!(
+            "open-files limit {limit}: up to {max_total} client connections, {} per address",
+            config.max_client_connections_per_ip
+        ),
+        None => tracing::warn!("open-files limit unknown: client connections are capped at {max_total}"),
+    }
+    limits::ConnectionCaps::new(max_total, config.max_client_connections_per_ip)
 }
 
 fn local_addr(listener: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, RelayError> {

@@ -23,8 +23,6 @@ use tokio::net::TcpListener;
 
 /// How long a metrics client may take to send its request head.
 const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after an accept error before trying again.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A value that goes up and down; [`Gauge::enter`] counts one until the guard drops.
 #[derive(Default)]
@@ -95,9 +93,32 @@ pub struct Metrics {
     pub agents_refused: AtomicU64,
     /// QUIC handshakes that failed, and connections that never said `Hello` in time.
     pub agent_handshakes_failed: AtomicU64,
+    /// Client connections closed at once because a cap was reached: [total, per IP].
+    pub client_connections_refused: [AtomicU64; 2],
+    /// Client connections closed because nothing was in flight for the idle timeout.
+    pub client_connections_idle_closed: AtomicU64,
+    /// Agent connections between their first packet and an admitted (or refused) `Hello`.
+    pub pending_handshakes: Gauge,
+    /// New agent connections asked to prove their address (QUIC Retry) under load.
+    pub agent_handshakes_retried: AtomicU64,
+    /// New agent connections refused because `max_pending_handshakes` were pending.
+    pub agent_handshakes_over_cap: AtomicU64,
+    /// Sessions whose receive window came out of the memory budget (full window) now.
+    pub sessions_full_window: Gauge,
+    /// Sessions admitted with the small window because the memory budget was spent.
+    pub sessions_small_window: AtomicU64,
 }
 
 impl Metrics {
+    /// Counts a client connection closed at once because of `over`.
+    pub(crate) fn count_client_refused(&self, over: crate::limits::OverCap) {
+        let index = match over {
+            crate::limits::OverCap::Total => 0,
+            crate::limits::OverCap::PerIp => 1,
+        };
+        self.client_connections_refused[index].fetch_add(1, Relaxed);
+    }
+
     /// Counts the answer the front door is about to send.
     pub(crate) fn count_response<B>(&self, response: &Response<B>) {
         self.requests.fetch_add(1, Relaxed);
@@ -228,6 +249,57 @@ pub(crate) fn render(shared: &Shared) -> String {
         &[("", m.client_connections.get() as f64)],
     );
     family(
+        "client_connections_refused_total",
+        "counter",
+        "Client connections closed at once because a cap was reached (before TLS).",
+        &[
+            ("{cap=\"total\"}", n(&m.client_connections_refused[0])),
+            ("{cap=\"per_ip\"}", n(&m.client_connections_refused[1])),
+        ],
+    );
+    family(
+        "client_connections_idle_closed_total",
+        "counter",
+        "Client connections closed after the idle timeout with nothing in flight.",
+        &[("", n(&m.client_connections_idle_closed))],
+    );
+    family(
+        "agent_handshakes_pending",
+        "gauge",
+        "Agent connections between their first packet and their Hello's answer.",
+        &[("", m.pending_handshakes.get() as f64)],
+    );
+    family(
+        "agent_handshakes_retried_total",
+        "counter",
+        "New agent connections sent a QUIC Retry (address validation) under load.",
+        &[("", n(&m.agent_handshakes_retried))],
+    );
+    family(
+        "agent_handshakes_refused_total",
+        "counter",
+        "New agent connections refused because max_pending_handshakes were pending.",
+        &[("", n(&m.agent_handshakes_over_cap))],
+    );
+    family(
+        "sessions_by_window",
+        "gauge",
+        "Live sessions by receive window: full (from the memory budget) or small (budget spent).",
+        &[
+            ("{window=\"full\"}", m.sessions_full_window.get() as f64),
+            (
+                "{window=\"small\"}",
+                (live as i64 - m.sessions_full_window.get()).max(0) as f64,
+            ),
+        ],
+    );
+    family(
+        "sessions_small_window_total",
+        "counter",
+        "Sessions admitted with the small receive window because the memory budget was spent.",
+        &[("", n(&m.sessions_small_window))],
+    );
+    family(
         "runtime_tasks",
         "gauge",
         "Tasks alive in the relay's async runtime.",
@@ -277,12 +349,15 @@ fn process_figures() -> Option<(u64, u64)> {
 
 /// Serves `/metrics` and `/healthz` on `listener` until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut backoff = crate::limits::AcceptBackoff::new("metrics");
     loop {
         let (tcp, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                backoff.succeeded();
+                accepted
+            }
             Err(e) => {
-                tracing::warn!("metrics: accept failed: {e}");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                backoff.failed(&e).await;
                 continue;
             }
         };

@@ -26,11 +26,13 @@ pub enum Page {
     Reconnecting,
     /// The session has as many requests in flight as the relay allows.
     Busy,
+    /// The app sent no response head within the response-head timeout.
+    GatewayTimeout,
 }
 
 impl Page {
     /// Every page, in the order of [`Page::index`].
-    pub const ALL: [Page; 8] = [
+    pub const ALL: [Page; 9] = [
         Self::NoSession,
         Self::NotASession,
         Self::BadGateway,
@@ -39,6 +41,7 @@ impl Page {
         Self::Unauthorized,
         Self::Reconnecting,
         Self::Busy,
+        Self::GatewayTimeout,
     ];
 
     /// This page's position in [`Page::ALL`].
@@ -57,6 +60,7 @@ impl Page {
             Self::Unauthorized => "unauthorized",
             Self::Reconnecting => "reconnecting",
             Self::Busy => "busy",
+            Self::GatewayTimeout => "gateway_timeout",
         }
     }
 
@@ -101,6 +105,11 @@ impl Page {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Too many requests",
                 "This session has as many requests in flight as the relay allows. Try again in a moment.",
+            ),
+            Self::GatewayTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "The app did not answer in time",
+                "The job's app accepted this request but sent no answer within the relay's time limit. It may be busy or stuck; reload to try again.",
             ),
             Self::BadRequest => (
                 StatusCode::BAD_REQUEST,

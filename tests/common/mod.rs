@@ -218,7 +218,26 @@ pub fn start_relay(env: &TestEnv, extra: &[&str]) -> RelayProc {
 
 /// A relay on given loopback ports (0 = any), e.g. to restart one where it was.
 pub fn start_relay_at(env: &TestEnv, https_port: u16, quic_port: u16, extra: &[&str]) -> RelayProc {
-    let mut command = Command::new(bin());
+    start_relay_via(&[], env, https_port, quic_port, extra)
+}
+
+/// A relay started through `wrapper` (a program and its arguments, e.g.
+/// `["prlimit", "--nofile=256:256"]`), which runs `jobgate relay ...`.
+pub fn start_relay_via(
+    wrapper: &[&str],
+    env: &TestEnv,
+    https_port: u16,
+    quic_port: u16,
+    extra: &[&str],
+) -> RelayProc {
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(bin());
+            command
+        }
+        None => Command::new(bin()),
+    };
     command
         .args(["relay", "--domain", DOMAIN])
         .arg("--listen-https")
@@ -490,6 +509,17 @@ pub async fn collect(
 pub fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+/// Resident memory (VmRSS) of a process now, in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
 }
 
 /// Peak resident memory (VmHWM) of a process, in KiB.
