@@ -12,8 +12,14 @@
 //!   response turns both directions into a raw byte pipe (WebSocket).
 //!
 //! This crate is pure: types, codecs and limits, no sockets and no runtime, so that every
-//! decoder can be fuzzed and property-tested on its own. The optional `tokio-io` feature adds
-//! two small helpers that move one frame over any `AsyncRead`/`AsyncWrite`.
+//! decoder can be fuzzed and property-tested on its own. Two optional features add the
+//! glue the relay and the agent share, kept here so it exists once:
+//!
+//! * `tokio-io`: two small helpers that move one frame over any `AsyncRead`/`AsyncWrite`;
+//! * `quic` (implies `tokio-io`): the QUIC side of a request stream — a receive stream as a
+//!   streaming HTTP body ([`quic::QuicBody`]), pumping an HTTP body into a send stream,
+//!   splicing an upgraded connection to a stream after a `101`, and the transport tuning
+//!   both ends must agree on.
 //!
 //! The full specification is `docs/protocol.md`.
 #![forbid(unsafe_code)]
