@@ -33,6 +33,7 @@ mod head;
 mod io;
 #[cfg(feature = "quic")]
 pub mod quic;
+pub mod upgrade;
 
 pub use codes::{CloseCode, StreamCode};
 pub use control::{AccessMode, ControlMessage, JobInfo, RefusalCode, SessionLimits, Token};

@@ -54,6 +54,7 @@ pub fn transport_config(
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW);
+    config.datagram_receive_buffer_size(None); // no QUIC datagrams: nothing would read them
     Arc::new(config)
 }
 

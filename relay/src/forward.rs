@@ -41,6 +41,16 @@ async fn route(
         tracing::debug!(%client, "rejected an ambiguous request: {why}");
         return Page::BadRequest.render_closing(req.headers());
     }
+    // Only a bodiless WebSocket handshake passes as an upgrade (see `headers`); anything
+    // else that asks for one is refused here, before it can reach an app, and the
+    // connection is closed (the body it may carry is not read).
+    let upgrade = match headers::requested_upgrade(req.headers()) {
+        Ok(upgrade) => upgrade,
+        Err(why) => {
+            tracing::debug!(%client, "refused an upgrade request: {why}");
+            return Page::BadRequest.render_closing(req.headers());
+        }
+    };
     let Some(host) = request_host(&req) else {
         return Page::BadRequest.render(req.headers());
     };
@@ -61,7 +71,7 @@ async fn route(
     if session_flight.count > shared.config.max_streams_per_agent as usize {
         return Page::Busy.render(req.headers());
     }
-    forward(shared, &session, req, host, client).await
+    forward(shared, &session, req, host, client, upgrade).await
 }
 
 /// Counts a request as in flight until its response head is ready (or it is dropped).
@@ -130,8 +140,8 @@ async fn forward(
     mut req: Request<Incoming>,
     host: HeaderValue,
     client: SocketAddr,
+    upgrade: Option<HeaderValue>,
 ) -> Response<RelayBody> {
-    let upgrade = headers::requested_upgrade(req.headers());
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     if let Decision::Answer(response) = access::check(&session.guard, &session.name, &mut parts) {
@@ -240,7 +250,8 @@ async fn forward(
         }
         (false, _, send) => {
             if let Some(mut send) = send {
-                // Upgrade refused by the app: no body follows on a GET upgrade.
+                // Upgrade refused by the app: an upgrade request has no body (checked in
+                // `route`), so the request is complete.
                 let _ = send.finish();
             }
             Response::new(RelayBody::Stream(QuicBody::new(recv)))

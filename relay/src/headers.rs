@@ -1,6 +1,7 @@
 //! Header rewriting at the front door: what the app sees and what the browser gets back.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use jobgate_protocol::upgrade;
 use std::net::SocketAddr;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1), never forwarded.
@@ -15,26 +16,106 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-/// Fields a client might send to lie about where it is; replaced by the relay's own.
-const SPOOFABLE: [HeaderName; 5] = [
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-forwarded-proto"),
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-real-ip"),
+/// Fields a client could send to lie about where a request came from (address, scheme,
+/// port, host, path): all are dropped, and the relay sets `X-Forwarded-For`, `-Proto` and
+/// `-Host` itself. Apps and frameworks each trust a different set, so the list is long.
+const SPOOFABLE: [HeaderName; 19] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
     header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    // Tornado prefers it to X-Forwarded-Proto.
+    HeaderName::from_static("x-scheme"),
+    // Werkzeug ProxyFix, Spring, Express. Not set by the relay: the port the browser
+    // used is in `Host` and `X-Forwarded-Host` already.
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-server"),
+    // Scheme flags of other proxies (`on`/`off`, `http`/`https`).
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static("front-end-https"),
+    // Client addresses set by CDNs and load balancers (Akamai, Cloudflare, others).
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("x-client-ip"),
+    // IIS, Symfony, Laminas route by these instead of the request target.
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    // A path prefix (or URI) the app would put in front of its own links and redirects.
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-uri"),
 ];
 
-/// The WebSocket-style upgrade a request asks for, if it asks for one the relay passes:
-/// `Connection: upgrade` plus an `Upgrade` field.
-pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    let upgrade = headers.get(header::UPGRADE)?;
+/// Set by the relay: the client's address as the relay's TCP peer saw it.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Set by the relay: always `https` (the front door, or the TLS load balancer before it).
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// Set by the relay: the host (and port) the client asked for.
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Response fields an app must not send to the browser, because their effect reaches
+/// beyond the session's own origin (all sessions are sibling names under one registrable
+/// domain) or into the relay's own business. `Set-Cookie` is kept but loses `Domain=`.
+///
+/// `Strict-Transport-Security` passes, `includeSubDomains` or not: it covers only the
+/// session's own host and names below it, which the relay never serves, and the relay
+/// speaks nothing but HTTPS to browsers anyway.
+const CROSS_ORIGIN_RESPONSE: [HeaderName; 4] = [
+    // `"cookies"` clears the cookies of the whole registrable domain: every session's
+    // access cookie in the browser (and `"storage"`, `"*"` more).
+    HeaderName::from_static("clear-site-data"),
+    // RFC 2965 cookies (obsolete) may carry a `Domain` this module does not rewrite.
+    HeaderName::from_static("set-cookie2"),
+    // Would point the browser's later connections for this origin at another endpoint or
+    // protocol (e.g. HTTP/3 on a UDP port the relay does not serve browsers on).
+    header::ALT_SVC,
+    // The relay marks its own pages with it: an app must not pass its answers off as the
+    // relay's.
+    HeaderName::from_static("x-jobgate"),
+];
+
+/// Why the relay refuses a request that asks for a protocol upgrade (the rules are
+/// [`jobgate_protocol::upgrade`]'s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpgradeRefusal {
+    /// An `Upgrade` field naming anything but exactly `websocket` (`h2c` included).
+    #[error("upgrade to a protocol other than websocket")]
+    NotWebSocket,
+    /// A WebSocket handshake that declares a body: the body could not be forwarded, and
+    /// its framing fields would desynchronise the app's connection.
+    #[error("upgrade request with a body")]
+    WithBody,
+}
+
+/// The upgrade a request asks for and the relay passes: `Some(websocket)` for a
+/// WebSocket handshake (`Connection: upgrade` plus `Upgrade: websocket`, no body), `None`
+/// for a plain request. An `Upgrade` field naming another protocol is refused even
+/// without `Connection: upgrade`, so that `h2c` never gets near an app; refusing (rather
+/// than dropping the field) also tells a client plainly that its upgrade will not happen.
+pub fn requested_upgrade(headers: &HeaderMap) -> Result<Option<HeaderValue>, UpgradeRefusal> {
+    let mut values = headers.get_all(header::UPGRADE).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() || !upgrade::is_websocket(first) {
+        return Err(UpgradeRefusal::NotWebSocket);
+    }
     let asks = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| upgrade.clone())
+    if !asks {
+        // Not an upgrade request: `Upgrade` is dropped with the hop-by-hop fields.
+        return Ok(None);
+    }
+    if upgrade::declares_body(headers) {
+        return Err(UpgradeRefusal::WithBody);
+    }
+    Ok(Some(HeaderValue::from_static(upgrade::WEBSOCKET)))
 }
 
 /// Removes hop-by-hop fields, including any the `Connection` field names.
@@ -53,6 +134,9 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Rewrites a client's request headers for the app, in place: hop-by-hop fields gone,
 /// `Host` set to what the client asked for, the `X-Forwarded-*` fields the relay's own.
+/// `upgrade` comes from [`requested_upgrade`]: an upgrade request goes without any
+/// framing field, since no body follows it (an app must never be told of a body that
+/// does not come).
 pub fn for_app(
     headers: &mut HeaderMap,
     host: &HeaderValue,
@@ -63,17 +147,50 @@ pub fn for_app(
     for name in &SPOOFABLE {
         headers.remove(name);
     }
+    remove_underscore_lookalikes(headers);
     join_cookies(headers);
     headers.insert(header::HOST, host.clone());
-    headers.insert(SPOOFABLE[2].clone(), host.clone());
-    headers.insert(SPOOFABLE[1].clone(), HeaderValue::from_static("https"));
+    headers.insert(X_FORWARDED_HOST, host.clone());
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     if let Ok(ip) = HeaderValue::from_str(&client.ip().to_string()) {
-        headers.insert(SPOOFABLE[0].clone(), ip);
+        headers.insert(X_FORWARDED_FOR, ip);
     }
     if let Some(protocol) = upgrade {
+        headers.remove(header::CONTENT_LENGTH);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
     }
+}
+
+/// Drops fields such as `X_Forwarded_For`: CGI-style servers (WSGI ones among them) map
+/// `_` and `-` to the same variable and would read it as the spoofable field. A request
+/// pays for more than one scan of its field names only if one of them has a `_`.
+fn remove_underscore_lookalikes(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_underscore_lookalike) {
+        return;
+    }
+    let lookalikes: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_underscore_lookalike(name))
+        .cloned()
+        .collect();
+    for name in lookalikes {
+        headers.remove(name);
+    }
+}
+
+/// Whether `name` has a `_` and reads as a [`SPOOFABLE`] name with `-` for `_`.
+fn is_underscore_lookalike(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    name.contains(&b'_')
+        && SPOOFABLE.iter().any(|spoofable| {
+            let spoofable = spoofable.as_str().as_bytes();
+            spoofable.len() == name.len()
+                && spoofable
+                    .iter()
+                    .zip(name)
+                    .all(|(&s, &n)| s == n || (s == b'-' && n == b'_'))
+        })
 }
 
 /// HTTP/2 may split `Cookie` into several fields; an HTTP/1.1 app expects one
@@ -95,7 +212,8 @@ fn join_cookies(headers: &mut HeaderMap) {
 
 /// Rewrites the app's response headers for the browser, in place. A `101` keeps its
 /// `Connection`/`Upgrade` pair; every `Set-Cookie` loses its `Domain=` attribute so that
-/// a session can only set host-only cookies, never cookies for other sessions' names.
+/// a session can only set host-only cookies, never cookies for other sessions' names;
+/// the fields of [`CROSS_ORIGIN_RESPONSE`] are dropped.
 pub fn for_client(headers: &mut HeaderMap, switching_protocols: bool) {
     let upgrade = if switching_protocols {
         headers.get(header::UPGRADE).cloned()
@@ -103,6 +221,9 @@ pub fn for_client(headers: &mut HeaderMap, switching_protocols: bool) {
         None
     };
     remove_hop_by_hop(headers);
+    for name in &CROSS_ORIGIN_RESPONSE {
+        headers.remove(name);
+    }
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
@@ -184,17 +305,139 @@ mod tests {
             "connection",
             HeaderValue::from_static("keep-alive, Upgrade"),
         );
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("upgrade", HeaderValue::from_static("WebSocket"));
+        h.insert("content-length", HeaderValue::from_static("0"));
         let up = requested_upgrade(&h);
-        assert_eq!(up, Some(HeaderValue::from_static("websocket")));
+        assert_eq!(up, Ok(Some(HeaderValue::from_static("websocket"))));
         for_app(
             &mut h,
             &HeaderValue::from_static("x"),
             "[::1]:1".parse().expect("addr"),
-            up,
+            up.ok().flatten(),
         );
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
+        assert!(
+            h.get("content-length").is_none(),
+            "no framing on an upgrade"
+        );
+
+        // `Upgrade: websocket` without `Connection: upgrade` is a plain request.
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("content-length", HeaderValue::from_static("5"));
+        assert_eq!(requested_upgrade(&h), Ok(None));
+        for_app(
+            &mut h,
+            &HeaderValue::from_static("x"),
+            "[::1]:1".parse().expect("addr"),
+            None,
+        );
+        assert!(h.get("upgrade").is_none());
+        assert_eq!(
+            h["content-length"], "5",
+            "a plain request keeps its body's length"
+        );
+    }
+
+    fn upgrade_request(token: &'static str, extra: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static(token));
+        for (name, value) in extra {
+            h.append(*name, HeaderValue::from_static(value));
+        }
+        h
+    }
+
+    #[test]
+    fn only_websocket_upgrades_pass_and_h2c_is_refused() {
+        for token in ["h2c", "H2C", "websocket, h2c", "foo", "TLS/1.0"] {
+            let h = upgrade_request(token, &[]);
+            assert_eq!(
+                requested_upgrade(&h),
+                Err(UpgradeRefusal::NotWebSocket),
+                "{token}"
+            );
+        }
+        // Refused even without `Connection: upgrade`.
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        assert_eq!(requested_upgrade(&h), Err(UpgradeRefusal::NotWebSocket));
+        // Two `Upgrade` fields are not one WebSocket.
+        let h = upgrade_request("websocket", &[("upgrade", "websocket")]);
+        assert_eq!(requested_upgrade(&h), Err(UpgradeRefusal::NotWebSocket));
+    }
+
+    #[test]
+    fn an_upgrade_with_a_body_is_refused() {
+        for extra in [
+            ("content-length", "12"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "x"),
+        ] {
+            let h = upgrade_request("websocket", &[extra]);
+            assert_eq!(
+                requested_upgrade(&h),
+                Err(UpgradeRefusal::WithBody),
+                "{extra:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_spoofable_field_and_its_underscore_lookalike_is_replaced_or_dropped() {
+        let mut h = HeaderMap::new();
+        for name in &SPOOFABLE {
+            h.insert(name.clone(), HeaderValue::from_static("spoofed"));
+            let underscored = name.as_str().replace('-', "_");
+            if let Ok(lookalike) = HeaderName::from_bytes(underscored.as_bytes()) {
+                h.insert(lookalike, HeaderValue::from_static("spoofed"));
+            }
+        }
+        h.insert("x_app_field", HeaderValue::from_static("kept"));
+        let host = HeaderValue::from_static("abc.example.org");
+        for_app(&mut h, &host, "192.0.2.7:4000".parse().expect("addr"), None);
+        let spoofed: Vec<_> = h
+            .iter()
+            .filter(|(_, v)| *v == "spoofed")
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert!(spoofed.is_empty(), "{spoofed:?}");
+        assert_eq!(h["x_app_field"], "kept");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        for name in [
+            "x-scheme",
+            "x-forwarded-port",
+            "true-client-ip",
+            "forwarded",
+        ] {
+            assert!(h.get(name).is_none(), "{name}");
+        }
+    }
+
+    #[test]
+    fn cross_origin_response_fields_are_dropped_and_hsts_passes() {
+        let mut h = HeaderMap::new();
+        for name in &CROSS_ORIGIN_RESPONSE {
+            h.insert(name.clone(), HeaderValue::from_static("\"cookies\""));
+        }
+        h.insert(
+            "strict-transport-security",
+            HeaderValue::from_static("max-age=60; includeSubDomains"),
+        );
+        h.insert("content-type", HeaderValue::from_static("text/html"));
+        for_client(&mut h, false);
+        for name in &CROSS_ORIGIN_RESPONSE {
+            assert!(h.get(name).is_none(), "{name}");
+        }
+        assert!(h.get("clear-site-data").is_none());
+        assert_eq!(
+            h["strict-transport-security"],
+            "max-age=60; includeSubDomains"
+        );
+        assert_eq!(h["content-type"], "text/html");
     }
 
     #[test]
