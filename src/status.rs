@@ -54,6 +54,8 @@ struct SessionRow {
     bytes_in: u64,
     bytes_out: u64,
     requests: u64,
+    #[serde(default)]
+    websockets: u64,
 }
 
 /// Runs `jobgate status`.
@@ -173,6 +175,7 @@ fn print_table(rows: &[SessionRow]) {
         "IN",
         "OUT",
         "REQS",
+        "WS",
     ]
     .map(str::to_owned)];
     for row in rows {
@@ -192,9 +195,10 @@ fn print_table(rows: &[SessionRow]) {
             bytes(row.bytes_in),
             bytes(row.bytes_out),
             row.requests.to_string(),
+            row.websockets.to_string(),
         ]);
     }
-    let mut widths = [0usize; 11];
+    let mut widths = [0usize; 12];
     for row in &table {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());

@@ -82,9 +82,21 @@ async fn an_admin_sees_every_session_and_closes_one() {
     let alice = start_demo_agent(&env, &relay, &env.token_file("alice"), "alice");
     let mut bob = start_demo_agent(&env, &relay, &env.token_file("bob"), "bob");
     let bob_name = bob.host().split('.').next().expect("name").to_owned();
-    // Some traffic, so the counters have something to show.
+    // Some traffic, so the counters have something to show, and a WebSocket kept open.
     let (status, _, _) = get(&env, relay.https_port, &alice.host(), &alice.path("/echo")).await;
     assert_eq!(status, StatusCode::OK);
+    let tls = tls_connect(&env, relay.https_port, &alice.host(), &[b"http/1.1"]).await;
+    let request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "wss://{}:{}{}",
+            alice.host(),
+            relay.https_port,
+            alice.path("/ws")
+        ))
+        .expect("request");
+    let (websocket, _) = tokio_tungstenite::client_async(request, tls)
+        .await
+        .expect("websocket");
 
     // No token, or a wrong one: 401 and nothing else.
     for token in [None, Some("not-the-admin-token")] {
@@ -108,6 +120,7 @@ async fn an_admin_sees_every_session_and_closes_one() {
     assert!(alice_row["requests"].as_u64().expect("requests") >= 1);
     assert!(alice_row["bytes_in"].as_u64().expect("bytes") > 0);
     assert!(alice_row["node"].is_string(), "{alice_row}");
+    assert_eq!(alice_row["websockets"], 1, "{alice_row}");
     // Never a key or cookie.
     assert!(!body.contains(&alice.key()) && !body.contains("jobgate_key"));
 
@@ -170,6 +183,16 @@ async fn an_admin_sees_every_session_and_closes_one() {
     )
     .await;
     assert!(!String::from_utf8_lossy(&body).contains("bytes_in"));
+
+    drop(websocket);
+    let closed = eventually(Duration::from_secs(10), || async {
+        let (_, body) = call(&addr, "GET", "/api/sessions", Some(admin_token)).await;
+        json(body.as_bytes())
+            .as_array()
+            .is_some_and(|l| l.iter().all(|s| s["websockets"] == 0))
+    })
+    .await;
+    assert!(closed.is_some(), "the closed WebSocket is still counted");
 
     // Closing bob's session: the agent is told why and exits 3; the URL is dead.
     let (status, _) = call(

@@ -152,6 +152,8 @@ pub struct SessionInfo {
     pub requests: u64,
     /// Requests waiting for their answer now.
     pub in_flight: usize,
+    /// WebSockets open now.
+    pub websockets: usize,
 }
 
 impl SessionInfo {
@@ -175,6 +177,7 @@ impl SessionInfo {
             bytes_out: stats.udp_tx.bytes,
             requests: session.requests.load(Ordering::Relaxed),
             in_flight: session.in_flight.load(Ordering::Relaxed),
+            websockets: session.websockets.load(Ordering::Relaxed),
         }
     }
 
@@ -197,6 +200,7 @@ impl SessionInfo {
             bytes_out: 0,
             requests: 0,
             in_flight: 0,
+            websockets: 0,
         }
     }
 }

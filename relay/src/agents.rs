@@ -585,6 +585,7 @@ fn new_session(
         opened: Instant::now(),
         requests: Default::default(),
         in_flight: Default::default(),
+        websockets: Default::default(),
         revoked: Default::default(),
     })
 }

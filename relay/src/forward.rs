@@ -74,6 +74,23 @@ async fn route(
     forward(shared, &session, req, host, client, upgrade).await
 }
 
+/// Counts an open WebSocket (or other upgraded connection) on its session until dropped,
+/// for the admin API.
+struct OpenWebSocket(Arc<Session>);
+
+impl OpenWebSocket {
+    fn enter(session: &Arc<Session>) -> Self {
+        session.websockets.fetch_add(1, Ordering::Relaxed);
+        Self(session.clone())
+    }
+}
+
+impl Drop for OpenWebSocket {
+    fn drop(&mut self) {
+        self.0.websockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts a request as in flight until its response head is ready (or it is dropped).
 struct InFlight<'a> {
     counter: &'a AtomicUsize,
@@ -136,7 +153,7 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
 
 async fn forward(
     shared: &Arc<Shared>,
-    session: &Session,
+    session: &Arc<Session>,
     mut req: Request<Incoming>,
     host: HeaderValue,
     client: SocketAddr,
@@ -227,8 +244,9 @@ async fn forward(
     let mut response = match (switching, on_upgrade, send) {
         (true, Some(on_upgrade), Some(send)) => {
             let open = OwnedGaugeGuard::enter(shared.clone(), |m| &m.upgraded);
+            let open_here = OpenWebSocket::enter(session);
             tokio::spawn(async move {
-                let _open = open;
+                let _open = (open, open_here);
                 match on_upgrade.await {
                     Ok(upgraded) => {
                         if let Err(e) = pipe(TokioIo::new(upgraded), send, recv).await {

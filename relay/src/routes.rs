@@ -36,6 +36,8 @@ pub struct Session {
     pub requests: std::sync::atomic::AtomicU64,
     /// Requests waiting for their response head (capped by `max_streams_per_agent`).
     pub in_flight: std::sync::atomic::AtomicUsize,
+    /// WebSockets (upgraded connections) open now.
+    pub websockets: std::sync::atomic::AtomicUsize,
     /// Set when the user's token was revoked: the name dies, no resume.
     pub revoked: std::sync::atomic::AtomicBool,
 }
