@@ -17,6 +17,7 @@ pub mod dial;
 pub mod guard;
 pub mod jobfile;
 pub mod jupyter;
+pub mod listener;
 pub mod serve;
 pub mod target;
 pub mod token;
