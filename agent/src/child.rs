@@ -37,6 +37,17 @@ pub enum ChildError {
     /// The app exited before it accepted connections.
     #[error("the app exited before it was ready ({0})")]
     ExitedEarly(String),
+    /// Another user's listener holds the app's TCP port (it took `{port}` first).
+    #[error(
+        "another user (uid {uid}) listens on {target}, where the app should: refusing to \
+         forward to it. Start the app again, preferably on {{sock}} (a private unix socket)"
+    )]
+    ForeignListener {
+        /// The app's address.
+        target: String,
+        /// The owner of the listener found there.
+        uid: u32,
+    },
     /// The app did not accept connections in time.
     #[error("the app did not accept connections on {target} within {secs} s")]
     NotReady {
@@ -164,7 +175,7 @@ impl App {
         let deadline = Instant::now() + timeout;
         loop {
             if target.connect().await.is_ok() {
-                return Ok(());
+                return check_owner(target);
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(ChildError::ExitedEarly(describe(status)));
@@ -210,6 +221,20 @@ impl App {
                 self.child.wait().await.ok()
             }
         }
+    }
+}
+
+/// Refuses a TCP target whose listener belongs to another user (see [`crate::listener`]).
+fn check_owner(target: &Target) -> Result<(), ChildError> {
+    let Target::Tcp(addr) = target else {
+        return Ok(());
+    };
+    match crate::listener::foreign_listener(*addr, nix::unistd::getuid().as_raw()) {
+        Some(uid) => Err(ChildError::ForeignListener {
+            target: target.to_string(),
+            uid,
+        }),
+        None => Ok(()),
     }
 }
 

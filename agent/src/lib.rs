@@ -27,6 +27,7 @@ pub mod dial;
 pub mod guard;
 pub mod jobfile;
 pub mod jupyter;
+pub mod listener;
 pub mod serve;
 mod supervisor;
 pub mod target;
