@@ -134,7 +134,9 @@ async fn forward(
     let upgrade = headers::requested_upgrade(req.headers());
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    if let Decision::Answer(response) = access::check(&session.guard, &session.name, &mut parts) {
+    if let Decision::Answer(response) =
+        access::check(&session.guard, &session.name, &session.origin, &mut parts)
+    {
         return response;
     }
     let page_headers = parts.headers.clone();

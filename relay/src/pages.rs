@@ -26,11 +26,14 @@ pub enum Page {
     Reconnecting,
     /// The session has as many requests in flight as the relay allows.
     Busy,
+    /// A cookie-authenticated request came from a page of another origin (another site,
+    /// or a sibling session under the same domain) and was not a top-level navigation.
+    ForeignOrigin,
 }
 
 impl Page {
     /// Every page, in the order of [`Page::index`].
-    pub const ALL: [Page; 8] = [
+    pub const ALL: [Page; 9] = [
         Self::NoSession,
         Self::NotASession,
         Self::BadGateway,
@@ -39,6 +42,7 @@ impl Page {
         Self::Unauthorized,
         Self::Reconnecting,
         Self::Busy,
+        Self::ForeignOrigin,
     ];
 
     /// This page's position in [`Page::ALL`].
@@ -57,6 +61,7 @@ impl Page {
             Self::Unauthorized => "unauthorized",
             Self::Reconnecting => "reconnecting",
             Self::Busy => "busy",
+            Self::ForeignOrigin => "foreign_origin",
         }
     }
 
@@ -101,6 +106,11 @@ impl Page {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Too many requests",
                 "This session has as many requests in flight as the relay allows. Try again in a moment.",
+            ),
+            Self::ForeignOrigin => (
+                StatusCode::FORBIDDEN,
+                "Blocked: request from another page",
+                "A page from another site or another jobgate session tried to act in this session, and the relay refused it. To use this session, open its address directly.",
             ),
             Self::BadRequest => (
                 StatusCode::BAD_REQUEST,
