@@ -1517,9 +1517,12 @@ async fn ws_connect(v: &WsVariant, path: &str) -> Result<Ws> {
     };
     let mut request = uri.into_client_request()?;
     if let Some((_, session)) = &v.via {
-        request
-            .headers_mut()
-            .insert(header::COOKIE, HeaderValue::from_str(&session.cookie)?);
+        let headers = request.headers_mut();
+        headers.insert(header::COOKIE, HeaderValue::from_str(&session.cookie)?);
+        // As a browser on the session's own page: the relay honours the cookie on a
+        // WebSocket handshake only with the session's own `Origin`.
+        let origin = format!("https://{}:{}", session.host, v.port);
+        headers.insert(header::ORIGIN, HeaderValue::from_str(&origin)?);
     }
     let (ws, response) = tokio_tungstenite::client_async(request, io).await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {

@@ -3,8 +3,10 @@
 mod common;
 
 use common::*;
+use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use std::time::Duration;
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
 const NAVIGATE: (&str, &str) = ("sec-fetch-mode", "navigate");
 
@@ -275,5 +277,214 @@ async fn relay_limits_answer_clearly_instead_of_hanging() {
         refused.stderr().contains("capacity"),
         "{}",
         refused.stderr()
+    );
+}
+
+/// Opens `agent`'s printed link as a browser would; returns its cookie (`name=value`).
+async fn browser_cookie(env: &TestEnv, port: u16, agent: &AgentProc) -> String {
+    let host = agent.host();
+    let mut sender = h1(env, port, &host).await;
+    let request = Request::get(agent.path("/"))
+        .header("host", &host)
+        .header(NAVIGATE.0, NAVIGATE.1)
+        .body(empty())
+        .expect("request");
+    let (status, headers, _) = collect(sender.send_request(request).await.expect("response")).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let set_cookie = headers["set-cookie"].to_str().expect("ascii");
+    set_cookie.split(';').next().expect("pair").to_owned()
+}
+
+/// Sends `method /echo` to `agent` with `cookie` and `headers`; status, and the app's
+/// label when the app answered (None: the relay answered itself).
+async fn echo_with(
+    env: &TestEnv,
+    port: u16,
+    agent: &AgentProc,
+    target: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Option<String>, String) {
+    let host = agent.host();
+    let mut sender = h1(env, port, &host).await;
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", &host);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let request = builder.body(full("x=1")).expect("request");
+    let (status, headers, body) =
+        collect(sender.send_request(request).await.expect("response")).await;
+    let label = headers
+        .get("x-app-label")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (status, label, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A WebSocket handshake to `agent`'s `target` carrying `headers`: the status it got
+/// (on 101, after checking that an echo comes back).
+async fn websocket_with(
+    env: &TestEnv,
+    port: u16,
+    agent: &AgentProc,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> StatusCode {
+    let host = agent.host();
+    let tls = tls_connect(env, port, &host, &[b"http/1.1"]).await;
+    let mut request = format!("wss://{host}:{port}{target}")
+        .into_client_request()
+        .expect("request");
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).expect("header name");
+        request
+            .headers_mut()
+            .append(name, v.parse().expect("header value"));
+    }
+    match tokio_tungstenite::client_async(request, tls).await {
+        Ok((mut ws, response)) => {
+            ws.send(Message::Text("ping".into())).await.expect("send");
+            let echoed = ws.next().await.expect("message").expect("ok");
+            assert_eq!(echoed, Message::Text("ping".into()));
+            response.status()
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status(),
+        Err(e) => panic!("WebSocket handshake failed without an HTTP answer: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_sibling_sessions_page_cannot_act_with_the_victims_cookie() {
+    let env = TestEnv::new("xorigin");
+    let alice = env.token_file("alice");
+    let mallory = env.token_file("mallory");
+    let relay = start_relay(&env, &[]);
+    let victim = start_demo_agent(&env, &relay, &alice, "victim");
+    let attacker = start_demo_agent(&env, &relay, &mallory, "attacker");
+    let port = relay.https_port;
+    let cookie = browser_cookie(&env, port, &victim).await;
+    let own = victim.base();
+    let sibling = attacker.base();
+    assert!(own.ends_with(&format!(":{port}")), "{own}");
+
+    // What Chromium sends when the attacker's page POSTs or fetches into the victim's
+    // session: the cookie rides along (same site), the request must not reach the app.
+    for (method, headers) in [
+        (
+            "POST",
+            vec![
+                ("sec-fetch-site", "same-site"),
+                ("sec-fetch-mode", "no-cors"),
+                ("origin", sibling.as_str()),
+            ],
+        ),
+        (
+            "GET",
+            vec![
+                ("sec-fetch-site", "same-site"),
+                ("sec-fetch-mode", "cors"),
+                ("origin", sibling.as_str()),
+            ],
+        ),
+        // An older browser: no fetch metadata, only `Origin`.
+        ("POST", vec![("origin", sibling.as_str())]),
+        // A form POST navigation from the sibling's page.
+        (
+            "POST",
+            vec![
+                ("sec-fetch-site", "same-site"),
+                ("sec-fetch-mode", "navigate"),
+                ("sec-fetch-dest", "document"),
+                ("origin", sibling.as_str()),
+            ],
+        ),
+    ] {
+        let mut headers = headers;
+        headers.push(("cookie", cookie.as_str()));
+        let (status, label, body) = echo_with(&env, port, &victim, "/echo", method, &headers).await;
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "{method} {headers:?}: {body}"
+        );
+        assert_eq!(label, None, "the victim's app saw {method} {headers:?}");
+        assert!(
+            body.contains("another site or another jobgate session"),
+            "{body}"
+        );
+    }
+    // The attacker's page opens a WebSocket into the victim's session: no 101.
+    for headers in [
+        vec![
+            ("origin", sibling.as_str()),
+            ("sec-fetch-site", "same-site"),
+            ("sec-fetch-mode", "websocket"),
+        ],
+        vec![("origin", sibling.as_str())],
+        vec![("origin", "https://evil.example")],
+    ] {
+        let mut headers = headers;
+        headers.push(("cookie", cookie.as_str()));
+        assert_eq!(
+            websocket_with(&env, port, &victim, "/ws", &headers).await,
+            StatusCode::FORBIDDEN,
+            "{headers:?}"
+        );
+    }
+
+    // The victim's own page, the victim's address bar, a link from elsewhere, and
+    // non-browser clients still work.
+    let forwarded: [(&str, Vec<(&str, &str)>); 5] = [
+        (
+            "POST",
+            vec![("sec-fetch-site", "same-origin"), ("origin", own.as_str())],
+        ),
+        (
+            "GET",
+            vec![("sec-fetch-site", "none"), ("sec-fetch-mode", "navigate")],
+        ),
+        (
+            "GET",
+            vec![
+                ("sec-fetch-site", "cross-site"),
+                ("sec-fetch-mode", "navigate"),
+                ("sec-fetch-dest", "document"),
+            ],
+        ),
+        ("POST", vec![]),
+        ("GET", vec![]),
+    ];
+    for (method, headers) in forwarded {
+        let mut headers = headers;
+        headers.push(("cookie", cookie.as_str()));
+        let (status, label, body) = echo_with(&env, port, &victim, "/echo", method, &headers).await;
+        assert_eq!(status, StatusCode::OK, "{method} {headers:?}: {body}");
+        assert_eq!(label.as_deref(), Some("victim"));
+    }
+    let own_ws = [
+        ("origin", own.as_str()),
+        ("sec-fetch-site", "same-origin"),
+        ("sec-fetch-mode", "websocket"),
+        ("cookie", cookie.as_str()),
+    ];
+    assert_eq!(
+        websocket_with(&env, port, &victim, "/ws", &own_ws).await,
+        StatusCode::SWITCHING_PROTOCOLS
+    );
+
+    // The key in the query is proof by itself: its rules do not change.
+    let foreign = [
+        ("sec-fetch-site", "same-site"),
+        ("origin", sibling.as_str()),
+    ];
+    let (status, label, _) =
+        echo_with(&env, port, &victim, &victim.path("/echo"), "POST", &foreign).await;
+    assert_eq!((status, label.as_deref()), (StatusCode::OK, Some("victim")));
+    assert_eq!(
+        websocket_with(&env, port, &victim, &victim.path("/ws"), &foreign).await,
+        StatusCode::SWITCHING_PROTOCOLS
     );
 }

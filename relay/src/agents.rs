@@ -492,7 +492,8 @@ fn admit(
         }
     };
     let is_resume = key.is_none() && resume.is_some();
-    let session = new_session(name, &identity, job, access, guard, connection);
+    let origin = shared.config.session_origin(name.as_str()).into_boxed_str();
+    let session = new_session(name, &identity, job, access, guard, origin, connection);
     let user_limit = identity
         .max_mappings
         .unwrap_or(shared.config.max_sessions_per_user);
@@ -571,6 +572,7 @@ fn new_session(
     job: JobInfo,
     access: AccessMode,
     guard: Access,
+    origin: Box<str>,
     connection: &Connection,
 ) -> Arc<Session> {
     Arc::new(Session {
@@ -580,6 +582,7 @@ fn new_session(
         job,
         access,
         guard,
+        origin,
         connection: connection.clone(),
         agent_addr: connection.remote_address(),
         opened: Instant::now(),

@@ -329,12 +329,18 @@ impl RelayConfig {
 
     /// The base URL of a session.
     pub fn session_url(&self, name: &str) -> String {
+        format!("{}/", self.session_origin(name))
+    }
+
+    /// A session's web origin as browsers write it in `Origin`: `https://<name>.<domain>`,
+    /// plus `:<port>` when the public port is not 443.
+    pub fn session_origin(&self, name: &str) -> String {
         let port = self.url_port.unwrap_or(self.listen_https.port());
         let domain = self.normalized_domain();
         if port == 443 {
-            format!("https://{name}.{domain}/")
+            format!("https://{name}.{domain}")
         } else {
-            format!("https://{name}.{domain}:{port}/")
+            format!("https://{name}.{domain}:{port}")
         }
     }
 

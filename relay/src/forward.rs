@@ -161,7 +161,9 @@ async fn forward(
 ) -> Response<RelayBody> {
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    if let Decision::Answer(response) = access::check(&session.guard, &session.name, &mut parts) {
+    if let Decision::Answer(response) =
+        access::check(&session.guard, &session.name, &session.origin, &mut parts)
+    {
         return response;
     }
     let page_headers = parts.headers.clone();

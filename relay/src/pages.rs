@@ -28,11 +28,14 @@ pub enum Page {
     Busy,
     /// The app sent no response head within the response-head timeout.
     GatewayTimeout,
+    /// A cookie-authenticated request came from a page of another origin (another site,
+    /// or a sibling session under the same domain) and was not a top-level navigation.
+    ForeignOrigin,
 }
 
 impl Page {
     /// Every page, in the order of [`Page::index`].
-    pub const ALL: [Page; 9] = [
+    pub const ALL: [Page; 10] = [
         Self::NoSession,
         Self::NotASession,
         Self::BadGateway,
@@ -42,6 +45,7 @@ impl Page {
         Self::Reconnecting,
         Self::Busy,
         Self::GatewayTimeout,
+        Self::ForeignOrigin,
     ];
 
     /// This page's position in [`Page::ALL`].
@@ -61,6 +65,7 @@ impl Page {
             Self::Reconnecting => "reconnecting",
             Self::Busy => "busy",
             Self::GatewayTimeout => "gateway_timeout",
+            Self::ForeignOrigin => "foreign_origin",
         }
     }
 
@@ -110,6 +115,11 @@ impl Page {
                 StatusCode::GATEWAY_TIMEOUT,
                 "The app did not answer in time",
                 "The job's app accepted this request but sent no answer within the relay's time limit. It may be busy or stuck; reload to try again.",
+            ),
+            Self::ForeignOrigin => (
+                StatusCode::FORBIDDEN,
+                "Blocked: request from another page",
+                "A page from another site or another jobgate session tried to act in this session, and the relay refused it. To use this session, open its address directly.",
             ),
             Self::BadRequest => (
                 StatusCode::BAD_REQUEST,

@@ -26,6 +26,9 @@ pub struct Session {
     pub access: AccessMode,
     /// The lock that goes with it.
     pub guard: crate::access::Access,
+    /// The session's web origin, `https://<name>.<domain>[:port]`: computed once here so
+    /// the per-request origin check only compares bytes.
+    pub origin: Box<str>,
     /// The agent's QUIC connection: every request becomes a stream on it.
     pub connection: quinn::Connection,
     /// The agent's address as seen by the relay.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# All end-to-end tests, in order: the browser test, then the Slurm test (Slurm is started
+# All end-to-end tests, in order: the browser tests (JupyterLab; two sessions attacking
+# each other), then the Slurm test (Slurm is started
 # first and stopped after; E2E_SLURM_KEEP=1 leaves it running), then the network fault
 # tests (netns.sh: namespaces, delay, loss, link cuts, relay kill and drain). Each prints PASS or FAIL
 # and its seconds; the exit status is non-zero if any failed. Full logs go to
@@ -48,6 +49,8 @@ tally() {
 
 T0=$(now_ms)
 tally run jupyter-browser bash "$E2E_DIR/jupyter-browser.sh"
+# Two sessions in one browser: the other session's page must not act in the victim's (~10 s).
+tally run cross-session-browser bash "$E2E_DIR/cross-session-browser.sh"
 
 if run slurm-setup bash "$E2E_DIR/slurm-setup.sh" start; then
 	tally run slurm-jupyter bash "$E2E_DIR/slurm-jupyter.sh"
