@@ -1,6 +1,6 @@
 //! Command-line interface: flags, config merging, and the entry point of each subcommand.
 
-use crate::config::{AccessSetting, ClientConfig};
+use crate::config::ClientConfig;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use jobgate_agent::{dial::DialConfig, exit, AgentOptions, AppSource};
@@ -239,9 +239,10 @@ struct AgentArgs {
     /// The `jupyter` program for --jupyter [default: `jupyter` on PATH].
     #[arg(long, env = "JOBGATE_JUPYTER", value_name = "PATH")]
     jupyter_program: Option<String>,
-    /// How the URL is guarded [default: link].
-    #[arg(long, value_enum)]
-    access: Option<AccessSetting>,
+    /// How the URL is guarded: link (a private link with an access key) or public (the
+    /// app's own login only, where the relay allows it) [default: link].
+    #[arg(long, value_name = "link|public", value_parser = parse_access_mode)]
+    access: Option<AccessMode>,
     /// Seconds the app has to accept connections [default: 300].
     #[arg(long)]
     ready_timeout: Option<u64>,
@@ -282,9 +283,9 @@ enum TokenCommand {
         /// User name.
         #[arg(long)]
         user: String,
-        /// Live sessions this user may hold.
-        #[arg(long)]
-        max_mappings: Option<usize>,
+        /// Live sessions this user may hold (`--max-mappings` is its old name).
+        #[arg(long, alias = "max-mappings")]
+        max_sessions: Option<usize>,
     },
     /// Remove a user's token.
     Revoke {
@@ -587,6 +588,15 @@ async fn run_relay(args: RelayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--access`: the same words as the wire and the config files.
+fn parse_access_mode(text: &str) -> Result<AccessMode, String> {
+    match text {
+        "link" => Ok(AccessMode::Link),
+        "public" => Ok(AccessMode::Public),
+        _ => Err(format!("{text:?}: expected link or public")),
+    }
+}
+
 /// Fills what neither a flag nor its environment variable set from the config files.
 fn agent_settings(mut args: AgentArgs) -> Result<AgentArgs, String> {
     let config = ClientConfig::load().map_err(|e| e.to_string())?;
@@ -682,10 +692,7 @@ async fn run_agent(args: AgentArgs) -> i32 {
                 .max(Duration::from_secs(2)),
         },
         token,
-        access: match args.access.unwrap_or(AccessSetting::Link) {
-            AccessSetting::Link => AccessMode::Link,
-            AccessSetting::Public => AccessMode::Public,
-        },
+        access: args.access.unwrap_or_default(),
         url_file: args.url_file,
         app,
         ready_timeout: args
@@ -754,14 +761,14 @@ fn run_token(command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Issue {
             tokens,
             user,
-            max_mappings,
+            max_sessions,
         } => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             // Locked read-modify-write: parallel `token issue` runs lose nobody.
-            let token = TokensFile::update(&tokens, |file| file.issue(&user, max_mappings, now))?;
+            let token = TokensFile::update(&tokens, |file| file.issue(&user, max_sessions, now))?;
             eprintln!(
                 "jobgate: token for {user} written to {} (hash only); it is shown once:",
                 tokens.display()
@@ -778,8 +785,8 @@ fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             let file = TokensFile::read(&tokens)?;
             for entry in &file.tokens {
                 let limit = entry
-                    .max_mappings
-                    .map(|n| format!(" max_mappings={n}"))
+                    .max_sessions
+                    .map(|n| format!(" max_sessions={n}"))
                     .unwrap_or_default();
                 println!("{}{limit}", entry.user);
             }

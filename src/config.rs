@@ -231,16 +231,6 @@ pub fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
     fields
 }
 
-/// How the agent's URL is guarded (`access`), as the flag says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum AccessSetting {
-    /// A private link with an access key (default).
-    Link,
-    /// No relay-side lock: the app's own login protects it (if the relay allows it).
-    Public,
-}
-
 /// Defaults for `agent` and `launch` from the site's and the user's files. Every key is
 /// the flag's name with `_` for `-`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
@@ -253,7 +243,7 @@ pub struct ClientConfig {
     /// `--token-file`.
     pub token_file: Option<PathBuf>,
     /// `--access`.
-    pub access: Option<AccessSetting>,
+    pub access: Option<jobgate_protocol::AccessMode>,
     /// `--ready-timeout` (seconds).
     pub ready_timeout: Option<u64>,
     /// `--idle-timeout` (seconds).
@@ -390,7 +380,7 @@ mod tests {
             .expect("user")
             .over(ClientConfig::read(&site).expect("site"));
         assert_eq!(config.relay.as_deref(), Some("mine:7443"));
-        assert_eq!(config.access, Some(AccessSetting::Link));
+        assert_eq!(config.access, Some(jobgate_protocol::AccessMode::Link));
         assert_eq!(config.launch.partition.as_deref(), Some("interactive"));
         assert_eq!(config.launch.time.as_deref(), Some("1:00:00"));
     }

@@ -15,11 +15,11 @@ impl fmt::Debug for Token {
     }
 }
 
-/// How the relay guards a mapping's URL.
+/// How the relay guards a session's URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum AccessMode {
-    /// Default: a per-mapping access key in the printed link; browsers get a cookie.
+    /// Default: a per-session access key in the printed link; browsers get a cookie.
     #[default]
     Link,
     /// No relay-side lock; the app's own authentication is the only one. Only where

@@ -1,4 +1,4 @@
-//! Access control for a mapping: in `link` mode only requests carrying the mapping's
+//! SessionLock control for a mapping: in `link` mode only requests carrying the mapping's
 //! access key (in the query, once) or its cookie reach the app.
 //!
 //! The printed URL is `https://<name>.<domain>/…?jobgate_key=<key>`. A browser navigation
@@ -29,12 +29,12 @@ use subtle::ConstantTimeEq;
 pub const KEY_PARAM: &str = "jobgate_key";
 /// Random bytes in an access key (160 bits).
 pub const KEY_BYTES: usize = 20;
-/// Prefix of the per-mapping cookie; `__Host-` makes browsers insist on `Secure`,
+/// Prefix of the per-session cookie; `__Host-` makes browsers insist on `Secure`,
 /// `Path=/` and no `Domain` (a host-only cookie).
 const COOKIE_PREFIX: &str = "__Host-jobgate-";
 
-/// How a mapping is guarded.
-pub enum Access {
+/// The lock on a session's URL: none (public) or its access key (link).
+pub enum SessionLock {
     /// The app's own authentication is the only lock.
     Public,
     /// Requests need the access key or the cookie; only its SHA-256 is kept.
@@ -44,8 +44,8 @@ pub enum Access {
     },
 }
 
-impl Access {
-    /// Mints a new key: returns the guard and the key (shown once, in the access URL).
+impl SessionLock {
+    /// Mints a new key: returns the lock and the key (shown once, in the access URL).
     pub fn new_link() -> (Self, String) {
         let key = crate::names::random_secret(KEY_BYTES);
         (
@@ -70,12 +70,17 @@ fn valid(key_hash: &[u8; 32], presented: &str) -> bool {
     bool::from(hash.ct_eq(key_hash))
 }
 
-/// Checks `parts` against the mapping's access rule, removing the credential it used.
+/// Checks `parts` against the session's lock, removing the credential it used.
 ///
 /// `own_origin` is the session's web origin, `https://<name>.<domain>[:port]`, computed
 /// once per session (see [`crate::RelayConfig::session_origin`]).
-pub fn check(access: &Access, name: &SessionName, own_origin: &str, parts: &mut Parts) -> Decision {
-    let Access::Link { key_hash } = access else {
+pub fn check(
+    access: &SessionLock,
+    name: &SessionName,
+    own_origin: &str,
+    parts: &mut Parts,
+) -> Decision {
+    let SessionLock::Link { key_hash } = access else {
         return Decision::Forward;
     };
     if let Some((key, rest)) = take_key(&parts.uri) {
@@ -269,7 +274,7 @@ mod tests {
 
     #[test]
     fn key_in_query_is_removed_and_navigation_redirects_with_cookie() {
-        let (access, key) = Access::new_link();
+        let (access, key) = SessionLock::new_link();
         let name = SessionName::parse(b"abcdefghijklmnop").expect("name");
         let mut p = parts(
             &format!("/lab?token=t&{KEY_PARAM}={key}"),
@@ -298,7 +303,7 @@ mod tests {
 
     #[test]
     fn cookie_is_checked_and_stripped_others_are_kept() {
-        let (access, key) = Access::new_link();
+        let (access, key) = SessionLock::new_link();
         let name = SessionName::parse(b"abcdefghijklmnop").expect("name");
         let cookie = format!("_xsrf=1; __Host-jobgate-abcdefghijklmnop={key}; other=2");
         let mut p = parts("/", &[("cookie", &cookie)]);
@@ -327,7 +332,7 @@ mod tests {
 
     /// What the relay does with a request carrying a valid cookie plus `headers`.
     fn with_cookie(method: &str, headers: &[(&str, &str)]) -> StatusCode {
-        let (access, key) = Access::new_link();
+        let (access, key) = SessionLock::new_link();
         let name = SessionName::parse(b"abcdefghijklmnop").expect("name");
         let cookie = format!("__Host-jobgate-abcdefghijklmnop={key}");
         let mut builder = http::Request::builder()
@@ -394,7 +399,7 @@ mod tests {
 
     #[test]
     fn key_in_query_keeps_its_rules_whatever_the_origin() {
-        let (access, key) = Access::new_link();
+        let (access, key) = SessionLock::new_link();
         let name = SessionName::parse(b"abcdefghijklmnop").expect("name");
         let mut p = parts(
             &format!("/ws?{KEY_PARAM}={key}"),

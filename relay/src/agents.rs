@@ -3,7 +3,7 @@
 //! as the connection lives — or, if the connection vanished without `Bye`, for a grace
 //! period in which the agent may come back with its resume ticket.
 
-use crate::access::Access;
+use crate::access::SessionLock;
 use crate::audit::AuditEvent;
 use crate::config::RelayConfig;
 use crate::limits::PRE_HELLO_WINDOW;
@@ -398,9 +398,9 @@ pub(crate) fn mark_ended(shared: &Shared, name: SessionName) {
 
 /// A signed resume ticket for `session`.
 fn ticket_for(shared: &Shared, session: &Session) -> Token {
-    let key_hash = match &session.guard {
-        Access::Link { key_hash } => Some(*key_hash),
-        Access::Public => None,
+    let key_hash = match &session.lock {
+        SessionLock::Link { key_hash } => Some(*key_hash),
+        SessionLock::Public => None,
     };
     Token(shared.tickets.issue(&TicketClaims {
         name: session.name,
@@ -459,14 +459,14 @@ fn admit(
     if resume.is_some() && resumed.is_none() {
         tracing::info!(user = %identity.user, "resume ticket not accepted (expired, ended or foreign): new name");
     }
-    let (name, guard, key) = match resumed {
+    let (name, lock, key) = match resumed {
         Some(claims) => {
             shared.names.claim(claims.name);
-            let guard = match claims.key_hash {
-                Some(key_hash) => Access::Link { key_hash },
-                None => Access::Public,
+            let lock = match claims.key_hash {
+                Some(key_hash) => SessionLock::Link { key_hash },
+                None => SessionLock::Public,
             };
-            (claims.name, guard, None)
+            (claims.name, lock, None)
         }
         None => {
             // Only a fresh name counts against the user's rate: it is what the relay must
@@ -474,7 +474,7 @@ fn admit(
             if let Err(wait) = shared.new_sessions.try_take(&identity.user, Instant::now()) {
                 return Err(rate_limited(shared, &identity.user, wait));
             }
-            let (guard, key) = match access {
+            let (lock, key) = match access {
                 AccessMode::Public if !shared.config.allow_public => {
                     return Err(Refusal::new(
                         RefusalCode::AccessModeNotAllowed,
@@ -482,20 +482,20 @@ fn admit(
                     )
                     .for_user(&identity.user))
                 }
-                AccessMode::Public => (Access::Public, None),
+                AccessMode::Public => (SessionLock::Public, None),
                 AccessMode::Link => {
-                    let (guard, key) = Access::new_link();
-                    (guard, Some(key))
+                    let (lock, key) = SessionLock::new_link();
+                    (lock, Some(key))
                 }
             };
-            (shared.names.issue(), guard, key)
+            (shared.names.issue(), lock, key)
         }
     };
     let is_resume = key.is_none() && resume.is_some();
     let origin = shared.config.session_origin(name.as_str()).into_boxed_str();
-    let session = new_session(name, &identity, job, access, guard, origin, connection);
+    let session = new_session(name, &identity, job, access, lock, origin, connection);
     let user_limit = identity
-        .max_mappings
+        .max_sessions
         .unwrap_or(shared.config.max_sessions_per_user);
     let replaced = shared
         .routes
@@ -571,7 +571,7 @@ fn new_session(
     identity: &Identity,
     job: JobInfo,
     access: AccessMode,
-    guard: Access,
+    lock: SessionLock,
     origin: Box<str>,
     connection: &Connection,
 ) -> Arc<Session> {
@@ -581,7 +581,7 @@ fn new_session(
         token_sha256: identity.token_sha256,
         job,
         access,
-        guard,
+        lock,
         origin,
         connection: connection.clone(),
         agent_addr: connection.remote_address(),

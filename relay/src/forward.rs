@@ -162,7 +162,7 @@ async fn forward(
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     if let Decision::Answer(response) =
-        access::check(&session.guard, &session.name, &session.origin, &mut parts)
+        access::check(&session.lock, &session.name, &session.origin, &mut parts)
     {
         return response;
     }

@@ -8,7 +8,7 @@
 //!   host name through the [`routes::RoutingTable`] and forwards it ([`forward`]) as a new
 //!   QUIC stream over the right agent's connection.
 //!
-//! A mapping lives exactly as long as the agent's connection. Start one with
+//! A session lives exactly as long as the agent's connection. Start one with
 //! [`Relay::start`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-/// One live mapping.
+/// One live session: a name bound to an agent's connection.
 pub struct Session {
     /// The session's name.
     pub name: SessionName,
@@ -22,10 +22,10 @@ pub struct Session {
     pub token_sha256: [u8; 32],
     /// What the agent said about its job.
     pub job: JobInfo,
-    /// Access mode in force.
+    /// SessionLock mode in force.
     pub access: AccessMode,
     /// The lock that goes with it.
-    pub guard: crate::access::Access,
+    pub lock: crate::access::SessionLock,
     /// The session's web origin, `https://<name>.<domain>[:port]`: computed once here so
     /// the per-request origin check only compares bytes.
     pub origin: Box<str>,

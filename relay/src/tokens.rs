@@ -53,8 +53,13 @@ pub struct TokenEntry {
     /// Hex SHA-256 of the token.
     pub sha256: String,
     /// Live sessions this user may hold (overrides the relay default).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_mappings: Option<usize>,
+    /// (`max_mappings`, the key's old name, is still read.)
+    #[serde(
+        default,
+        alias = "max_mappings",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_sessions: Option<usize>,
     /// When the token was issued (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<u64>,
@@ -75,7 +80,7 @@ pub struct Identity {
     /// The user name.
     pub user: String,
     /// The user's own session limit, if the entry sets one.
-    pub max_mappings: Option<usize>,
+    pub max_sessions: Option<usize>,
     /// SHA-256 of the token that was presented: a session remembers it (never the token)
     /// so that re-issuing or revoking the token closes the sessions it opened.
     pub token_sha256: [u8; 32],
@@ -200,7 +205,7 @@ impl TokensFile {
     pub fn issue(
         &mut self,
         user: &str,
-        max_mappings: Option<usize>,
+        max_sessions: Option<usize>,
         now: u64,
     ) -> Result<String, TokensError> {
         if !valid_user(user) {
@@ -211,7 +216,7 @@ impl TokensFile {
         self.tokens.push(TokenEntry {
             user: user.to_owned(),
             sha256: hex(&hash(&token)),
-            max_mappings,
+            max_sessions,
             created: Some(now),
         });
         Ok(token)
@@ -290,7 +295,7 @@ impl TokenStore {
                     hash,
                     identity: Identity {
                         user: e.user,
-                        max_mappings: e.max_mappings,
+                        max_sessions: e.max_sessions,
                         token_sha256: hash,
                     },
                 })
@@ -342,7 +347,7 @@ impl TokenStore {
             .list
             .iter()
             .find(|e| e.identity.user == user)
-            .and_then(|e| e.identity.max_mappings)
+            .and_then(|e| e.identity.max_sessions)
     }
 
     /// Whether a token with this SHA-256 is still in the file (not re-issued or revoked).
@@ -373,7 +378,7 @@ mod tests {
             store.verify(&token),
             Some(Identity {
                 user: "alice".into(),
-                max_mappings: Some(3),
+                max_sessions: Some(3),
                 token_sha256: hash(&token),
             })
         );
@@ -387,6 +392,14 @@ mod tests {
         assert_eq!(store.verify(&token), None);
         assert!(!store.holds_hash(&hash(&token)));
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn the_old_max_mappings_key_is_still_read() {
+        let file: TokensFile =
+            toml::from_str("[[token]]\nuser = \"a\"\nsha256 = \"00\"\nmax_mappings = 3\n")
+                .expect("old key");
+        assert_eq!(file.tokens[0].max_sessions, Some(3));
     }
 
     #[test]
