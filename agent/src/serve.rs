@@ -61,9 +61,9 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, pool: Arc<Targ
         Ok(response) => response,
         Err(e) => {
             tracing::debug!("app did not answer: {e}");
-            let _ = send.reset(VarInt::from_u32(StreamCode::BadResponse.as_u32()));
+            let _ = send.reset(VarInt::from(StreamCode::BadResponse));
             if let Some(mut recv) = kept_recv {
-                let _ = recv.stop(VarInt::from_u32(StreamCode::BadResponse.as_u32()));
+                let _ = recv.stop(VarInt::from(StreamCode::BadResponse));
             }
             return;
         }
@@ -80,7 +80,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, pool: Arc<Targ
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let Some(recv) = kept_recv else {
-            let _ = send.reset(VarInt::from_u32(StreamCode::BadResponse.as_u32()));
+            let _ = send.reset(VarInt::from(StreamCode::BadResponse));
             return;
         };
         match hyper::upgrade::on(response).await {
@@ -115,7 +115,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, pool: Arc<Targ
         }
         Err(e) => {
             tracing::debug!("response body ended early: {e}");
-            let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.as_u32()));
+            let _ = send.reset(VarInt::from(StreamCode::Cancelled));
         }
     }
 }

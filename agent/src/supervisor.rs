@@ -262,6 +262,6 @@ async fn say_bye(session: &mut RelaySession, reason: &str) {
     let _ = tokio::time::timeout(BYE_LINGER, session.connection.closed()).await;
     session
         .connection
-        .close(quinn::VarInt::from_u32(CloseCode::Normal.as_u32()), b"bye");
+        .close(quinn::VarInt::from(CloseCode::Normal), b"bye");
     let _ = tokio::time::timeout(CLOSE_LINGER, session.endpoint.wait_idle()).await;
 }

@@ -31,6 +31,20 @@ pub const SEND_WINDOW: u64 = 32 * 1024 * 1024;
 /// Socket buffers requested for the UDP socket; the default drops bursts under load.
 pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
+impl From<StreamCode> for VarInt {
+    /// A stream code as QUIC carries it (`RESET_STREAM`, `STOP_SENDING`).
+    fn from(code: StreamCode) -> Self {
+        VarInt::from_u32(code.as_u32())
+    }
+}
+
+impl From<crate::CloseCode> for VarInt {
+    /// A close code as QUIC carries it (`CONNECTION_CLOSE`).
+    fn from(code: crate::CloseCode) -> Self {
+        VarInt::from_u32(code.as_u32())
+    }
+}
+
 /// Transport tuning both ends use.
 ///
 /// `max_incoming_bidi` is how many streams the *peer* may open at once: the agent sets it
@@ -151,7 +165,7 @@ impl Drop for QuicBody {
             Poll::Ready(Ok(None))
         );
         if !at_end {
-            let _ = recv.stop(VarInt::from_u32(StreamCode::Cancelled.as_u32()));
+            let _ = recv.stop(VarInt::from(StreamCode::Cancelled));
         }
     }
 }
@@ -189,7 +203,7 @@ where
 
 /// Resets `send` and stops `recv` with `code`: the request is abandoned both ways.
 pub fn abandon(send: &mut SendStream, recv: &mut RecvStream, code: StreamCode) {
-    let code = VarInt::from_u32(code.as_u32());
+    let code = VarInt::from(code);
     let _ = send.reset(code);
     let _ = recv.stop(code);
 }

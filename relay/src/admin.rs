@@ -332,7 +332,7 @@ fn close_session(shared: &Arc<Shared>, name: &SessionName) -> AdminResponse {
         tracing::info!(name = %session.name, user = %session.user, "closed by an admin");
         session.revoked.store(true, Ordering::Relaxed);
         session.connection.close(
-            quinn::VarInt::from_u32(CloseCode::ClosedByAdmin.as_u32()),
+            quinn::VarInt::from(CloseCode::ClosedByAdmin),
             b"closed by the relay's admin",
         );
         return json(

@@ -152,7 +152,7 @@ pub(crate) async fn accept_agents(
 }
 
 fn close(connection: &Connection, code: CloseCode, reason: &str) {
-    connection.close(VarInt::from_u32(code.as_u32()), reason.as_bytes());
+    connection.close(VarInt::from(code), reason.as_bytes());
 }
 
 fn unix_now() -> u64 {
@@ -680,7 +680,7 @@ async fn watch_session(
 fn connection_ended(error: &quinn::ConnectionError) -> End {
     match error {
         quinn::ConnectionError::ApplicationClosed(close)
-            if close.error_code == VarInt::from_u32(CloseCode::Normal.as_u32()) =>
+            if close.error_code == VarInt::from(CloseCode::Normal) =>
         {
             End::Bye("agent closed the connection".into())
         }

@@ -203,7 +203,7 @@ async fn forward(
                     }
                     Err(e) => {
                         tracing::debug!("request body ended early: {e}");
-                        let _ = send.reset(quinn::VarInt::from_u32(StreamCode::Cancelled.as_u32()));
+                        let _ = send.reset(quinn::VarInt::from(StreamCode::Cancelled));
                     }
                 }
             });
@@ -237,7 +237,7 @@ async fn forward(
     let response_head = match response_head {
         Ok(head) => head,
         Err(page) => {
-            let _ = recv.stop(quinn::VarInt::from_u32(StreamCode::MalformedHead.as_u32()));
+            let _ = recv.stop(quinn::VarInt::from(StreamCode::MalformedHead));
             return page.render(&page_headers);
         }
     };
@@ -304,7 +304,7 @@ fn answer_timed_out(
     page_headers: &http::HeaderMap,
 ) -> Response<RelayBody> {
     if let Some(mut send) = send {
-        let _ = send.reset(quinn::VarInt::from_u32(StreamCode::Cancelled.as_u32()));
+        let _ = send.reset(quinn::VarInt::from(StreamCode::Cancelled));
     }
     Page::GatewayTimeout.render(page_headers)
 }
@@ -340,9 +340,7 @@ struct PendingAnswer<'a> {
 impl Drop for PendingAnswer<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            let _ = self
-                .recv
-                .stop(quinn::VarInt::from_u32(StreamCode::Cancelled.as_u32()));
+            let _ = self.recv.stop(quinn::VarInt::from(StreamCode::Cancelled));
         }
     }
 }

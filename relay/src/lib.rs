@@ -282,7 +282,7 @@ impl Relay {
         // Every name still held is parked by the next relay process until its agent is back.
         let _ = state::save(&self.shared);
         self.endpoint.close(
-            quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Draining.as_u32()),
+            quinn::VarInt::from(jobgate_protocol::CloseCode::Draining),
             b"relay shutting down",
         );
         self.front.abort_all();
@@ -364,7 +364,7 @@ fn close_sessions_of_stale_tokens(shared: &Arc<Shared>) {
         state::save_now(&shared).await;
         for session in stale {
             session.connection.close(
-                quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Revoked.as_u32()),
+                quinn::VarInt::from(jobgate_protocol::CloseCode::Revoked),
                 b"token revoked or replaced",
             );
         }
