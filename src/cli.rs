@@ -553,6 +553,12 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
 async fn run_relay(args: RelayArgs) -> anyhow::Result<()> {
     let config = relay_config(args)?;
     let relay = Relay::start(config).await?;
+    // Handlers first, then the ready line: whoever stops the relay once it said it is
+    // ready (systemd, a test) gets a drain, not the default action of SIGTERM.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     relay_says(format_args!(
         "HTTPS on {}, agents (QUIC/UDP) on {}",
         relay.https_addr, relay.quic_addr
@@ -562,10 +568,6 @@ async fn run_relay(args: RelayArgs) -> anyhow::Result<()> {
             "metrics on http://{addr}/metrics, health on http://{addr}/healthz"
         ));
     }
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = hangup.recv() => {

@@ -3,8 +3,8 @@
 
 use jobgate_protocol::quic::{transport_config, UDP_SOCKET_BUFFER};
 use jobgate_protocol::{
-    read_frame, write_frame, AccessMode, ControlMessage, JobInfo, RefusalCode, SessionLimits,
-    Token, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+    read_frame, write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, RefusalCode,
+    SessionLimits, Token, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
 };
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use std::net::SocketAddr;
@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
+
+use crate::{BYE_LINGER, CLOSE_LINGER};
 
 /// How long the QUIC handshake may take before we call the relay unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,6 +101,31 @@ pub struct RelaySession {
     pub control_recv: Option<RecvStream>,
     /// What the relay granted.
     pub welcome: Welcome,
+}
+
+impl RelaySession {
+    /// Ends the session cleanly: `Bye` on the control stream (the relay retires the name
+    /// at once instead of parking it for the resume grace), then the connection is closed
+    /// with [`CloseCode::Normal`]. Waits at most 3 s (`BYE_LINGER`) for the relay to close
+    /// and 0.5 s (`CLOSE_LINGER`) for the close to leave; errors are ignored (the relay may
+    /// be gone already, and its idle timeout ends the session then). What `jobgate agent`
+    /// does when the app exits or a signal arrives; a program built on the library (the
+    /// soak bench) calls it to end a session the same way.
+    pub async fn bye(&mut self, reason: &str) {
+        let bye = ControlMessage::Bye {
+            reason: reason.to_owned(),
+        };
+        // Bye goes ahead of any response data still queued, and the relay gets a moment to
+        // take it and close: closing at once could lose both Bye and our close while a full
+        // congestion window holds them back (then the name would wait out the resume grace).
+        let _ = self.control.set_priority(i32::MAX);
+        let _ = write_frame(&mut self.control, &bye.to_payload()).await;
+        let _ = self.control.finish();
+        let _ = tokio::time::timeout(BYE_LINGER, self.connection.closed()).await;
+        self.connection
+            .close(quinn::VarInt::from_u32(CloseCode::Normal.as_u32()), b"bye");
+        let _ = tokio::time::timeout(CLOSE_LINGER, self.endpoint.wait_idle()).await;
+    }
 }
 
 /// What to say in `Hello`.

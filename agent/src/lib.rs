@@ -55,9 +55,9 @@ use tokio::signal::unix::{signal, SignalKind};
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default time the app has to exit after SIGTERM/SIGINT before it is killed.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
-/// How long the agent waits for the relay to close the connection after `Bye`.
+/// How long [`dial::RelaySession::bye`] waits for the relay to close the connection after `Bye`.
 pub(crate) const BYE_LINGER: Duration = Duration::from_secs(3);
-/// How long the agent lingers so that its close reaches the relay.
+/// How long [`dial::RelaySession::bye`] lingers so that its close reaches the relay.
 pub(crate) const CLOSE_LINGER: Duration = Duration::from_millis(500);
 
 /// Exit codes of `jobgate agent` besides the app's own (documented in the README).

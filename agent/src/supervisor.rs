@@ -6,8 +6,8 @@ use crate::child::{self, App};
 use crate::dial::{self, DialError, HelloParams, RelaySession};
 use crate::serve;
 use crate::target::TargetPool;
-use crate::{announce, jobfile, AgentError, AgentOptions, BYE_LINGER, CLOSE_LINGER};
-use jobgate_protocol::{write_frame, CloseCode, ControlMessage};
+use crate::{announce, jobfile, AgentError, AgentOptions};
+use jobgate_protocol::{CloseCode, ControlMessage};
 use nix::sys::signal::Signal;
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,13 +114,13 @@ impl Supervisor<'_> {
                         .map(child::describe)
                         .unwrap_or_else(|| "app status unknown".into());
                     say!("the app ended ({reason}); closing the session");
-                    say_bye(&mut live.session, &reason).await;
+                    live.session.bye(&reason).await;
                     return Ok(code);
                 }
                 Event::Signal(signal) => {
                     say!("received {signal}; stopping the app and closing the session");
                     // Bye first: the URL dies at once instead of failing requests while the app stops.
-                    say_bye(&mut live.session, &format!("agent received {signal}")).await;
+                    live.session.bye(&format!("agent received {signal}")).await;
                     return Ok(self.stop_app(signal).await.unwrap_or(128 + signal as i32));
                 }
                 Event::Control(Some(ControlMessage::Ticket { resume_ticket })) => {
@@ -246,22 +246,4 @@ async fn wait_app(app: &mut Option<App>) -> Option<std::process::ExitStatus> {
         Some(app) => app.wait().await.ok(),
         None => std::future::pending().await,
     }
-}
-
-/// Tells the relay the session is over and closes the connection.
-async fn say_bye(session: &mut RelaySession, reason: &str) {
-    let bye = ControlMessage::Bye {
-        reason: reason.to_owned(),
-    };
-    // Bye goes ahead of any response data still queued, and the relay gets a moment to
-    // take it and close: closing at once could lose both Bye and our close while a full
-    // congestion window holds them back (then the name would wait out the resume grace).
-    let _ = session.control.set_priority(i32::MAX);
-    let _ = write_frame(&mut session.control, &bye.to_payload()).await;
-    let _ = session.control.finish();
-    let _ = tokio::time::timeout(BYE_LINGER, session.connection.closed()).await;
-    session
-        .connection
-        .close(quinn::VarInt::from(CloseCode::Normal), b"bye");
-    let _ = tokio::time::timeout(CLOSE_LINGER, session.endpoint.wait_idle()).await;
 }

@@ -1,7 +1,9 @@
 //! The agents' side of the soak, run as a child process of the bench (`SOAK_ROLE=agents`):
 //! agents built from the `jobgate-agent` library (each its own QUIC endpoint and connection,
-//! like a job's agent), each forwarding to its own little backend that answers `/id` with
-//! the agent's slot and generation and echoes WebSockets on `/ws`.
+//! like a job's agent), each forwarding to its own instance of the harness's backend app
+//! (`jobgate_harness::app`), labelled with the agent's slot and generation (its `/id`) and
+//! echoing WebSockets on `/ws`. A session ends with the library's own `RelaySession::bye`
+//! (the job ended) or a close without `Bye` (a crash).
 //!
 //! Why a separate process: at the scale (5,000 client requests and WebSockets at
 //! once) clients, agents and apps in one process need ~16,000 file descriptors, too close
@@ -20,29 +22,16 @@
 
 use crate::{chance, nap, rand_f64, rand_ms, Opts, CRASH_CODE};
 use anyhow::{anyhow, Result};
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use http::{header, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use jobgate_agent::dial::{self, DialConfig, HelloParams, RelaySession};
 use jobgate_agent::target::{Target, TargetPool};
-use jobgate_protocol::{write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, Token};
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use jobgate_protocol::{AccessMode, JobInfo, Token};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 /// Environment the bench passes to this process.
 pub const ENV_ROLE: &str = "SOAK_ROLE";
@@ -113,7 +102,8 @@ pub fn main(opts: Opts) -> Result<()> {
         relay_ca: Some(PathBuf::from(var(ENV_CA)?)),
         idle_timeout: Duration::from_secs(15),
     };
-    raise_fd_limit()?;
+    // This process holds thousands of sockets: lift the soft descriptor limit.
+    jobgate_harness::process::raise_nofile()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -174,16 +164,6 @@ pub fn main(opts: Opts) -> Result<()> {
     })
 }
 
-/// This process holds thousands of sockets: lift the soft descriptor limit to the hard one.
-pub fn raise_fd_limit() -> Result<u64> {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
-    }
-    Ok(hard)
-}
-
 /// Writes events to stdout in the order they were sent, flushing whenever none is waiting.
 async fn write_events(mut rx: UnboundedReceiver<String>) {
     let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
@@ -219,85 +199,6 @@ async fn start_stable(agents: &Arc<Agents>) -> Vec<JoinHandle<()>> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Backend: one per agent generation, so a misrouted request shows
-// ---------------------------------------------------------------------------------------
-
-type BackendBody = Full<Bytes>;
-
-async fn start_backend(ident: String) -> Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let ident = Arc::new(ident);
-    let task = tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            };
-            let ident = ident.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| backend(req, ident.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
-    Ok((addr, task))
-}
-
-async fn backend(
-    mut req: Request<Incoming>,
-    ident: Arc<String>,
-) -> Result<Response<BackendBody>, Infallible> {
-    if req.uri().path() != "/ws" {
-        return Ok(Response::new(Full::new(Bytes::from(
-            ident.as_bytes().to_vec(),
-        ))));
-    }
-    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
-        let mut r = Response::new(Full::new(Bytes::from_static(b"not a websocket\n")));
-        *r.status_mut() = StatusCode::BAD_REQUEST;
-        return Ok(r);
-    };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else {
-            return;
-        };
-        let mut ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        while let Some(Ok(m)) = ws.next().await {
-            if m.is_close() {
-                break;
-            }
-            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut r = Response::new(Full::new(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("upgrade"),
-    );
-    h.insert(
-        header::UPGRADE,
-        header::HeaderValue::from_static("websocket"),
-    );
-    if let Ok(accept) = header::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert("sec-websocket-accept", accept);
-    }
-    Ok(r)
-}
-
-// ---------------------------------------------------------------------------------------
 // Agents
 // ---------------------------------------------------------------------------------------
 
@@ -320,18 +221,6 @@ fn key_of(access_url: &str) -> String {
         .next()
         .unwrap_or("")
         .to_owned()
-}
-
-async fn bye(session: &mut RelaySession) {
-    let msg = ControlMessage::Bye {
-        reason: "soak".into(),
-    };
-    let _ = write_frame(&mut session.control, &msg.to_payload()).await;
-    let _ = session.control.finish();
-    session
-        .connection
-        .close(quinn::VarInt::from_u32(CloseCode::Normal.as_u32()), b"bye");
-    let _ = tokio::time::timeout(Duration::from_millis(500), session.endpoint.wait_idle()).await;
 }
 
 async fn crash(session: &RelaySession) {
@@ -368,7 +257,7 @@ async fn agent_slot(
             "{}slot={slot}/gen={gen}",
             if stable { "stable/" } else { "" }
         );
-        let Ok((addr, backend)) = start_backend(ident.clone()).await else {
+        let Ok((addr, backend)) = jobgate_harness::app::spawn_app(&ident).await else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
@@ -445,7 +334,8 @@ async fn agent_slot(
             crash(&session).await;
         } else {
             agents.count("sessions_bye");
-            bye(&mut session).await;
+            // The agent library's own clean end, as `jobgate agent` says it when a job ends.
+            session.bye("soak").await;
         }
         let _ = serving.await;
         drop(session);

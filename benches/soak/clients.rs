@@ -12,6 +12,10 @@ use futures_util::{SinkExt, StreamExt};
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use jobgate_harness::client::{
+    client_tls, connect_tls, ws_connect as open_websocket, Ws, WsTarget,
+};
+use jobgate_harness::stack::Session;
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -20,10 +24,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::watch;
-use tokio_rustls::TlsConnector;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 /// How long a client waits for the agents processes to answer `sync`.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
@@ -163,8 +164,9 @@ impl AgentsProcess {
 pub struct Ctx {
     pub opts: Opts,
     pub https_port: u16,
-    pub tls_h1: TlsConnector,
-    pub tls_h2: TlsConnector,
+    /// TLS trusting the relay, offering HTTP/1.1 (and WebSockets) or HTTP/2.
+    pub tls_h1: Arc<rustls::ClientConfig>,
+    pub tls_h2: Arc<rustls::ClientConfig>,
     pub c: Counters,
     churn: Slots,
     stable: Slots,
@@ -185,11 +187,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Ctx {
     /// Shared state for `opts`, with no agent live yet.
-    pub fn new(opts: Opts, https_port: u16, tls_h1: TlsConnector, tls_h2: TlsConnector) -> Self {
-        Self {
+    pub fn new(opts: Opts, https_port: u16, ca: &std::path::Path) -> Result<Self> {
+        Ok(Self {
             https_port,
-            tls_h1,
-            tls_h2,
+            tls_h1: client_tls(ca, &[b"http/1.1"])?,
+            tls_h2: client_tls(ca, &[b"h2"])?,
             c: Counters::default(),
             churn: (0..opts.agents).map(|_| Mutex::new(None)).collect(),
             stable: (0..opts.stable).map(|_| Mutex::new(None)).collect(),
@@ -200,7 +202,7 @@ impl Ctx {
             misroutes: Mutex::new(Vec::new()),
             losses: Mutex::new(Vec::new()),
             opts,
-        }
+        })
     }
 
     /// Applies one event from an agents process.
@@ -332,13 +334,10 @@ impl Ctx {
 
 async fn tls_to_relay(
     ctx: &Ctx,
-    connector: &TlsConnector,
+    config: &Arc<rustls::ClientConfig>,
     sni: &str,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(("127.0.0.1", ctx.https_port)).await?;
-    tcp.set_nodelay(true)?;
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned())?;
-    Ok(connector.connect(name, tcp).await?)
+    Ok(connect_tls(config, ctx.https_port, sni).await?)
 }
 
 enum Sender {
@@ -466,19 +465,21 @@ pub async fn request_loop(ctx: Arc<Ctx>, id: usize) {
     }
 }
 
-/// A client's WebSocket through the relay.
-type ClientWebSocket = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
-
-async fn ws_connect(ctx: &Ctx, info: &LiveInfo) -> Result<ClientWebSocket> {
-    let host = info.host(ctx.https_port);
-    let tls = tls_to_relay(ctx, &ctx.tls_h1, host.split(':').next().unwrap_or("")).await?;
-    let req = format!("wss://{host}/ws?jobgate_key={}", info.key).into_client_request()?;
-    let (ws, _) = tokio_tungstenite::client_async(req, tls).await?;
-    Ok(ws)
+/// A client's WebSocket through the relay to `info`'s `/ws`, the key in the query.
+async fn ws_connect(ctx: &Ctx, info: &LiveInfo) -> Result<Ws> {
+    let target = WsTarget::Relay {
+        port: ctx.https_port,
+        tls: ctx.tls_h1.clone(),
+        session: Session {
+            host: format!("{}.{DOMAIN}", info.name),
+            cookie: String::new(),
+        },
+    };
+    Ok(open_websocket(&target, &format!("/ws?jobgate_key={}", info.key)).await?)
 }
 
 /// Sends `text` and returns the next text message (the echo), skipping pings and pongs.
-async fn echo(ws: &mut ClientWebSocket, text: &str) -> Result<String> {
+async fn echo(ws: &mut Ws, text: &str) -> Result<String> {
     ws.send(Message::Text(text.to_owned())).await?;
     loop {
         match ws.next().await {

@@ -33,20 +33,20 @@ mod agents;
 mod clients;
 mod relay;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use clients::{AgentsProcess, Ctx};
+use jobgate_harness::stack::TestEnv;
 use rand::Rng;
-use relay::{settled, start_relay, tls_connector, Relay};
+use relay::{settled, start_relay, Relay};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The relay's domain.
-pub const DOMAIN: &str = "soak.test";
+pub use jobgate_harness::DOMAIN;
 /// A close code the relay does not know: a crash-like end, the name is parked.
 const CRASH_CODE: u32 = 1000;
 
@@ -255,53 +255,24 @@ fn main() -> Result<()> {
     if std::env::var(agents::ENV_ROLE).as_deref() == Ok("agents") {
         return agents::main(opts);
     }
-    let hard = agents::raise_fd_limit()?;
+    let hard = jobgate_harness::process::raise_nofile()?;
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_jobgate"));
-    let dir = std::env::temp_dir().join(format!("jobgate-soak-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let run = |args: &[&str]| -> Result<String> {
-        let out = Command::new(&bin)
-            .args(args)
-            .stderr(Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            bail!("jobgate {args:?} failed");
-        }
-        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
-    };
-    let dirs = dir.to_str().ok_or_else(|| anyhow!("temp dir not UTF-8"))?;
-    run(&["dev-cert", "--domain", DOMAIN, "--out", dirs])?;
-    let tokens = dir.join("tokens.toml");
-    let token = run(&[
-        "token",
-        "issue",
-        "--user",
-        "soak",
-        "--tokens",
-        tokens.to_str().unwrap_or_default(),
-    ])?;
-    let token_path = dir.join("token");
-    std::fs::write(&token_path, &token)?;
+    let env = TestEnv::create(&bin, "jobgate-soak")?;
+    let (_, token_path) = env.issue_token("soak")?;
 
     eprintln!(
         "soak: {} churning agents (life {}-{} s; 60 % Bye, 25 % crash, 15 % blip+resume) + {} stable, {} request loops (1/4 HTTP/2), {} WebSockets on stable agents, {} on churning ones; warm-up {} s, soak {} s, resume grace {} s; RLIMIT_NOFILE {hard}",
         opts.agents, opts.life_min, opts.life_max, opts.stable, opts.clients, opts.websockets, opts.churn_ws, opts.warmup, opts.secs, opts.grace
     );
-    let relay = start_relay(&bin, &dir, &opts)?;
-    let ca = dir.join("ca.pem");
+    let relay = start_relay(&env, &opts)?;
+    let ca = env.ca.clone();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
-        let ctx = Arc::new(Ctx::new(
-            opts.clone(),
-            relay.https,
-            tls_connector(&ca, &[b"http/1.1"])?,
-            tls_connector(&ca, &[b"h2"])?,
-        ));
+        let ctx = Arc::new(Ctx::new(opts.clone(), relay.https, &ca)?);
         let start_figures = settled(&relay).await;
         let launch = |stable| agents::Launch {
             stable,
@@ -565,7 +536,7 @@ fn main() -> Result<()> {
         serde_json::to_string_pretty(&out)?,
     );
     drop(relay);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(env);
     if failures.is_empty() {
         println!("soak: PASS");
         Ok(())

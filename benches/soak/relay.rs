@@ -1,51 +1,31 @@
-//! The relay under test: a real `jobgate relay` process, and its figures from /proc.
+//! The relay under test: a real `jobgate relay` process (started by the harness), and its
+//! figures from /proc and from its own `/metrics`.
 
-use crate::{Opts, DOMAIN};
-use anyhow::{anyhow, Context, Result};
+use crate::Opts;
+use anyhow::Result;
+use jobgate_harness::process::{cpu_s, fd_count, proc_status_kib, thread_count};
+use jobgate_harness::stack::{launch_relay, relay_command, RelayProc, TestEnv};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio_rustls::TlsConnector;
 
-/// Resident memory of a process, in KiB.
+/// How long a `/metrics` scrape may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Resident memory of a process, in KiB (0 if it cannot be read).
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    proc_status_kib(pid as i32, "VmRSS:").unwrap_or(0)
 }
 
 /// Open file descriptors of a process.
 pub fn fds(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count() as u64)
-        .unwrap_or(0)
+    fd_count(pid as i32)
 }
 
-/// CPU time (user + system) of a process, in seconds.
-pub fn cpu_s(pid: u32) -> f64 {
-    // utime + stime, fields 14 and 15 of /proc/pid/stat, in clock ticks (100/s here).
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit(')').next()?.split_whitespace().collect::<Vec<_>>();
-            Some((rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?) / 100.0)
-        })
-        .unwrap_or(0.0)
-}
-
-/// The relay process; killed on drop.
+/// The relay process (killed on drop) and its metrics listener.
 pub struct Relay {
-    child: Child,
+    proc: RelayProc,
     /// Its HTTPS port.
     pub https: u16,
     /// Its QUIC port.
@@ -54,16 +34,9 @@ pub struct Relay {
     metrics: SocketAddr,
 }
 
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Relay {
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.proc.pid() as u32
     }
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
@@ -72,12 +45,10 @@ impl Relay {
         fds(self.pid())
     }
     pub fn threads(&self) -> u64 {
-        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
-            .map(|d| d.count() as u64)
-            .unwrap_or(0)
+        thread_count(self.pid() as i32)
     }
     pub fn cpu_s(&self) -> f64 {
-        cpu_s(self.pid())
+        cpu_s(self.pid() as i32)
     }
 
     /// The relay's own account of what it holds, from `/metrics` (empty if unreachable).
@@ -89,7 +60,7 @@ impl Relay {
 /// `GET /metrics`, parsed into series → value.
 fn scrape(addr: SocketAddr) -> std::io::Result<BTreeMap<String, f64>> {
     let mut tcp = std::net::TcpStream::connect(addr)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
     tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")?;
     let mut text = String::new();
     tcp.read_to_string(&mut text)?;
@@ -104,24 +75,16 @@ fn scrape(addr: SocketAddr) -> std::io::Result<BTreeMap<String, f64>> {
         .collect())
 }
 
-/// Starts the relay with the certificate and tokens in `dir`.
-pub fn start_relay(bin: &Path, dir: &Path, opts: &Opts) -> Result<Relay> {
-    let mut child = Command::new(bin)
-        .args([
-            "relay",
-            "--domain",
-            DOMAIN,
-            "--listen-https",
-            "127.0.0.1:0",
-            "--listen-quic",
-            "127.0.0.1:0",
-        ])
-        .arg("--cert")
-        .arg(dir.join("cert.pem"))
-        .arg("--key")
-        .arg(dir.join("key.pem"))
-        .arg("--tokens")
-        .arg(dir.join("tokens.toml"))
+/// The relay's errors and panics are shown as they happen; the rest stays collected.
+fn is_alarm(line: &str) -> bool {
+    line.contains("ERROR") || line.contains("panicked")
+}
+
+/// Starts the relay with `env`'s certificate and tokens, limits lifted for one user's
+/// many agents, and a metrics listener.
+pub fn start_relay(env: &TestEnv, opts: &Opts) -> Result<Relay> {
+    let mut command = relay_command(&[], &env.bin, env, 0, 0);
+    command
         .args(["--resume-grace", &opts.grace.to_string()])
         .args(["--listen-metrics", "127.0.0.1:0"])
         .args([
@@ -130,71 +93,15 @@ pub fn start_relay(bin: &Path, dir: &Path, opts: &Opts) -> Result<Relay> {
         ])
         // Every churning agent is the same user: no per-user rate of new sessions.
         .args(["--max-new-sessions-per-user-per-minute", "0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("start the relay")?;
-    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = 0;
-        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-            if sent < 2 && (line.contains("agents (QUIC/UDP) on") || line.contains("metrics on")) {
-                let _ = tx.send(line.clone());
-                sent += 1;
-            } else if line.contains("ERROR") || line.contains("panicked") {
-                eprintln!("  relay: {line}");
-            }
-        }
-    });
-    let wait = || {
-        rx.recv_timeout(Duration::from_secs(20))
-            .context("the relay did not start")
-    };
-    let (line, metrics_line) = (wait()?, wait()?);
-    let metrics: SocketAddr = metrics_line
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| anyhow!("no metrics address in {metrics_line:?}"))?;
-    let port_after = |marker: &str| -> Result<u16> {
-        let rest = line
-            .split(marker)
-            .nth(1)
-            .ok_or_else(|| anyhow!("no {marker:?} in {line:?}"))?;
-        let addr = rest.split([',', ' ']).find(|s| !s.is_empty()).unwrap_or("");
-        addr.rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| anyhow!("no port in {line:?}"))
-    };
-    let https = port_after("HTTPS on ")?;
-    let quic = port_after("agents (QUIC/UDP) on ")?;
+        .env("RUST_LOG", "warn");
+    let mut proc = launch_relay(command, Some(is_alarm))?;
+    let metrics = proc.metrics_addr()?;
     Ok(Relay {
-        child,
-        https,
-        quic,
+        https: proc.https_port,
+        quic: proc.quic_port,
+        proc,
         metrics,
     })
-}
-
-/// A TLS client trusting only `ca`, offering `alpn`.
-pub fn tls_connector(ca: &Path, alpn: &[&[u8]]) -> Result<TlsConnector> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca)?;
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert?)?;
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 /// What the relay holds at one moment: from /proc, and from its own `/metrics`.

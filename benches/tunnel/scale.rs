@@ -1,0 +1,198 @@
+//! Scenario 5: relay (and agent) memory per idle agent and per idle WebSocket.
+
+use crate::report::{Report, Target};
+use crate::setup::{start_backend, variant_name, Setup};
+use crate::ws::WsVariant;
+use crate::Opts;
+use anyhow::{bail, Result};
+use futures_util::{SinkExt, StreamExt};
+use jobgate_harness::client::{ws_connect, Ws, WsTarget};
+use jobgate_harness::stack::launch_agent;
+use serde_json::json;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The scenario's name in the report.
+const SC: &str = "5 scale";
+
+/// Both measurements; an error is recorded in the report, the run goes on.
+pub fn scenario_scale(
+    opts: &Opts,
+    setup: &Setup,
+    runtime: &tokio::runtime::Runtime,
+    report: &mut Report,
+) {
+    let primary = report.primary.clone();
+    if let Err(e) = scenario_scale_agents(opts, setup, runtime, report) {
+        report
+            .metric("scale.agent", SC, "relay RSS per idle agent", "KiB", false)
+            .errors
+            .push(format!("{primary}: {e:#}"));
+    }
+    if let Err(e) = scenario_scale_ws(opts, setup, runtime, report) {
+        report
+            .metric("scale.ws", SC, "relay RSS per idle WebSocket", "KiB", false)
+            .errors
+            .push(format!("{primary}: {e:#}"));
+    }
+}
+
+/// Relay RSS per idle agent: N agents (QUIC connection + Hello each) from this process.
+fn scenario_scale_agents(
+    opts: &Opts,
+    setup: &Setup,
+    runtime: &tokio::runtime::Runtime,
+    report: &mut Report,
+) -> Result<()> {
+    let n = opts.agents;
+    eprintln!("[scale] {n} idle agents on one relay");
+    let limit = (n + 64).to_string();
+    // One user opens every agent at once: lift the per-user rate of new sessions too.
+    let relay = setup.start_relay(
+        opts.workers[0],
+        &[
+            "--max-sessions-per-user",
+            &limit,
+            "--max-new-sessions-per-user-per-minute",
+            "0",
+        ],
+    )?;
+    let dial = jobgate_agent::dial::DialConfig {
+        relay: format!("127.0.0.1:{}", relay.quic_port),
+        relay_ca: Some(setup.env.ca.clone()),
+        idle_timeout: Duration::from_secs(30),
+    };
+    let hello = jobgate_agent::dial::HelloParams {
+        token: jobgate_protocol::Token(setup.token.clone()),
+        access: jobgate_protocol::AccessMode::Link,
+        job: jobgate_protocol::JobInfo::default(),
+        resume: None,
+    };
+    let (per_agent, detail) = runtime.block_on(async {
+        let connect = |count: usize| {
+            futures_util::stream::iter(0..count)
+                .map(|_| jobgate_agent::dial::open_session(&dial, &hello))
+                .buffer_unordered(32)
+                .collect::<Vec<_>>()
+        };
+        // Warm-up agents: code paths, allocator arenas, tables.
+        let warm: Vec<_> = connect(16).await.into_iter().collect::<Result<_, _>>()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = relay.proc.rss_kib()?;
+        let start = Instant::now();
+        let sessions: Vec<_> = connect(n).await.into_iter().collect::<Result<_, _>>()?;
+        let connect_s = start.elapsed().as_secs_f64();
+        // A few keep-alive rounds so every connection reaches its idle steady state.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = relay.proc.rss_kib()?;
+        let per = (after.saturating_sub(before)) as f64 / n as f64;
+        eprintln!("  relay RSS {before} KiB → {after} KiB for {n} agents: {per:.1} KiB each; connected in {connect_s:.2} s");
+        let code = quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Normal.as_u32());
+        for s in sessions.iter().chain(&warm) {
+            s.connection.close(code, b"bench done");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok::<_, anyhow::Error>((
+            per,
+            json!({"agents": n, "relay_rss_before_kib": before, "relay_rss_after_kib": after, "connect_seconds": connect_s}),
+        ))
+    })?;
+    let m = report.metric("scale.agent", SC, "relay RSS per idle agent", "KiB", false);
+    m.samples
+        .entry(variant_name(opts.workers[0]))
+        .or_default()
+        .push(per_agent);
+    m.targets = vec![Target::Max(64.0)];
+    m.detail.insert("run".into(), detail);
+    Ok(())
+}
+
+/// Relay RSS per idle WebSocket: N upgraded connections through one relay and agent.
+fn scenario_scale_ws(
+    opts: &Opts,
+    setup: &Setup,
+    runtime: &tokio::runtime::Runtime,
+    report: &mut Report,
+) -> Result<()> {
+    let n = opts.websockets;
+    eprintln!("[scale] {n} idle WebSockets through one relay");
+    let (backend, backend_port) = start_backend(setup)?;
+    let relay = setup.start_relay(opts.workers[0], &[])?;
+    let mut c = setup.agent_command(&relay, opts.workers[0]);
+    c.arg("--to").arg(format!("127.0.0.1:{backend_port}"));
+    let agent = launch_agent(c)?;
+    let v = WsVariant {
+        name: variant_name(opts.workers[0]),
+        target: WsTarget::Relay {
+            port: relay.https_port,
+            tls: setup.client_tls(&[b"http/1.1"])?,
+            session: agent.session()?,
+        },
+    };
+    let (per_ws, per_ws_agent, detail) = runtime.block_on(async {
+        let open = |count: usize| {
+            futures_util::stream::iter(0..count)
+                .map(|_| ws_connect(&v.target, "/ws"))
+                .buffer_unordered(64)
+                .collect::<Vec<_>>()
+        };
+        let mut warm: Vec<Ws> = open(32).await.into_iter().collect::<Result<_, _>>()?;
+        for ws in &mut warm {
+            ws.send(Message::Text("warm".into())).await?;
+            let _ = ws.next().await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let relay_before = relay.proc.rss_kib()?;
+        let agent_before = agent.proc.rss_kib()?;
+        let start = Instant::now();
+        let mut sockets: Vec<Ws> = open(n).await.into_iter().collect::<Result<_, _>>()?;
+        let open_s = start.elapsed().as_secs_f64();
+        // One message each way on every socket, like a notebook's first kernel message.
+        for ws in &mut sockets {
+            ws.send(Message::Text("hello".into())).await?;
+        }
+        for ws in &mut sockets {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t == "hello" => {}
+                other => bail!("no echo on an idle WebSocket: {other:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let relay_after = relay.proc.rss_kib()?;
+        let agent_after = agent.proc.rss_kib()?;
+        let per = relay_after.saturating_sub(relay_before) as f64 / n as f64;
+        let per_agent = agent_after.saturating_sub(agent_before) as f64 / n as f64;
+        eprintln!(
+            "  relay RSS {relay_before} → {relay_after} KiB: {per:.1} KiB per WebSocket (agent {per_agent:.1} KiB); opened in {open_s:.2} s"
+        );
+        drop(sockets);
+        drop(warm);
+        Ok::<_, anyhow::Error>((
+            per,
+            per_agent,
+            json!({"websockets": n, "relay_rss_before_kib": relay_before, "relay_rss_after_kib": relay_after,
+                   "agent_rss_before_kib": agent_before, "agent_rss_after_kib": agent_after, "open_seconds": open_s}),
+        ))
+    })?;
+    drop(agent);
+    drop(relay);
+    drop(backend);
+    let primary = variant_name(opts.workers[0]);
+    let m = report.metric("scale.ws", SC, "relay RSS per idle WebSocket", "KiB", false);
+    m.samples.entry(primary.clone()).or_default().push(per_ws);
+    m.targets = vec![Target::Max(16.0)];
+    m.detail.insert("run".into(), detail);
+    report
+        .metric(
+            "scale.ws.agent",
+            SC,
+            "agent RSS per idle WebSocket",
+            "KiB",
+            false,
+        )
+        .samples
+        .entry(primary)
+        .or_default()
+        .push(per_ws_agent);
+    Ok(())
+}

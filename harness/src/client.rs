@@ -1,0 +1,271 @@
+//! Clients of the relay's front door: TLS trusting the dev CA, HTTP/1.1 and HTTP/2 over
+//! hyper, WebSockets over tokio-tungstenite; and small helpers for tests.
+
+use crate::error::{Error, Result};
+use crate::stack::{AgentProc, TestEnv};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::WebSocketStream;
+
+/// The body type of test requests.
+pub type TestBody = BoxBody<Bytes, std::io::Error>;
+/// How often [`eventually`] checks.
+const EVENTUALLY_POLL: Duration = Duration::from_millis(50);
+/// How long [`assert_serves`] gives the good session to answer.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TLS client configuration trusting only `ca`, offering `alpn`.
+pub fn client_tls(ca: &Path, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>> {
+    let tls = |e: &dyn std::fmt::Display| Error::Tls(format!("{}: {e}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).map_err(|e| tls(&e))?;
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls(&e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// A TLS connection to 127.0.0.1:`port` with SNI `host` (TCP_NODELAY on).
+pub async fn connect_tls(
+    config: &Arc<rustls::ClientConfig>,
+    port: u16,
+    host: &str,
+) -> Result<TlsStream<TcpStream>> {
+    let tcp = connect_tcp(port).await?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| Error::Tls(format!("server name {host:?}: {e}")))?;
+    tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| Error::Tls(format!("handshake with {host} on port {port}: {e}")))
+}
+
+/// A TCP connection to 127.0.0.1:`port` with TCP_NODELAY.
+pub async fn connect_tcp(port: u16) -> Result<TcpStream> {
+    let what = || format!("connecting to 127.0.0.1:{port}");
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(Error::io(what()))?;
+    tcp.set_nodelay(true).map_err(Error::io(what()))?;
+    Ok(tcp)
+}
+
+/// A TLS connection to the relay's front door for `host` (SNI), offering `alpn`.
+pub async fn tls_connect(
+    env: &TestEnv,
+    port: u16,
+    host: &str,
+    alpn: &[&[u8]],
+) -> TlsStream<TcpStream> {
+    let config = client_tls(&env.ca, alpn).unwrap_or_else(|e| panic!("{e}"));
+    connect_tls(&config, port, host)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// An empty body.
+pub fn empty() -> TestBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A body of `data`.
+pub fn full(data: impl Into<Bytes>) -> TestBody {
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An HTTP/1.1 connection to `host` through the relay (upgrades enabled).
+pub async fn h1(
+    env: &TestEnv,
+    port: u16,
+    host: &str,
+) -> hyper::client::conn::http1::SendRequest<TestBody> {
+    let tls = tls_connect(env, port, host, &[b"http/1.1"]).await;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1 handshake");
+    tokio::spawn(conn.with_upgrades());
+    sender
+}
+
+/// An HTTP/2 connection to the relay, SNI `host` (other names may share it).
+pub async fn h2(
+    env: &TestEnv,
+    port: u16,
+    host: &str,
+) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let tls = tls_connect(env, port, host, &[b"h2"]).await;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "relay must offer h2"
+    );
+    h2_handshake(tls).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// HTTP/2 over an established connection; the connection task is spawned.
+pub async fn h2_handshake<B>(
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+) -> Result<hyper::client::conn::http2::SendRequest<B>>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|e| Error::Http(format!("h2 handshake: {e}")))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// A GET over a fresh HTTP/1.1 connection; returns status, headers and the whole body.
+pub async fn get(
+    env: &TestEnv,
+    port: u16,
+    host: &str,
+    path: &str,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    let mut sender = h1(env, port, host).await;
+    let request = Request::get(path)
+        .header("host", host)
+        .body(empty())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    collect(response).await
+}
+
+/// Status, headers and the whole body of a response.
+pub async fn collect(
+    response: Response<hyper::body::Incoming>,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+/// `body` as JSON; panics with the body if it is not.
+pub fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+/// Polls `check` until it is true or `timeout` passes; returns the time it took.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(EVENTUALLY_POLL).await;
+    }
+    None
+}
+
+/// The well-behaved session `good` (demo app labelled "good") answers a fresh request:
+/// 200 from its own app, which saw exactly the request sent (no smuggled prefix from an
+/// earlier attack, nothing confused by a misbehaving neighbour).
+pub async fn assert_serves(env: &TestEnv, port: u16, good: &AgentProc, context: &str) {
+    let probe = format!("/echo?probe={:016x}", rand::random::<u64>());
+    let (host, path) = (good.host(), good.path(&probe));
+    let request = get(env, port, &host, &path);
+    let Ok((status, headers, body)) = tokio::time::timeout(SERVE_TIMEOUT, request).await else {
+        panic!("{context}: the good session did not answer within {SERVE_TIMEOUT:?}");
+    };
+    assert_eq!(status, StatusCode::OK, "{context}: the good session failed");
+    assert_eq!(
+        headers.get("x-app-label").map(|v| v.as_bytes()),
+        Some(&b"good"[..]),
+        "{context}: answered by the wrong app"
+    );
+    assert_eq!(json(&body)["target"], probe.as_str(), "{context}");
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSockets
+// ---------------------------------------------------------------------------------------
+
+/// Any byte stream a WebSocket can run over (plain TCP or TLS).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+/// A WebSocket over plain TCP or TLS.
+pub type Ws = WebSocketStream<Box<dyn Io>>;
+
+/// Where a WebSocket client connects.
+#[derive(Clone)]
+pub enum WsTarget {
+    /// Straight to an app on 127.0.0.1:port.
+    Direct(u16),
+    /// Through a relay's front door: its port, TLS (ALPN http/1.1), the session.
+    Relay {
+        /// The relay's HTTPS port.
+        port: u16,
+        /// Trusts the relay's certificate.
+        tls: Arc<rustls::ClientConfig>,
+        /// The session's host; its cookie is sent unless `path` carries the key.
+        session: crate::stack::Session,
+    },
+}
+
+/// Opens a WebSocket to `path` (with its query) at `target`; fails unless the answer is
+/// 101.
+pub async fn ws_connect(target: &WsTarget, path: &str) -> Result<Ws> {
+    let ws_err = |e: &dyn std::fmt::Display| Error::WebSocket(format!("{path}: {e}"));
+    let (io, uri, cookie): (Box<dyn Io>, String, Option<(&str, String)>) = match target {
+        WsTarget::Direct(port) => (
+            Box::new(connect_tcp(*port).await?),
+            format!("ws://127.0.0.1:{port}{path}"),
+            None,
+        ),
+        WsTarget::Relay { port, tls, session } => (
+            Box::new(connect_tls(tls, *port, &session.host).await?),
+            format!("wss://{}:{port}{path}", session.host),
+            (!path.contains("jobgate_key=")).then(|| {
+                (
+                    session.cookie.as_str(),
+                    format!("https://{}:{port}", session.host),
+                )
+            }),
+        ),
+    };
+    let mut request = uri.into_client_request().map_err(|e| ws_err(&e))?;
+    if let Some((cookie, origin)) = cookie {
+        // As a browser on the session's own page: the relay honours the cookie on a
+        // WebSocket handshake only with the session's own `Origin`.
+        let value = http::HeaderValue::from_str(cookie).map_err(|e| ws_err(&e))?;
+        request.headers_mut().insert(http::header::COOKIE, value);
+        let origin = http::HeaderValue::from_str(&origin).map_err(|e| ws_err(&e))?;
+        request.headers_mut().insert(http::header::ORIGIN, origin);
+    }
+    let (ws, response) = tokio_tungstenite::client_async(request, io)
+        .await
+        .map_err(|e| ws_err(&e))?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ws_err(&format!("handshake answered {}", response.status())));
+    }
+    Ok(ws)
+}
