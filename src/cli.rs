@@ -116,10 +116,14 @@ enum Command {
     },
 }
 
-#[derive(Debug, Args)]
+/// `jobgate relay`'s flags. Each one is a `relay.toml` key (serde names it): the flags given
+/// are serialized over the file's table, so a setting needs its field here and in
+/// `RelayConfig`, nothing else (a test checks that every flag is a key).
+#[derive(Debug, Args, serde::Serialize)]
 struct RelayArgs {
     /// TOML file with any of the settings below (flags win).
     #[arg(long)]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// Domain whose subdomains are sessions (<name>.<domain>).
     #[arg(long)]
@@ -150,12 +154,14 @@ struct RelayArgs {
     url_port: Option<u16>,
     /// Seconds of silence before an agent counts as gone [default: 30].
     #[arg(long)]
+    #[serde(rename = "idle_timeout_secs")]
     idle_timeout: Option<u64>,
     /// Live sessions per user [default: 16].
     #[arg(long)]
     max_sessions_per_user: Option<usize>,
     /// Seconds a vanished agent's name is held (503) for it to reconnect [default: 60].
     #[arg(long)]
+    #[serde(rename = "resume_grace_secs")]
     resume_grace: Option<u64>,
     /// File holding the resume-ticket key [default: jobgate-resume.key beside the tokens file].
     #[arg(long)]
@@ -165,9 +171,11 @@ struct RelayArgs {
     state_file: Option<PathBuf>,
     /// Seconds in-flight requests get when the relay drains on SIGTERM [default: 10].
     #[arg(long)]
+    #[serde(rename = "drain_grace_secs")]
     drain_grace: Option<u64>,
     /// Seconds a client has to send a complete request head (slowloris guard) [default: 30].
     #[arg(long)]
+    #[serde(rename = "header_read_timeout_secs")]
     header_read_timeout: Option<u64>,
     /// Append JSON-lines audit records to this file [default: none].
     #[arg(long)]
@@ -191,9 +199,11 @@ struct RelayArgs {
     new_sessions_burst_per_user: Option<u32>,
     /// Let agents ask for public sessions (no access key) [default: off].
     #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     allow_public: bool,
     /// Seconds a client connection may sit with no request in flight before it is closed [default: 60].
     #[arg(long)]
+    #[serde(rename = "client_idle_timeout_secs")]
     client_idle_timeout: Option<u64>,
     /// Client connections open at once, in total (lowered to fit the open-files limit) [default: 20000].
     #[arg(long)]
@@ -209,6 +219,7 @@ struct RelayArgs {
     max_buffered_mib: Option<u64>,
     /// Seconds an app has to send its response head before the client gets 504 (0: no limit) [default: 300].
     #[arg(long)]
+    #[serde(rename = "response_head_timeout_secs")]
     response_head_timeout: Option<u64>,
 }
 
@@ -461,7 +472,7 @@ fn write_man(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
     }
 }
 
-/// Merges `relay.toml` and flags (flags win) into a [`RelayConfig`].
+/// Merges `relay.toml` and flags (flags win) into a [`RelayConfig`], deserialized once.
 fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
     // The file gets the same strict reading as the agent's: no group/other-writable file,
     // every key a setting (a typo names the nearest one), types checked with its name.
@@ -473,70 +484,9 @@ fn relay_config(args: RelayArgs) -> anyhow::Result<RelayConfig> {
         }
         None => toml::Table::new(),
     };
-    let mut set = |key: &str, value: Option<toml::Value>| {
-        if let Some(value) = value {
-            table.insert(key.to_owned(), value);
-        }
-    };
-    let path =
-        |p: Option<PathBuf>| p.map(|p| toml::Value::String(p.to_string_lossy().into_owned()));
-    let addr = |a: Option<SocketAddr>| a.map(|a| toml::Value::String(a.to_string()));
-    let int = |n: Option<u64>| n.map(|n| toml::Value::Integer(n as i64));
-    set("domain", args.domain.map(toml::Value::String));
-    set("cert", path(args.cert));
-    set("key", path(args.key));
-    set("tokens", path(args.tokens));
-    set("audit_log", path(args.audit_log));
-    set("listen_https", addr(args.listen_https));
-    set("listen_quic", addr(args.listen_quic));
-    set("listen_http", addr(args.listen_http));
-    set("listen_metrics", addr(args.listen_metrics));
-    set("url_port", int(args.url_port.map(u64::from)));
-    set("idle_timeout_secs", int(args.idle_timeout));
-    set("header_read_timeout_secs", int(args.header_read_timeout));
-    set("resume_grace_secs", int(args.resume_grace));
-    set(
-        "max_streams_per_agent",
-        int(args.max_streams_per_agent.map(u64::from)),
-    );
-    set("max_agents", int(args.max_agents.map(|n| n as u64)));
-    set(
-        "max_new_sessions_per_user_per_minute",
-        int(args.max_new_sessions_per_user_per_minute.map(u64::from)),
-    );
-    set(
-        "new_sessions_burst_per_user",
-        int(args.new_sessions_burst_per_user.map(u64::from)),
-    );
-    set("resume_key", path(args.resume_key));
-    set("state_file", path(args.state_file));
-    set("drain_grace_secs", int(args.drain_grace));
-    set("admin_token_file", path(args.admin_token_file));
-    set(
-        "max_sessions_per_user",
-        int(args.max_sessions_per_user.map(|n| n as u64)),
-    );
-    set("client_idle_timeout_secs", int(args.client_idle_timeout));
-    set(
-        "max_client_connections",
-        int(args.max_client_connections.map(|n| n as u64)),
-    );
-    set(
-        "max_client_connections_per_ip",
-        int(args.max_client_connections_per_ip.map(|n| n as u64)),
-    );
-    set(
-        "max_pending_handshakes",
-        int(args.max_pending_handshakes.map(|n| n as u64)),
-    );
-    set("max_buffered_mib", int(args.max_buffered_mib));
-    set(
-        "response_head_timeout_secs",
-        int(args.response_head_timeout),
-    );
-    if args.allow_public {
-        table.insert("allow_public".into(), toml::Value::Boolean(true));
-    }
+    // Flags win: the ones given (serde skips the rest) replace the file's keys.
+    let flags = toml::Table::try_from(&args).context("relay flags")?;
+    table.extend(flags);
     for required in ["domain", "cert", "key", "tokens"] {
         if !table.contains_key(required) {
             bail!("--{required} is required (as a flag or in --config)");
@@ -795,4 +745,96 @@ fn run_token(command: TokenCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `jobgate relay` flag, with a value.
+    fn every_relay_flag() -> Vec<String> {
+        let command = <Cli as clap::CommandFactory>::command();
+        let relay = command
+            .find_subcommand("relay")
+            .expect("relay subcommand")
+            .clone();
+        let mut argv = vec!["jobgate".to_owned(), "relay".to_owned()];
+        for arg in relay.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" || long == "config" {
+                continue;
+            }
+            argv.push(format!("--{long}"));
+            if arg.get_action().takes_values() {
+                let value = match long {
+                    l if l.starts_with("listen") => "127.0.0.1:1",
+                    "domain" => "example.org",
+                    l if l.ends_with("file")
+                        || l.ends_with("log")
+                        || ["cert", "key", "tokens"].contains(&l)
+                        || l.starts_with("resume-key") =>
+                    {
+                        "/tmp/x"
+                    }
+                    _ => "7",
+                };
+                argv.push(value.to_owned());
+            }
+        }
+        argv
+    }
+
+    fn relay_args(argv: &[String]) -> RelayArgs {
+        match Cli::try_parse_from(argv).expect("parse").command {
+            Command::Relay(args) => args,
+            _ => panic!("not relay"),
+        }
+    }
+
+    #[test]
+    fn every_relay_flag_is_a_relay_toml_key() {
+        let argv = every_relay_flag();
+        let table = toml::Table::try_from(relay_args(&argv)).expect("serialize");
+        let keys = crate::config::field_names::<RelayConfig>();
+        assert!(table.len() > 25, "{table:?}");
+        for key in table.keys() {
+            assert!(
+                keys.contains(&key.as_str()),
+                "--{key} has no relay.toml key"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_relay_toml() {
+        let dir = std::env::temp_dir().join(format!("jobgate-relayargs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("relay.toml");
+        std::fs::write(
+            &file,
+            "domain = \"file.example\"\ncert = \"/c\"\nkey = \"/k\"\ntokens = \"/t\"\nidle_timeout_secs = 40\nallow_public = true\nmax_agents = 5\n",
+        )
+        .expect("write");
+        let argv: Vec<String> = [
+            "jobgate",
+            "relay",
+            "--config",
+            file.to_str().expect("utf8"),
+            "--idle-timeout",
+            "50",
+            "--domain",
+            "flag.example",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let config = relay_config(relay_args(&argv)).expect("config");
+        assert_eq!(config.domain, "flag.example");
+        assert_eq!(config.idle_timeout_secs, 50);
+        assert_eq!(config.max_agents, 5, "a key no flag gave stays");
+        assert!(
+            config.allow_public,
+            "an absent boolean flag must not turn the file's off"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
