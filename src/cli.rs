@@ -439,9 +439,12 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Jobs(args) => return crate::launch::run_jobs(args).await,
         Command::Cancel(args) => return crate::launch::run_cancel(args).await,
         Command::Completions { shell } => {
+            // Generated into memory first: clap_complete panics on a write error (a
+            // closed pipe, `| head`), we report it instead.
             let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut command, "jobgate", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "jobgate", &mut script);
+            write_stdout(&script).context("writing the completion script")
         }
         Command::Man { out_dir } => write_man(out_dir),
         Command::Status(args) => crate::status::run(args).await,
@@ -455,13 +458,28 @@ pub async fn dispatch(cli: Cli) -> i32 {
     }
 }
 
+/// Writes `bytes` to stdout; a reader that stopped early (`| head`, `| grep -q`) is no
+/// error.
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 /// `jobgate man`: jobgate(1) on stdout, or every page into `out_dir`.
 fn write_man(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let command = <Cli as clap::CommandFactory>::command();
     match out_dir {
-        None => clap_mangen::Man::new(command)
-            .render(&mut std::io::stdout())
-            .context("writing the manual page"),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command)
+                .render(&mut page)
+                .context("rendering the manual page")?;
+            write_stdout(&page).context("writing the manual page")
+        }
         Some(dir) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             clap_mangen::generate_to(command, &dir)

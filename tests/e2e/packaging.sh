@@ -85,8 +85,12 @@ grep -q '"event":"opened"' "$WORK/audit.jsonl" 2>/dev/null || grep -q 'opened' "
 # --- 3. shell completions ---------------------------------------------------------------
 log "completions"
 bash -c "source <('$JOBGATE_BIN' completions bash) && complete -p jobgate" >/dev/null || die "bash completions do not load"
-"$JOBGATE_BIN" completions zsh | grep -q '#compdef jobgate' || die "zsh completions"
-"$JOBGATE_BIN" completions fish | grep -q 'complete -c jobgate' || die "fish completions"
+zsh_script=$("$JOBGATE_BIN" completions zsh) || die "jobgate completions zsh failed"
+[[ $zsh_script == "#compdef jobgate"* ]] || die "zsh completions"
+fish_script=$("$JOBGATE_BIN" completions fish) || die "jobgate completions fish failed"
+[[ $fish_script == *"complete -c jobgate"* ]] || die "fish completions"
+# A reader that stops early (`| head`) is no error and no panic.
+"$JOBGATE_BIN" completions bash | head -c 1 >/dev/null || die "completions into a closed pipe"
 if command -v zsh >/dev/null; then zsh -n <("$JOBGATE_BIN" completions zsh) || die "zsh completions do not parse"; fi
 if command -v fish >/dev/null; then "$JOBGATE_BIN" completions fish | fish --no-execute || die "fish completions do not parse"; fi
 
