@@ -362,3 +362,51 @@ async fn the_guard_leaves_a_running_agents_app_alone() {
     let gone = eventually(Duration::from_secs(5), || async { !running(guard[0]) }).await;
     assert!(gone.is_some(), "the guard outlived a normal agent exit");
 }
+
+/// An agent the relay keeps refusing for now (here: over the user's rate of new
+/// sessions) waits longer and longer between attempts, up to 30 s. A `scancel` in that
+/// wait must still stop the app and end the agent at once, not after the pause (Slurm
+/// would SIGKILL both after its KillWait, with no clean stop).
+#[test]
+fn sigterm_during_the_reconnect_backoff_stops_the_agent_at_once() {
+    let env = TestEnv::new("backoff-sigterm");
+    let relay = start_relay(
+        &env,
+        &[
+            "--max-new-sessions-per-user-per-minute",
+            "1",
+            "--new-sessions-burst-per-user",
+            "1",
+        ],
+    );
+    let token = env.token_file("alice");
+    let _first = start_demo_agent(&env, &relay, &token, "first");
+    let mut command = agent_command(&env, &relay, &token, &env.dir.join("second.url"));
+    command.args(["--", bin(), "demo-app", "--listen", "127.0.0.1:{port}"]);
+    let mut agent = spawn(command);
+    // Wait for a long pause: the sixth wait is 3.2–6.4 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let pause = loop {
+        let text = agent.stderr();
+        let pauses: Vec<f64> = text
+            .lines()
+            .filter_map(|l| l.split("retrying in ").nth(1))
+            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .collect();
+        if pauses.len() >= 6 {
+            break pauses[pauses.len() - 1];
+        }
+        assert!(std::time::Instant::now() < deadline, "no backoff:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(pause >= 3.0, "pause {pause} s");
+    let asked = std::time::Instant::now();
+    agent.signal(Signal::SIGTERM);
+    let code = agent.wait_exit(Duration::from_secs(20));
+    let took = asked.elapsed().as_secs_f64();
+    assert_eq!(code, 128 + 15, "{}", agent.stderr());
+    assert!(
+        took < pause - 1.0,
+        "the agent ended {took:.1} s after SIGTERM, in a {pause:.1} s pause: it slept through it"
+    );
+}

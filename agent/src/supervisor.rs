@@ -189,8 +189,15 @@ impl Supervisor<'_> {
     /// ends the wait. `failed` starts the line printed after each failed attempt.
     pub(crate) async fn reconnect(&mut self, failed: &str) -> Result<Reconnect, AgentError> {
         let mut delay = RECONNECT_INITIAL;
+        // The pause before each attempt is part of the attempt, so the app's end and the
+        // signals are watched during the backoff too: an agent waiting 30 s to retry
+        // must still stop its app at once on SIGTERM (scancel) and reap it if it exits.
+        let mut pause = Duration::ZERO;
         loop {
-            let attempt = dial::open_session(&self.options.dial, &self.hello);
+            let attempt = async {
+                tokio::time::sleep(pause).await;
+                dial::open_session(&self.options.dial, &self.hello).await
+            };
             let result = tokio::select! {
                 result = attempt => Some(result),
                 status = wait_app(&mut self.app) => {
@@ -218,7 +225,7 @@ impl Supervisor<'_> {
                         "{failed} ({e}); retrying in {:.1} s",
                         jittered.as_secs_f64()
                     );
-                    tokio::time::sleep(jittered).await;
+                    pause = jittered;
                     delay = (delay * 2).min(RECONNECT_MAX);
                 }
                 None => {}

@@ -58,9 +58,15 @@ start_relay
 # start_job LABEL TOKEN_FILE: an agent (as the job user) running the test app; sets JOB_PID.
 start_job() {
 	local label=$1 token=$2
-	as_user jobgate agent --relay "127.0.0.1:$QUIC_PORT" --relay-ca "$CA" --token-file "$token" \
+	# `exec` in a subshell, so that $! is the agent itself: a backgrounded shell function
+	# would leave $! naming a subshell, and the cleanup would never stop the agent.
+	local home
+	home=$(getent passwd "$E2E_USER" | cut -d: -f6)
+	(exec setpriv --reuid="$E2E_USER" --regid="$E2E_USER" --init-groups \
+		env -i HOME="$home" USER="$E2E_USER" LOGNAME="$E2E_USER" PATH="$JOB_PATH" LANG=C.UTF-8 \
+		jobgate agent --relay "127.0.0.1:$QUIC_PORT" --relay-ca "$CA" --token-file "$token" \
 		--url-file "$UWORK/$label.url" -- python3 "$WORK/bin/cross-session-app.py" \
-		--port '{port}' --label "$label" >"$WORK/$label.log" 2>&1 &
+		--port '{port}' --label "$label") >"$WORK/$label.log" 2>&1 &
 	JOB_PID=$!
 }
 t=$(now_ms)

@@ -32,7 +32,9 @@ run() {
 	shift
 	t=$(now_ms)
 	echo "=== $name"
-	"$@" 2>&1 | tee "$ARTIFACTS/$name.log" | grep --line-buffered -vE '^\[[DIWEC] [0-9]{4}-|^    ' || true
+	# The filter's own status must not mask the test's: with pipefail, `pipeline || true`
+	# would reset PIPESTATUS to the `true`'s and report a failed test as passed.
+	"$@" 2>&1 | tee "$ARTIFACTS/$name.log" | { grep --line-buffered -vE '^\[[DIWEC] [0-9]{4}-|^    ' || true; }
 	code=${PIPESTATUS[0]}
 	if [ "$code" = 0 ]; then
 		echo "=== $name: PASS ($(seconds "$t") s)"

@@ -114,8 +114,17 @@ state=$(squeue -h -t all -j "$JOB" -o %T 2>/dev/null || true)
 case $state in "" | CANCELLED | COMPLETED) ;; *) die "job $JOB is $state after cancel returned" ;; esac
 log "cancel returned after $cancel_secs s (job ${state:-gone}); the URL answered 404 after $gone s"
 [ ! -e "$JOBS_DIR/$JOB.json" ] || die "cancel left the job file behind"
-left=$(pgrep -u "$E2E_USER" -f 'http[.]server|jobgate agent' | tr '\n' ' ' || true)
-[ -z "$left" ] || die "processes of the job remain after cancel returned: $(ps -o pid=,args= -p "${left// /,}" 2>/dev/null)"
+# Slurm reports the job CANCELLED as soon as it signals the job; its processes (the
+# agent saying Bye, then stopping the app) finish exiting a moment later. They must be
+# gone well within Slurm's KillWait (5 s here), after which they would be SIGKILLed.
+left=
+for _ in $(seq 50); do
+	left=$(pgrep -u "$E2E_USER" -f 'http[.]server|jobgate agent' | tr '\n' ' ' || true)
+	[ -z "$left" ] && break
+	sleep 0.1
+done
+[ -z "$left" ] || die "processes of the job remain 5 s after cancel returned: $(ps -o pid=,args= -p "${left// /,}" 2>/dev/null)"
+log "no process of the job is left $(since "$t") s after cancel started"
 jobs_out=$(jg jobs 2>&1) || die "jobs failed: $jobs_out"
 ! grep -q "^$JOB .*running" <<<"$jobs_out" || die "jobs still lists $JOB as running: $jobs_out"
 
