@@ -75,12 +75,12 @@ fn valid(key_hash: &[u8; 32], presented: &str) -> bool {
 /// `own_origin` is the session's web origin, `https://<name>.<domain>[:port]`, computed
 /// once per session (see [`crate::RelayConfig::session_origin`]).
 pub fn check(
-    access: &SessionLock,
+    lock: &SessionLock,
     name: &SessionName,
     own_origin: &str,
     parts: &mut Parts,
 ) -> Decision {
-    let SessionLock::Link { key_hash } = access else {
+    let SessionLock::Link { key_hash } = lock else {
         return Decision::Forward;
     };
     if let Some((key, rest)) = take_key(&parts.uri) {
