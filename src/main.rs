@@ -5,12 +5,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod agent_cmd;
 mod cli;
 mod config;
 mod demo;
 mod demo_app;
 mod launch;
+mod logging;
 mod pki;
+mod relay_cmd;
 mod status;
 
 use clap::Parser;
@@ -19,7 +22,7 @@ fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     if let Some((parent, pgid)) = cli.app_guard() {
         // No runtime thread exists yet, and logging starts none.
-        cli::init_logging("warn", cli.log_format);
+        logging::init_logging("warn", cli.log_format);
         let code = jobgate_agent::guard::run(parent, pgid);
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }

@@ -1,0 +1,238 @@
+//! `jobgate agent`: its flags, filled from the site's and the user's config files, and the
+//! glue that turns them into the agent library's options (the Jupyter preset included).
+
+use crate::config::ClientConfig;
+use clap::Args;
+use jobgate_agent::{dial::DialConfig, exit, AgentOptions, AppSource};
+use jobgate_protocol::AccessMode;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// Relay QUIC address, HOST:PORT [default: `relay` in the site's or your jobgate.toml].
+    #[arg(long, env = "JOBGATE_RELAY")]
+    relay: Option<String>,
+    /// CA certificate (PEM) to trust for the relay instead of the system roots.
+    #[arg(long, env = "JOBGATE_RELAY_CA")]
+    relay_ca: Option<PathBuf>,
+    /// File holding the token (mode 0600) [default: $JOBGATE_TOKEN_FILE, ~/.config/jobgate/token].
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Write the URL to this file (one line), for scripts.
+    #[arg(long)]
+    url_file: Option<PathBuf>,
+    /// Forward to an app that already listens: 127.0.0.1:PORT or unix:/path.
+    #[arg(long, conflicts_with_all = ["jupyter", "jupyter_tcp"])]
+    to: Option<jobgate_agent::target::Target>,
+    /// Start JupyterLab set up for the relay (unix socket, token in the URL); arguments
+    /// after `--` go to `jupyter lab`.
+    #[arg(long)]
+    jupyter: bool,
+    /// Like --jupyter, but Jupyter listens on a free loopback port instead of a socket.
+    #[arg(long, conflicts_with = "jupyter")]
+    jupyter_tcp: bool,
+    /// The `jupyter` program for --jupyter [default: `jupyter` on PATH].
+    #[arg(long, env = "JOBGATE_JUPYTER", value_name = "PATH")]
+    jupyter_program: Option<String>,
+    /// How the URL is guarded: link (a private link with an access key) or public (the
+    /// app's own login only, where the relay allows it) [default: link].
+    #[arg(long, value_name = "link|public", value_parser = parse_access_mode)]
+    access: Option<AccessMode>,
+    /// Seconds the app has to accept connections [default: 300].
+    #[arg(long)]
+    ready_timeout: Option<u64>,
+    /// Seconds of silence before the relay counts as gone [default: 30].
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// Run the app inside this Apptainer/Singularity image (the agent stays outside).
+    #[arg(long, value_name = "IMAGE", conflicts_with = "to")]
+    sif: Option<String>,
+    /// An option for `apptainer exec` with --sif, e.g. --sif-option=--nv (repeatable).
+    #[arg(
+        long,
+        value_name = "OPTION",
+        allow_hyphen_values = true,
+        requires = "sif"
+    )]
+    sif_option: Vec<String>,
+    /// Keep the URL and state in this job file [default: ~/.jobgate/jobs/$SLURM_JOB_ID.json
+    /// inside a Slurm job, none elsewhere].
+    #[arg(long, value_name = "PATH")]
+    job_file: Option<PathBuf>,
+    /// Write no job file, even in a Slurm job.
+    #[arg(long, conflicts_with = "job_file")]
+    no_job_file: bool,
+    /// The app to start; `{port}` becomes a free loopback port, `{sock}` a private unix socket.
+    /// With --jupyter: extra arguments for `jupyter lab`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+/// `--access`: the same words as the wire and the config files.
+fn parse_access_mode(text: &str) -> Result<AccessMode, String> {
+    match text {
+        "link" => Ok(AccessMode::Link),
+        "public" => Ok(AccessMode::Public),
+        _ => Err(format!("{text:?}: expected link or public")),
+    }
+}
+
+/// Fills what neither a flag nor its environment variable set from the config files.
+fn agent_settings(mut args: AgentArgs) -> Result<AgentArgs, String> {
+    let config = ClientConfig::load().map_err(|e| e.to_string())?;
+    args.relay = args.relay.or(config.relay);
+    args.relay_ca = args.relay_ca.or(config.relay_ca);
+    if args.token_file.is_none() && std::env::var_os("JOBGATE_TOKEN_FILE").is_none() {
+        args.token_file = config.token_file;
+    }
+    args.access = args.access.or(config.access);
+    args.ready_timeout = args.ready_timeout.or(config.ready_timeout);
+    args.idle_timeout = args.idle_timeout.or(config.idle_timeout);
+    args.jupyter_program = args.jupyter_program.or(config.jupyter_program);
+    if args.relay.is_none() {
+        return Err(format!(
+            "no relay: pass --relay HOST:PORT, set JOBGATE_RELAY, or put `relay = \"HOST:PORT\"` \
+             in {} or ~/{} (your admins know it)",
+            crate::config::SITE_CONFIG,
+            crate::config::USER_CONFIG
+        ));
+    }
+    Ok(args)
+}
+
+pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
+    let args = match agent_settings(args) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("jobgate: {e}");
+            return exit::USAGE;
+        }
+    };
+    let token = match jobgate_agent::token::load_token(args.token_file.clone()) {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("jobgate: {e}");
+            return exit::USAGE;
+        }
+    };
+    let container = match args.sif.clone() {
+        Some(image) => {
+            match jobgate_agent::container::Container::find(image, args.sif_option.clone()) {
+                Ok(container) => Some(container),
+                Err(e) => {
+                    eprintln!("jobgate: {e}");
+                    return exit::USAGE;
+                }
+            }
+        }
+        None => None,
+    };
+    let job_file = match args.no_job_file {
+        true => None,
+        false => jobgate_agent::jobfile::JobFile::for_agent(args.job_file.clone()),
+    };
+    // Holds Jupyter's socket and token file until the agent is done.
+    let mut jupyter_dir = None;
+    let mut app_path = None;
+    let app = if args.jupyter || args.jupyter_tcp {
+        match jupyter_app(&args).await {
+            Ok(launch) => {
+                app_path = Some(launch.app_path);
+                jupyter_dir = Some(launch.dir);
+                AppSource::Command {
+                    argv: launch.argv,
+                    to: launch.to,
+                    env: launch.env,
+                }
+            }
+            Err(code) => return code,
+        }
+    } else {
+        match (args.command.is_empty(), args.to) {
+            (true, Some(target)) => AppSource::Existing(target),
+            (true, None) => {
+                eprintln!("jobgate: give --to ADDRESS, --jupyter, or a command after --");
+                return exit::USAGE;
+            }
+            (false, to) => AppSource::Command {
+                argv: args.command,
+                to,
+                env: Vec::new(),
+            },
+        }
+    };
+    let options = AgentOptions {
+        dial: DialConfig {
+            relay: args.relay.unwrap_or_default(),
+            relay_ca: args.relay_ca,
+            idle_timeout: args
+                .idle_timeout
+                .map(Duration::from_secs)
+                .unwrap_or(jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT)
+                .max(Duration::from_secs(2)),
+        },
+        token,
+        access: args.access.unwrap_or_default(),
+        url_file: args.url_file,
+        app,
+        ready_timeout: args
+            .ready_timeout
+            .map(Duration::from_secs)
+            .unwrap_or(jobgate_agent::DEFAULT_READY_TIMEOUT),
+        stop_grace: jobgate_agent::DEFAULT_STOP_GRACE,
+        container,
+        job_file,
+        app_guard: std::env::current_exe().ok(),
+    };
+    let code = match jobgate_agent::run_opening(options, app_path).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("jobgate: {e}");
+            e.exit_code()
+        }
+    };
+    drop(jupyter_dir);
+    code
+}
+
+/// Prepares `jupyter lab` for --jupyter/--jupyter-tcp, or returns the exit code.
+async fn jupyter_app(args: &AgentArgs) -> Result<jobgate_agent::jupyter::JupyterLaunch, i32> {
+    use jobgate_agent::jupyter::{self, Listen};
+    let program = args
+        .jupyter_program
+        .clone()
+        .unwrap_or_else(|| jupyter::DEFAULT_PROGRAM.to_owned());
+    let mut listen = if args.jupyter_tcp {
+        Listen::Tcp
+    } else {
+        Listen::Socket
+    };
+    if args.sif.is_some() {
+        // Jupyter is inside the image: no probing from out here (images are recent enough
+        // for the socket; --jupyter-tcp otherwise).
+        return jupyter::prepare(&program, listen, &args.command).map_err(|e| {
+            eprintln!("jobgate: cannot prepare Jupyter's private directory: {e}");
+            exit::APP_FAILED
+        });
+    }
+    match jupyter::probe_version(&program).await {
+        Err(e) => {
+            eprintln!("jobgate: {e}");
+            return Err(exit::APP_FAILED);
+        }
+        Ok(Some(version)) if listen == Listen::Socket && !jupyter::supports_socket(version) => {
+            eprintln!(
+                "jobgate: jupyter_server {}.{} cannot listen on a unix socket (1.9 or later can): \
+                 using a loopback port instead",
+                version.0, version.1
+            );
+            listen = Listen::Tcp;
+        }
+        Ok(_) => {}
+    }
+    jupyter::prepare(&program, listen, &args.command).map_err(|e| {
+        eprintln!("jobgate: cannot prepare Jupyter's private directory: {e}");
+        exit::APP_FAILED
+    })
+}
