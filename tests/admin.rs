@@ -9,45 +9,27 @@ use std::process::Command;
 use std::time::Duration;
 
 /// The admin listener's address, from the relay's status line.
-fn admin_addr(relay: &RelayProc) -> String {
-    let text = relay
-        .proc
-        .wait_for_stderr("metrics on http://", Duration::from_secs(10));
-    let rest = text
-        .split("metrics on http://")
-        .nth(1)
-        .expect("metrics line");
-    rest.split('/').next().expect("address").to_owned()
+fn admin_addr(relay: &mut RelayProc) -> std::net::SocketAddr {
+    relay.metrics_addr().expect("admin listener address")
 }
 
 /// A plain HTTP/1.1 call to the admin listener: status and body.
-async fn call(addr: &str, method: &str, path: &str, token: Option<&str>) -> (StatusCode, String) {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect admin");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-    tokio::spawn(conn);
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr);
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let response = sender
-        .send_request(request.body(empty()).expect("request"))
-        .await
-        .expect("response");
-    let (status, _, body) = collect(response).await;
-    (status, String::from_utf8_lossy(&body).into_owned())
+async fn call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (StatusCode, String) {
+    plain_http(addr, method, path, token).await
 }
 
-fn status_command(addr: &str, token_file: &std::path::Path, extra: &[&str]) -> (i32, String) {
+fn status_command(
+    addr: std::net::SocketAddr,
+    token_file: &std::path::Path,
+    extra: &[&str],
+) -> (i32, String) {
     let out = Command::new(bin())
-        .args(["status", "--admin", addr, "--admin-token-file"])
+        .args(["status", "--admin", &addr.to_string(), "--admin-token-file"])
         .arg(token_file)
         .args(extra)
         .output()
@@ -67,7 +49,7 @@ fn status_command(addr: &str, token_file: &std::path::Path, extra: &[&str]) -> (
 async fn an_admin_sees_every_session_and_closes_one() {
     let env = TestEnv::new("admin-api");
     let token_file = env.dir.join("admin.token");
-    let relay = start_relay(
+    let mut relay = start_relay(
         &env,
         &[
             "--listen-metrics",
@@ -76,7 +58,7 @@ async fn an_admin_sees_every_session_and_closes_one() {
             token_file.to_str().expect("utf8"),
         ],
     );
-    let addr = admin_addr(&relay);
+    let addr = admin_addr(&mut relay);
     let admin_token = std::fs::read_to_string(&token_file).expect("minted token");
     let admin_token = admin_token.trim();
     let alice = start_demo_agent(&env, &relay, &env.token_file("alice"), "alice");
@@ -100,12 +82,12 @@ async fn an_admin_sees_every_session_and_closes_one() {
 
     // No token, or a wrong one: 401 and nothing else.
     for token in [None, Some("not-the-admin-token")] {
-        let (status, body) = call(&addr, "GET", "/api/sessions", token).await;
+        let (status, body) = call(addr, "GET", "/api/sessions", token).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body, "unauthorized\n");
     }
 
-    let (status, body) = call(&addr, "GET", "/api/sessions", Some(admin_token)).await;
+    let (status, body) = call(addr, "GET", "/api/sessions", Some(admin_token)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let sessions = json(body.as_bytes());
     let list = sessions.as_array().expect("array");
@@ -125,7 +107,7 @@ async fn an_admin_sees_every_session_and_closes_one() {
     assert!(!body.contains(&alice.key()) && !body.contains("jobgate_key"));
 
     let (status, body) = call(
-        &addr,
+        addr,
         "GET",
         &format!("/api/sessions/{bob_name}"),
         Some(admin_token),
@@ -134,7 +116,7 @@ async fn an_admin_sees_every_session_and_closes_one() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json(body.as_bytes())["user"], "bob");
     let (status, _) = call(
-        &addr,
+        addr,
         "GET",
         "/api/sessions/aaaaaaaaaaaaaaaa",
         Some(admin_token),
@@ -142,7 +124,7 @@ async fn an_admin_sees_every_session_and_closes_one() {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    let (status, body) = call(&addr, "GET", "/api/users", Some(admin_token)).await;
+    let (status, body) = call(addr, "GET", "/api/users", Some(admin_token)).await;
     assert_eq!(status, StatusCode::OK);
     let users = json(body.as_bytes());
     let alice_user = users
@@ -155,19 +137,19 @@ async fn an_admin_sees_every_session_and_closes_one() {
     assert_eq!(alice_user["max_sessions"], 16);
 
     // `jobgate status`: a table, JSON, one user.
-    let (_, table) = status_command(&addr, &token_file, &[]);
+    let (_, table) = status_command(addr, &token_file, &[]);
     assert!(table.starts_with("NAME"), "{table}");
     assert!(
         table.contains(&bob_name) && table.contains("alice"),
         "{table}"
     );
-    let (_, only_bob) = status_command(&addr, &token_file, &["--json", "--user", "bob"]);
+    let (_, only_bob) = status_command(addr, &token_file, &["--json", "--user", "bob"]);
     let only_bob = json(only_bob.as_bytes());
     assert_eq!(only_bob.as_array().expect("array").len(), 1);
     assert_eq!(only_bob[0]["name"], bob_name.as_str());
     let wrong = env.dir.join("wrong.token");
     std::fs::write(&wrong, "nope\n").expect("write");
-    let (code, _) = status_command(&addr, &wrong, &["--json"]);
+    let (code, _) = status_command(addr, &wrong, &["--json"]);
     assert_ne!(code, 0, "a wrong admin token must fail");
 
     // The API is not on the public HTTPS port: not on the relay's own name, and on a
@@ -186,7 +168,7 @@ async fn an_admin_sees_every_session_and_closes_one() {
 
     drop(websocket);
     let closed = eventually(Duration::from_secs(10), || async {
-        let (_, body) = call(&addr, "GET", "/api/sessions", Some(admin_token)).await;
+        let (_, body) = call(addr, "GET", "/api/sessions", Some(admin_token)).await;
         json(body.as_bytes())
             .as_array()
             .is_some_and(|l| l.iter().all(|s| s["websockets"] == 0))
@@ -196,7 +178,7 @@ async fn an_admin_sees_every_session_and_closes_one() {
 
     // Closing bob's session: the agent is told why and exits 3; the URL is dead.
     let (status, _) = call(
-        &addr,
+        addr,
         "DELETE",
         &format!("/api/sessions/{bob_name}"),
         Some(admin_token),
@@ -218,7 +200,7 @@ async fn an_admin_sees_every_session_and_closes_one() {
     .await;
     assert!(gone.is_some(), "bob's URL still answers");
     let (status, _) = call(
-        &addr,
+        addr,
         "DELETE",
         &format!("/api/sessions/{bob_name}"),
         Some(admin_token),
@@ -234,11 +216,11 @@ async fn an_admin_sees_every_session_and_closes_one() {
 #[tokio::test]
 async fn without_an_admin_token_file_the_api_is_off() {
     let env = TestEnv::new("admin-off");
-    let relay = start_relay(&env, &["--listen-metrics", "127.0.0.1:0"]);
-    let addr = admin_addr(&relay);
-    let (status, _) = call(&addr, "GET", "/api/sessions", Some("anything")).await;
+    let mut relay = start_relay(&env, &["--listen-metrics", "127.0.0.1:0"]);
+    let addr = admin_addr(&mut relay);
+    let (status, _) = call(addr, "GET", "/api/sessions", Some("anything")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = call(&addr, "GET", "/metrics", None).await;
+    let (status, _) = call(addr, "GET", "/metrics", None).await;
     assert_eq!(status, StatusCode::OK, "metrics stay open");
 }
 

@@ -26,41 +26,13 @@ use tokio_tungstenite::tungstenite::Message;
 // --- Helpers ---------------------------------------------------------------------------
 
 /// The metrics address a relay started with `--listen-metrics 127.0.0.1:0` printed.
-fn metrics_addr(relay: &RelayProc) -> SocketAddr {
-    let text = relay
-        .proc
-        .wait_for_stderr("/metrics", Duration::from_secs(10));
-    text.split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address in:\n{text}"))
+fn metrics_addr(relay: &mut RelayProc) -> SocketAddr {
+    relay.metrics_addr().expect("metrics address")
 }
 
 /// The relay's `/metrics` text.
 async fn scrape(addr: SocketAddr) -> String {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to metrics");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let request = Request::get("/metrics")
-        .header("host", addr.to_string())
-        .body(empty())
-        .expect("request");
-    let response = sender.send_request(request).await.expect("response");
-    let body = response.into_body().collect().await.expect("body");
-    String::from_utf8_lossy(&body.to_bytes()).into_owned()
-}
-
-/// The value of one sample (`name` with its labels, exactly as exposed).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+    plain_http(addr, "GET", "/metrics", None).await.1
 }
 
 /// A TLS connection to the front door from the loopback address `source`.
@@ -107,7 +79,7 @@ const SLACK: Duration = Duration::from_secs(8);
 async fn idle_connections_past_the_per_ip_cap_are_closed_and_others_still_served() {
     let env = TestEnv::new("limits-fd");
     let token = env.token_file("alice");
-    let relay = start_relay_via(
+    let mut relay = start_relay_via(
         &["prlimit", "--nofile=256:256"],
         &env,
         0,
@@ -119,7 +91,7 @@ async fn idle_connections_past_the_per_ip_cap_are_closed_and_others_still_served
             "127.0.0.1:0",
         ],
     );
-    let metrics = metrics_addr(&relay);
+    let metrics = metrics_addr(&mut relay);
     let good = start_demo_agent(&env, &relay, &token, "good");
 
     let mut open = Vec::new();
@@ -146,7 +118,7 @@ async fn idle_connections_past_the_per_ip_cap_are_closed_and_others_still_served
     assert_eq!(refused, 130);
     let text = scrape(metrics).await;
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "jobgate_client_connections_refused_total{cap=\"per_ip\"}"
         ),
@@ -303,7 +275,7 @@ fn client_endpoint() -> quinn::Endpoint {
 async fn pending_handshakes_over_the_cap_are_refused() {
     let env = TestEnv::new("limits-pending");
     let token = env.token_file("alice");
-    let relay = start_relay(
+    let mut relay = start_relay(
         &env,
         &[
             "--max-pending-handshakes",
@@ -312,7 +284,7 @@ async fn pending_handshakes_over_the_cap_are_refused() {
             "127.0.0.1:0",
         ],
     );
-    let metrics = metrics_addr(&relay);
+    let metrics = metrics_addr(&mut relay);
     let endpoint = client_endpoint();
     let mut pending = Vec::new();
     let mut refused = 0;
@@ -329,15 +301,24 @@ async fn pending_handshakes_over_the_cap_are_refused() {
     }
     assert_eq!((pending.len(), refused), (4, 4));
     let text = scrape(metrics).await;
-    assert_eq!(sample(&text, "jobgate_agent_handshakes_pending"), 4.0);
-    assert_eq!(sample(&text, "jobgate_agent_handshakes_retried_total"), 2.0);
-    assert_eq!(sample(&text, "jobgate_agent_handshakes_refused_total"), 4.0);
+    assert_eq!(
+        metric_sample(&text, "jobgate_agent_handshakes_pending"),
+        4.0
+    );
+    assert_eq!(
+        metric_sample(&text, "jobgate_agent_handshakes_retried_total"),
+        2.0
+    );
+    assert_eq!(
+        metric_sample(&text, "jobgate_agent_handshakes_refused_total"),
+        4.0
+    );
 
     for connection in &pending {
         connection.close(0u32.into(), b"gone");
     }
     let drained = eventually(Duration::from_secs(10), || async {
-        sample(&scrape(metrics).await, "jobgate_agent_handshakes_pending") == 0.0
+        metric_sample(&scrape(metrics).await, "jobgate_agent_handshakes_pending") == 0.0
     })
     .await;
     assert!(drained.is_some(), "pending handshakes not released");

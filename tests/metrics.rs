@@ -7,8 +7,6 @@ mod common;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use nix::sys::signal::Signal;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,53 +17,20 @@ use tokio_tungstenite::tungstenite::Message;
 fn start_relay_with_metrics(env: &TestEnv, extra: &[&str]) -> (RelayProc, SocketAddr) {
     let mut args = vec!["--listen-metrics", "127.0.0.1:0"];
     args.extend_from_slice(extra);
-    let relay = start_relay(env, &args);
-    let text = relay
-        .proc
-        .wait_for_stderr("/metrics", Duration::from_secs(10));
-    let addr = text
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address in:\n{text}"));
+    let mut relay = start_relay(env, &args);
+    let addr = relay.metrics_addr().expect("metrics address");
     (relay, addr)
 }
 
 /// A plain-HTTP GET to the metrics listener.
 async fn scrape(addr: SocketAddr, path: &str) -> (StatusCode, String) {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to metrics");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let request = http::Request::get(path)
-        .header("host", addr.to_string())
-        .body(empty())
-        .expect("request");
-    let response = sender.send_request(request).await.expect("response");
-    let status = response.status();
-    let body = response.into_body().collect().await.expect("body");
-    (
-        status,
-        String::from_utf8_lossy(&body.to_bytes()).into_owned(),
-    )
-}
-
-/// The value of one sample (`name` with its labels, exactly as exposed).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+    plain_http(addr, "GET", path, None).await
 }
 
 /// Waits until `series` has the value `want` (metrics move a moment after the event).
 async fn wait_for_sample(addr: SocketAddr, series: &str, want: f64) {
     let reached = eventually(Duration::from_secs(10), || async {
-        sample(&scrape(addr, "/metrics").await.1, series) == want
+        metric_sample(&scrape(addr, "/metrics").await.1, series) == want
     })
     .await;
     assert!(
@@ -82,7 +47,10 @@ async fn metrics_follow_sessions_requests_websockets_and_pages() {
     let (relay, metrics) = start_relay_with_metrics(&env, &[]);
     let (status, text) = scrape(metrics, "/metrics").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(sample(&text, "jobgate_sessions{state=\"live\"}"), 0.0);
+    assert_eq!(
+        metric_sample(&text, "jobgate_sessions{state=\"live\"}"),
+        0.0
+    );
 
     let mut agent = start_demo_agent(&env, &relay, &token, "one");
     for _ in 0..3 {
@@ -94,26 +62,29 @@ async fn metrics_follow_sessions_requests_websockets_and_pages() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     let text = scrape(metrics, "/metrics").await.1;
-    assert_eq!(sample(&text, "jobgate_sessions{state=\"live\"}"), 1.0);
     assert_eq!(
-        sample(&text, "jobgate_sessions_opened_total{resumed=\"false\"}"),
+        metric_sample(&text, "jobgate_sessions{state=\"live\"}"),
         1.0
     );
     assert_eq!(
-        sample(&text, "jobgate_app_responses_total{class=\"2xx\"}"),
+        metric_sample(&text, "jobgate_sessions_opened_total{resumed=\"false\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric_sample(&text, "jobgate_app_responses_total{class=\"2xx\"}"),
         3.0
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "jobgate_relay_pages_total{page=\"no_session\",code=\"404\"}"
         ),
         1.0
     );
-    assert_eq!(sample(&text, "jobgate_requests_total"), 4.0);
-    assert_eq!(sample(&text, "jobgate_requests_in_flight"), 0.0);
-    assert!(sample(&text, "jobgate_process_open_fds") > 0.0);
-    assert!(sample(&text, "jobgate_runtime_tasks") > 0.0);
+    assert_eq!(metric_sample(&text, "jobgate_requests_total"), 4.0);
+    assert_eq!(metric_sample(&text, "jobgate_requests_in_flight"), 0.0);
+    assert!(metric_sample(&text, "jobgate_process_open_fds") > 0.0);
+    assert!(metric_sample(&text, "jobgate_runtime_tasks") > 0.0);
 
     // A WebSocket counts while it is open, and not after.
     let host = agent.host();
@@ -139,8 +110,11 @@ async fn metrics_follow_sessions_requests_websockets_and_pages() {
     agent.proc.wait_exit(Duration::from_secs(20));
     wait_for_sample(metrics, "jobgate_sessions{state=\"live\"}", 0.0).await;
     let text = scrape(metrics, "/metrics").await.1;
-    assert_eq!(sample(&text, "jobgate_sessions{state=\"parked\"}"), 0.0);
-    assert_eq!(sample(&text, "jobgate_sessions_closed_total"), 1.0);
+    assert_eq!(
+        metric_sample(&text, "jobgate_sessions{state=\"parked\"}"),
+        0.0
+    );
+    assert_eq!(metric_sample(&text, "jobgate_sessions_closed_total"), 1.0);
 
     let (status, body) = scrape(metrics, "/healthz").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok\n"));
@@ -175,13 +149,16 @@ async fn a_job_whose_app_stopped_gets_app_unreachable_not_a_bare_502() {
     assert!(reached.is_some(), "no 'app is not reachable' page");
     let text = scrape(metrics, "/metrics").await.1;
     assert!(
-        sample(
+        metric_sample(
             &text,
             "jobgate_relay_pages_total{page=\"app_unreachable\",code=\"502\"}"
         ) >= 1.0
     );
     // The session itself is still live: the job has not ended.
-    assert_eq!(sample(&text, "jobgate_sessions{state=\"live\"}"), 1.0);
+    assert_eq!(
+        metric_sample(&text, "jobgate_sessions{state=\"live\"}"),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -208,7 +185,7 @@ async fn healthz_says_draining_while_the_relay_drains() {
     .await;
     assert!(draining.is_some(), "healthz never said draining");
     assert_eq!(
-        sample(&scrape(metrics, "/metrics").await.1, "jobgate_draining"),
+        metric_sample(&scrape(metrics, "/metrics").await.1, "jobgate_draining"),
         1.0
     );
     let response = in_flight

@@ -155,6 +155,45 @@ pub async fn get(
     collect(response).await
 }
 
+/// One plain-HTTP/1.1 request to a listener without TLS (the relay's admin and metrics
+/// listener): `method path`, with `Authorization: Bearer <bearer>` if given; the status
+/// and the body as text.
+pub async fn plain_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> (StatusCode, String) {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the plain-HTTP listener");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if let Some(token) = bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = sender
+        .send_request(request.body(empty()).expect("request"))
+        .await
+        .expect("response");
+    let (status, _, body) = collect(response).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of one Prometheus sample (`name` with its labels, exactly as exposed).
+pub fn metric_sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
 /// Status, headers and the whole body of a response.
 pub async fn collect(
     response: Response<hyper::body::Incoming>,
