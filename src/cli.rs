@@ -27,6 +27,17 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Parses the command line, keeping clap's matches: they say which flags were typed
+    /// (a relay flag's default must not hide a `relay.toml` key).
+    pub fn parse_with_matches() -> (Self, clap::ArgMatches) {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command().get_matches();
+        match Self::from_arg_matches(&matches) {
+            Ok(cli) => (cli, matches),
+            Err(e) => e.exit(),
+        }
+    }
+
     /// For `__app-guard`: the agent's pid and the app's group. The guard must run before
     /// any runtime thread exists (it blocks signals on its one thread).
     pub fn app_guard(&self) -> Option<(i32, i32)> {
@@ -144,13 +155,14 @@ pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtim
 }
 
 /// Runs a subcommand and returns the process exit code.
-pub async fn dispatch(cli: Cli) -> i32 {
+pub async fn dispatch(cli: Cli, matches: clap::ArgMatches) -> i32 {
     let format = cli.log_format;
     let init_logging = |default: &str| init_logging(default, format);
     let result = match cli.command {
         Command::Relay(args) => {
             init_logging("info");
-            run_relay(args).await
+            let relay_matches = matches.subcommand_matches("relay").unwrap_or(&matches);
+            run_relay(args, relay_matches).await
         }
         Command::Agent(args) => {
             init_logging("warn");

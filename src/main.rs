@@ -16,10 +16,8 @@ mod pki;
 mod relay_cmd;
 mod status;
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
+    let (cli, matches) = cli::Cli::parse_with_matches();
     if let Some((parent, pgid)) = cli.app_guard() {
         // No runtime thread exists yet, and logging starts none.
         logging::init_logging("warn", cli.log_format);
@@ -33,6 +31,6 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    let code = runtime.block_on(cli::dispatch(cli));
+    let code = runtime.block_on(cli::dispatch(cli, matches));
     std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -1,6 +1,6 @@
 //! Relay configuration: every field can come from `relay.toml` or a command-line flag.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -79,176 +79,151 @@ pub const DEFAULT_MAX_BUFFERED_MIB: u64 = 1_024;
 /// never answers. 0 turns it off.
 pub const DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS: u64 = 300;
 
-/// Everything the relay needs to run.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Everything the relay needs to run: one definition for the `jobgate relay` flags (clap)
+/// and the `relay.toml` keys (serde). A field's name is its key; its flag is the same name
+/// with `-` (`--idle-timeout` drops the `_secs`); its default is written once, in the
+/// `#[arg]` attribute, and serde takes defaults from [`RelayConfig::default`], which asks
+/// clap. Fields marked `skip` are file-only tuning keys with no flag.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RelayConfig {
-    /// The domain whose subdomains are sessions: `<name>.<domain>`.
+    /// Domain whose subdomains are sessions: <name>.<domain> (required).
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub domain: String,
-    /// PEM certificate chain for `*.<domain>`.
+    /// PEM certificate chain for *.<domain> (required).
+    #[arg(long, default_value = "", hide_default_value = true, value_parser = any_path)]
     pub cert: PathBuf,
-    /// PEM private key of that certificate.
+    /// PEM private key of that certificate (required).
+    #[arg(long, default_value = "", hide_default_value = true, value_parser = any_path)]
     pub key: PathBuf,
-    /// The tokens file (user names and token hashes).
+    /// Tokens file: user names and token hashes, see `jobgate token issue` (required).
+    #[arg(long, default_value = "", hide_default_value = true, value_parser = any_path)]
     pub tokens: PathBuf,
     /// HTTPS front door address.
-    #[serde(default = "default_https")]
+    #[arg(long, default_value_t = default_https())]
     pub listen_https: SocketAddr,
-    /// QUIC endpoint address for agents.
-    #[serde(default = "default_quic")]
+    /// QUIC address for agents.
+    #[arg(long, default_value_t = default_quic())]
     pub listen_quic: SocketAddr,
-    /// Optional plain-HTTP front door, for a TLS-terminating load balancer in front.
-    #[serde(default)]
+    /// Plain-HTTP front door, for use behind a TLS-terminating load balancer [default: off].
+    #[arg(long)]
     pub listen_http: Option<SocketAddr>,
-    /// Optional plain-HTTP listener for `/metrics` (Prometheus) and `/healthz`: keep it on
-    /// loopback or an admin network.
-    #[serde(default)]
+    /// Plain-HTTP listener for /metrics (Prometheus) and /healthz, e.g. 127.0.0.1:9464:
+    /// keep it on loopback or an admin network [default: off].
+    #[arg(long)]
     pub listen_metrics: Option<SocketAddr>,
-    /// Port written into session URLs. Default: the HTTPS port, omitted when it is 443.
-    #[serde(default)]
+    /// Port written into session URLs [default: the HTTPS port; omitted when 443].
+    #[arg(long)]
     pub url_port: Option<u16>,
-    /// Seconds of silence after which an agent connection is dead.
-    #[serde(default = "default_idle")]
+    /// Seconds of silence before an agent counts as gone.
+    #[arg(long = "idle-timeout", value_name = "SECS", default_value_t = DEFAULT_IDLE_TIMEOUT_SECS)]
     pub idle_timeout_secs: u64,
     /// Seconds between QUIC keep-alives.
-    #[serde(default = "default_keep_alive")]
+    #[arg(skip = DEFAULT_KEEP_ALIVE_SECS)]
     pub keep_alive_secs: u64,
     /// Seconds an agent has to connect and say `Hello`.
-    #[serde(default = "default_handshake")]
+    #[arg(skip = DEFAULT_HANDSHAKE_TIMEOUT_SECS)]
     pub handshake_timeout_secs: u64,
-    /// Seconds a client has to send a full request head.
-    #[serde(default = "default_header_read")]
+    /// Seconds a client has to send a complete request head (slowloris guard).
+    #[arg(long = "header-read-timeout", value_name = "SECS", default_value_t = DEFAULT_HEADER_READ_TIMEOUT_SECS)]
     pub header_read_timeout_secs: u64,
     /// Largest request head in bytes.
-    #[serde(default = "default_max_header")]
+    #[arg(skip = DEFAULT_MAX_HEADER_BYTES)]
     pub max_header_bytes: usize,
     /// Live sessions per user (a token entry may set its own).
-    #[serde(default = "default_per_user")]
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS_PER_USER)]
     pub max_sessions_per_user: usize,
     /// Live agents in total.
-    #[serde(default = "default_max_agents")]
+    #[arg(long, default_value_t = DEFAULT_MAX_AGENTS)]
     pub max_agents: usize,
-    /// Requests in flight per session.
-    #[serde(default = "default_streams")]
+    /// Requests in flight per session before the relay answers 503.
+    #[arg(long, default_value_t = DEFAULT_MAX_STREAMS_PER_AGENT)]
     pub max_streams_per_agent: u32,
-    /// New sessions (fresh names) a user may open per minute after their burst; resumes
-    /// do not count; 0 = no limit.
-    #[serde(default = "default_new_sessions_per_minute")]
+    /// New sessions (fresh names) a user may open per minute once their burst is spent;
+    /// resumes do not count; 0 = no limit.
+    #[arg(long, default_value_t = DEFAULT_MAX_NEW_SESSIONS_PER_USER_PER_MINUTE)]
     pub max_new_sessions_per_user_per_minute: u32,
     /// New sessions a user may open at once before the per-minute rate applies.
-    #[serde(default = "default_new_sessions_burst")]
+    #[arg(long, default_value_t = DEFAULT_NEW_SESSIONS_BURST_PER_USER)]
     pub new_sessions_burst_per_user: u32,
-    /// Whether agents may ask for `public` sessions (no access key; the app's own login
-    /// is the only lock).
-    #[serde(default)]
+    /// Let agents ask for public sessions: no access key, the app's own login is the only
+    /// lock [default: off].
+    #[arg(long)]
     pub allow_public: bool,
-    /// Append-only JSON-lines audit log (sessions opened/closed, agents refused).
-    #[serde(default)]
+    /// Append JSON-lines audit records (sessions opened/closed, agents refused) to this
+    /// file [default: none].
+    #[arg(long)]
     pub audit_log: Option<PathBuf>,
     /// Seconds a vanished agent's name is held (503) for it to reconnect.
-    #[serde(default = "default_grace")]
+    #[arg(long = "resume-grace", value_name = "SECS", default_value_t = DEFAULT_RESUME_GRACE_SECS)]
     pub resume_grace_secs: u64,
     /// Seconds a resume ticket is valid; live agents get a fresh one every third of it.
-    #[serde(default = "default_ticket_lifetime")]
+    #[arg(skip = DEFAULT_TICKET_LIFETIME_SECS)]
     pub ticket_lifetime_secs: u64,
-    /// File holding the resume-ticket key [default: `jobgate-resume.key` beside the tokens file].
-    #[serde(default)]
+    /// File holding the resume-ticket key [default: jobgate-resume.key beside the tokens file].
+    #[arg(long)]
     pub resume_key: Option<PathBuf>,
-    /// File where the relay keeps the names it holds and recently ended names across
-    /// restarts [default: `jobgate-state.json` beside the tokens file].
-    #[serde(default)]
+    /// File keeping held and recently ended names across restarts [default:
+    /// jobgate-state.json beside the tokens file].
+    #[arg(long)]
     pub state_file: Option<PathBuf>,
-    /// Seconds in-flight requests get to finish when the relay drains (SIGTERM).
-    #[serde(default = "default_drain")]
+    /// Seconds in-flight requests get when the relay drains on SIGTERM.
+    #[arg(long = "drain-grace", value_name = "SECS", default_value_t = DEFAULT_DRAIN_GRACE_SECS)]
     pub drain_grace_secs: u64,
-    /// File holding the admin API's bearer token (made with a fresh token, 0600, if
-    /// missing). Unset: the admin API is off. Needs `listen_metrics` (the admin listener).
-    #[serde(default)]
+    /// Admin API on the metrics listener, with the bearer token in this file (made, 0600,
+    /// if missing) [default: off].
+    #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// Seconds a client connection may sit with no request in flight before it is closed.
-    #[serde(default = "default_client_idle")]
+    #[arg(long = "client-idle-timeout", value_name = "SECS", default_value_t = DEFAULT_CLIENT_IDLE_TIMEOUT_SECS)]
     pub client_idle_timeout_secs: u64,
-    /// Client connections open at once, in total (more are closed before TLS).
-    #[serde(default = "default_max_client_connections")]
+    /// Client connections open at once, in total (lowered to fit the open-files limit).
+    #[arg(long, default_value_t = DEFAULT_MAX_CLIENT_CONNECTIONS)]
     pub max_client_connections: usize,
     /// Client connections open at once from one IP address.
-    #[serde(default = "default_max_client_connections_per_ip")]
+    #[arg(long, default_value_t = DEFAULT_MAX_CLIENT_CONNECTIONS_PER_IP)]
     pub max_client_connections_per_ip: usize,
-    /// QUIC connections waiting for their handshake and `Hello`; more are refused (and
-    /// from half of it on, unvalidated addresses must first answer a QUIC Retry).
-    #[serde(default = "default_max_pending_handshakes")]
+    /// Agent connections waiting for their handshake and Hello; more are refused (and from
+    /// half of it on, unvalidated addresses must first answer a QUIC Retry).
+    #[arg(long, default_value_t = DEFAULT_MAX_PENDING_HANDSHAKES)]
     pub max_pending_handshakes: usize,
-    /// MiB of relay memory that agents' sessions may fill with buffered data in total.
-    #[serde(default = "default_max_buffered_mib")]
+    /// MiB of memory agents may make the relay buffer in total (32 MiB per session while
+    /// it lasts, then 1 MiB).
+    #[arg(long, default_value_t = DEFAULT_MAX_BUFFERED_MIB)]
     pub max_buffered_mib: u64,
-    /// Seconds an app has to send its response head before the client gets `504` (0: no limit).
-    #[serde(default = "default_response_head_timeout")]
+    /// Seconds an app has to send its response head before the client gets 504 (0: no limit).
+    #[arg(long = "response-head-timeout", value_name = "SECS", default_value_t = DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS)]
     pub response_head_timeout_secs: u64,
 }
 
-fn default_client_idle() -> u64 {
-    DEFAULT_CLIENT_IDLE_TIMEOUT_SECS
-}
-fn default_max_client_connections() -> usize {
-    DEFAULT_MAX_CLIENT_CONNECTIONS
-}
-fn default_max_client_connections_per_ip() -> usize {
-    DEFAULT_MAX_CLIENT_CONNECTIONS_PER_IP
-}
-fn default_max_pending_handshakes() -> usize {
-    DEFAULT_MAX_PENDING_HANDSHAKES
-}
-fn default_max_buffered_mib() -> u64 {
-    DEFAULT_MAX_BUFFERED_MIB
-}
-fn default_response_head_timeout() -> u64 {
-    DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS
+/// The settings that have no default: `jobgate relay` needs each as a flag or a key.
+pub const REQUIRED_SETTINGS: [&str; 4] = ["domain", "cert", "key", "tokens"];
+
+/// Paths as given, the empty "unset" default included (clap's own path parser refuses
+/// an empty value, and [`REQUIRED_SETTINGS`] says what is missing more clearly).
+fn any_path(value: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(value))
 }
 
-fn default_grace() -> u64 {
-    DEFAULT_RESUME_GRACE_SECS
+impl Default for RelayConfig {
+    /// Every setting at the default its `#[arg]` gives; the required ones empty.
+    fn default() -> Self {
+        use clap::{Args, FromArgMatches};
+        let command = Self::augment_args(clap::Command::new("relay").no_binary_name(true));
+        // Parsing no arguments only reads the defaults written above; a default that does
+        // not parse is a programming error that the unit tests catch.
+        command
+            .try_get_matches_from(std::iter::empty::<&str>())
+            .and_then(|matches| Self::from_arg_matches(&matches))
+            .unwrap_or_else(|e| panic!("the relay's own defaults do not parse: {e}"))
+    }
 }
-fn default_ticket_lifetime() -> u64 {
-    DEFAULT_TICKET_LIFETIME_SECS
-}
-fn default_drain() -> u64 {
-    DEFAULT_DRAIN_GRACE_SECS
-}
+
 fn default_https() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], DEFAULT_HTTPS_PORT))
 }
 fn default_quic() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], DEFAULT_QUIC_PORT))
-}
-fn default_idle() -> u64 {
-    DEFAULT_IDLE_TIMEOUT_SECS
-}
-fn default_keep_alive() -> u64 {
-    DEFAULT_KEEP_ALIVE_SECS
-}
-fn default_handshake() -> u64 {
-    DEFAULT_HANDSHAKE_TIMEOUT_SECS
-}
-fn default_header_read() -> u64 {
-    DEFAULT_HEADER_READ_TIMEOUT_SECS
-}
-fn default_max_header() -> usize {
-    DEFAULT_MAX_HEADER_BYTES
-}
-fn default_per_user() -> usize {
-    DEFAULT_MAX_SESSIONS_PER_USER
-}
-fn default_max_agents() -> usize {
-    DEFAULT_MAX_AGENTS
-}
-fn default_streams() -> u32 {
-    DEFAULT_MAX_STREAMS_PER_AGENT
-}
-fn default_new_sessions_per_minute() -> u32 {
-    DEFAULT_MAX_NEW_SESSIONS_PER_USER_PER_MINUTE
-}
-fn default_new_sessions_burst() -> u32 {
-    DEFAULT_NEW_SESSIONS_BURST_PER_USER
 }
 
 impl RelayConfig {
@@ -259,40 +234,21 @@ impl RelayConfig {
             cert,
             key,
             tokens,
-            listen_https: default_https(),
-            listen_quic: default_quic(),
-            listen_http: None,
-            listen_metrics: None,
-            url_port: None,
-            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
-            keep_alive_secs: DEFAULT_KEEP_ALIVE_SECS,
-            handshake_timeout_secs: DEFAULT_HANDSHAKE_TIMEOUT_SECS,
-            header_read_timeout_secs: DEFAULT_HEADER_READ_TIMEOUT_SECS,
-            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
-            max_sessions_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
-            max_agents: DEFAULT_MAX_AGENTS,
-            max_streams_per_agent: DEFAULT_MAX_STREAMS_PER_AGENT,
-            max_new_sessions_per_user_per_minute: DEFAULT_MAX_NEW_SESSIONS_PER_USER_PER_MINUTE,
-            new_sessions_burst_per_user: DEFAULT_NEW_SESSIONS_BURST_PER_USER,
-            allow_public: false,
-            audit_log: None,
-            resume_grace_secs: DEFAULT_RESUME_GRACE_SECS,
-            ticket_lifetime_secs: DEFAULT_TICKET_LIFETIME_SECS,
-            resume_key: None,
-            state_file: None,
-            drain_grace_secs: DEFAULT_DRAIN_GRACE_SECS,
-            admin_token_file: None,
-            client_idle_timeout_secs: DEFAULT_CLIENT_IDLE_TIMEOUT_SECS,
-            max_client_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
-            max_client_connections_per_ip: DEFAULT_MAX_CLIENT_CONNECTIONS_PER_IP,
-            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
-            max_buffered_mib: DEFAULT_MAX_BUFFERED_MIB,
-            response_head_timeout_secs: DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS,
+            ..Self::default()
         }
     }
 
     /// Checks what serde cannot: a usable domain and sane timeouts.
     pub fn validate(&self) -> Result<(), String> {
+        for (name, path) in [
+            ("cert", &self.cert),
+            ("key", &self.key),
+            ("tokens", &self.tokens),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(format!("{name} is required"));
+            }
+        }
         let domain = self.domain.trim_end_matches('.');
         if domain.is_empty()
             || !domain

@@ -33,7 +33,7 @@ pub mod ticket;
 pub mod tls;
 pub mod tokens;
 
-pub use config::RelayConfig;
+pub use config::{RelayConfig, REQUIRED_SETTINGS};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
