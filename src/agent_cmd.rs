@@ -4,21 +4,14 @@
 use crate::config::ClientConfig;
 use clap::Args;
 use jobgate_agent::{dial::DialConfig, exit, AgentOptions, AppSource};
-use jobgate_protocol::AccessMode;
 use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
-    /// Relay QUIC address, HOST:PORT [default: `relay` in the site's or your jobgate.toml].
-    #[arg(long, env = "JOBGATE_RELAY")]
-    relay: Option<String>,
-    /// CA certificate (PEM) to trust for the relay instead of the system roots.
-    #[arg(long, env = "JOBGATE_RELAY_CA")]
-    relay_ca: Option<PathBuf>,
-    /// File holding the token (mode 0600) [default: $JOBGATE_TOKEN_FILE, ~/.config/jobgate/token].
-    #[arg(long)]
-    token_file: Option<PathBuf>,
+    /// Settings a site or user may also give in jobgate.toml.
+    #[command(flatten)]
+    settings: ClientConfig,
     /// Write the URL to this file (one line), for scripts.
     #[arg(long)]
     url_file: Option<PathBuf>,
@@ -32,19 +25,6 @@ pub(crate) struct AgentArgs {
     /// Like --jupyter, but Jupyter listens on a free loopback port instead of a socket.
     #[arg(long, conflicts_with = "jupyter")]
     jupyter_tcp: bool,
-    /// The `jupyter` program for --jupyter [default: `jupyter` on PATH].
-    #[arg(long, env = "JOBGATE_JUPYTER", value_name = "PATH")]
-    jupyter_program: Option<String>,
-    /// How the URL is guarded: link (a private link with an access key) or public (the
-    /// app's own login only, where the relay allows it) [default: link].
-    #[arg(long, value_name = "link|public", value_parser = parse_access_mode)]
-    access: Option<AccessMode>,
-    /// Seconds the app has to accept connections [default: 300].
-    #[arg(long)]
-    ready_timeout: Option<u64>,
-    /// Seconds of silence before the relay counts as gone [default: 30].
-    #[arg(long)]
-    idle_timeout: Option<u64>,
     /// Run the app inside this Apptainer/Singularity image (the agent stays outside).
     #[arg(long, value_name = "IMAGE", conflicts_with = "to")]
     sif: Option<String>,
@@ -69,28 +49,15 @@ pub(crate) struct AgentArgs {
     command: Vec<String>,
 }
 
-/// `--access`: the same words as the wire and the config files.
-fn parse_access_mode(text: &str) -> Result<AccessMode, String> {
-    match text {
-        "link" => Ok(AccessMode::Link),
-        "public" => Ok(AccessMode::Public),
-        _ => Err(format!("{text:?}: expected link or public")),
-    }
-}
-
 /// Fills what neither a flag nor its environment variable set from the config files.
 fn agent_settings(mut args: AgentArgs) -> Result<AgentArgs, String> {
-    let config = ClientConfig::load().map_err(|e| e.to_string())?;
-    args.relay = args.relay.or(config.relay);
-    args.relay_ca = args.relay_ca.or(config.relay_ca);
-    if args.token_file.is_none() && std::env::var_os("JOBGATE_TOKEN_FILE").is_none() {
-        args.token_file = config.token_file;
+    let mut config = ClientConfig::load().map_err(|e| e.to_string())?;
+    if std::env::var_os("JOBGATE_TOKEN_FILE").is_some() {
+        // The variable outranks the files (a flag outranks it in turn).
+        config.token_file = None;
     }
-    args.access = args.access.or(config.access);
-    args.ready_timeout = args.ready_timeout.or(config.ready_timeout);
-    args.idle_timeout = args.idle_timeout.or(config.idle_timeout);
-    args.jupyter_program = args.jupyter_program.or(config.jupyter_program);
-    if args.relay.is_none() {
+    args.settings = args.settings.over(config).map_err(|e| e.to_string())?;
+    if args.settings.relay.is_none() {
         return Err(format!(
             "no relay: pass --relay HOST:PORT, set JOBGATE_RELAY, or put `relay = \"HOST:PORT\"` \
              in {} or ~/{} (your admins know it)",
@@ -109,7 +76,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
             return exit::USAGE;
         }
     };
-    let token = match jobgate_agent::token::load_token(args.token_file.clone()) {
+    let token = match jobgate_agent::token::load_token(args.settings.token_file.clone()) {
         Ok(token) => token,
         Err(e) => {
             eprintln!("jobgate: {e}");
@@ -164,19 +131,21 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
     };
     let options = AgentOptions {
         dial: DialConfig {
-            relay: args.relay.unwrap_or_default(),
-            relay_ca: args.relay_ca,
+            relay: args.settings.relay.unwrap_or_default(),
+            relay_ca: args.settings.relay_ca,
             idle_timeout: args
+                .settings
                 .idle_timeout
                 .map(Duration::from_secs)
                 .unwrap_or(jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT)
                 .max(Duration::from_secs(2)),
         },
         token,
-        access: args.access.unwrap_or_default(),
+        access: args.settings.access.unwrap_or_default(),
         url_file: args.url_file,
         app,
         ready_timeout: args
+            .settings
             .ready_timeout
             .map(Duration::from_secs)
             .unwrap_or(jobgate_agent::DEFAULT_READY_TIMEOUT),
@@ -200,6 +169,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
 async fn jupyter_app(args: &AgentArgs) -> Result<jobgate_agent::jupyter::JupyterLaunch, i32> {
     use jobgate_agent::jupyter::{self, Listen};
     let program = args
+        .settings
         .jupyter_program
         .clone()
         .unwrap_or_else(|| jupyter::DEFAULT_PROGRAM.to_owned());

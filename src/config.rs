@@ -66,6 +66,9 @@ pub enum ConfigError {
         /// `; did you mean `x`?`, or the list of valid keys.
         hint: String,
     },
+    /// Settings from two places could not be merged (a bug: both are this program's types).
+    #[error("cannot merge settings: {0}")]
+    Merge(String),
     /// A key with a value of the wrong type or shape.
     #[error("{path}: {message}")]
     Invalid {
@@ -231,32 +234,53 @@ pub fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
     fields
 }
 
-/// Defaults for `agent` and `launch` from the site's and the user's files. Every key is
-/// the flag's name with `_` for `-`.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+/// The agent's settings that a site or a user may also set in a file: one definition for
+/// the `jobgate agent` flags (clap, flattened into `AgentArgs`) and the keys of
+/// `jobgate.toml` (serde). Every key is the flag's name with `_` for `-`; a new setting is
+/// one field here. `[launch]` holds `jobgate launch`'s defaults (no agent flag).
+#[derive(Debug, Clone, Default, PartialEq, clap::Args, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
-    /// `--relay`: the relay's QUIC address, HOST:PORT.
+    /// Relay QUIC address, HOST:PORT [default: `relay` in the site's or your jobgate.toml].
+    #[arg(long, env = "JOBGATE_RELAY")]
     pub relay: Option<String>,
-    /// `--relay-ca`: a CA to trust for the relay.
+    /// CA certificate (PEM) to trust for the relay instead of the system roots.
+    #[arg(long, env = "JOBGATE_RELAY_CA")]
     pub relay_ca: Option<PathBuf>,
-    /// `--token-file`.
+    /// File holding the token (mode 0600) [default: $JOBGATE_TOKEN_FILE, ~/.config/jobgate/token].
+    #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// `--access`.
+    /// How the URL is guarded: link (a private link with an access key) or public (the
+    /// app's own login only, where the relay allows it) [default: link].
+    #[arg(long, value_name = "link|public", value_parser = parse_access_mode)]
     pub access: Option<jobgate_protocol::AccessMode>,
-    /// `--ready-timeout` (seconds).
+    /// Seconds the app has to accept connections [default: 300].
+    #[arg(long)]
     pub ready_timeout: Option<u64>,
-    /// `--idle-timeout` (seconds).
+    /// Seconds of silence before the relay counts as gone [default: 30].
+    #[arg(long)]
     pub idle_timeout: Option<u64>,
-    /// `--jupyter-program`.
+    /// The `jupyter` program for --jupyter [default: `jupyter` on PATH].
+    #[arg(long, env = "JOBGATE_JUPYTER", value_name = "PATH")]
     pub jupyter_program: Option<String>,
     /// Defaults of `jobgate launch`.
-    #[serde(default)]
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "LaunchDefaults::is_empty")]
     pub launch: LaunchDefaults,
 }
 
+/// `--access`: the same words as the wire and the config files.
+fn parse_access_mode(text: &str) -> Result<jobgate_protocol::AccessMode, String> {
+    use jobgate_protocol::AccessMode;
+    match text {
+        "link" => Ok(AccessMode::Link),
+        "public" => Ok(AccessMode::Public),
+        _ => Err(format!("{text:?}: expected link or public")),
+    }
+}
+
 /// The `[launch]` table: defaults of `jobgate launch`.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LaunchDefaults {
     /// `--partition`.
@@ -306,7 +330,7 @@ impl ClientConfig {
             if !explicit && !path.exists() {
                 continue;
             }
-            merged = Self::read(path)?.over(merged);
+            merged = Self::read(path)?.over(merged)?;
         }
         Ok(merged)
     }
@@ -318,27 +342,35 @@ impl ClientConfig {
         typed(path, table)
     }
 
-    /// `self`'s settings, falling back to `lower`'s where `self` has none.
-    fn over(self, lower: Self) -> Self {
-        Self {
-            relay: self.relay.or(lower.relay),
-            relay_ca: self.relay_ca.or(lower.relay_ca),
-            token_file: self.token_file.or(lower.token_file),
-            access: self.access.or(lower.access),
-            ready_timeout: self.ready_timeout.or(lower.ready_timeout),
-            idle_timeout: self.idle_timeout.or(lower.idle_timeout),
-            jupyter_program: self.jupyter_program.or(lower.jupyter_program),
-            launch: LaunchDefaults {
-                partition: self.launch.partition.or(lower.launch.partition),
-                account: self.launch.account.or(lower.launch.account),
-                time: self.launch.time.or(lower.launch.time),
-                cpus: self.launch.cpus.or(lower.launch.cpus),
-                mem: self.launch.mem.or(lower.launch.mem),
-                gpus: self.launch.gpus.or(lower.launch.gpus),
-                template: self.launch.template.or(lower.launch.template),
-                sif: self.launch.sif.or(lower.launch.sif),
-                sif_option: self.launch.sif_option.or(lower.launch.sif_option),
-            },
+    /// `self`'s settings, falling back to `lower`'s where `self` has none: generic over
+    /// the fields (both as TOML tables, `[launch]` merged key by key), so a new setting
+    /// needs no line here.
+    pub fn over(self, lower: Self) -> Result<Self, ConfigError> {
+        // Both tables come from this type: only a bug could make them fail.
+        let merge = |e: &dyn std::fmt::Display| ConfigError::Merge(e.to_string());
+        let mut merged = toml::Table::try_from(lower).map_err(|e| merge(&e))?;
+        overlay(
+            &mut merged,
+            toml::Table::try_from(self).map_err(|e| merge(&e))?,
+        );
+        merged.try_into().map_err(|e| merge(&e))
+    }
+}
+
+impl LaunchDefaults {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Puts `upper`'s keys over `lower`'s, table by table.
+fn overlay(lower: &mut toml::Table, upper: toml::Table) {
+    for (key, value) in upper {
+        match (lower.get_mut(&key), value) {
+            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => overlay(below, above),
+            (_, value) => {
+                lower.insert(key, value);
+            }
         }
     }
 }
@@ -378,7 +410,8 @@ mod tests {
         );
         let config = ClientConfig::read(&user)
             .expect("user")
-            .over(ClientConfig::read(&site).expect("site"));
+            .over(ClientConfig::read(&site).expect("site"))
+            .expect("merge");
         assert_eq!(config.relay.as_deref(), Some("mine:7443"));
         assert_eq!(config.access, Some(jobgate_protocol::AccessMode::Link));
         assert_eq!(config.launch.partition.as_deref(), Some("interactive"));
