@@ -10,10 +10,9 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use jobgate_protocol::quic::transport_config;
 use jobgate_protocol::{
     read_frame, write_frame, AccessMode, ControlMessage, JobInfo, ResponseHead, StreamCode, Token,
-    ALPN, MAX_CONTROL_FRAME, MAX_HEAD_FRAME, PROTOCOL_VERSION,
+    MAX_CONTROL_FRAME, MAX_HEAD_FRAME, PROTOCOL_VERSION,
 };
 use quinn::{Connection, ConnectionError};
 use std::net::SocketAddr;
@@ -227,26 +226,7 @@ async fn idle_h2_connection_is_closed_but_busy_connections_are_not() {
 // --- QUIC: pending handshakes and memory ---------------------------------------------------
 
 fn client_config(env: &TestEnv) -> quinn::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(&env.ca).expect("ca");
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.expect("cert")).expect("add");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config(
-        Duration::from_secs(20),
-        Duration::from_secs(2),
-        1024,
-    ));
-    config
+    agent_quic_config(&env.ca, Duration::from_secs(20)).expect("QUIC client config")
 }
 
 /// A QUIC connection to the relay (the handshake's result), nothing sent on it.

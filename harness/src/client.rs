@@ -41,6 +41,22 @@ pub fn client_tls(ca: &Path, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>
     Ok(Arc::new(config))
 }
 
+/// The QUIC client configuration of a hand-made agent (tests of what a broken or
+/// malicious agent can do to the relay): TLS trusting `ca`, the agents' ALPN, and the
+/// agents' transport settings with `idle` as the idle timeout.
+pub fn agent_quic_config(ca: &Path, idle: Duration) -> Result<quinn::ClientConfig> {
+    let tls = client_tls(ca, &[jobgate_protocol::ALPN])?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| Error::Tls(format!("QUIC TLS: {e}")))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(jobgate_protocol::quic::transport_config(
+        idle,
+        Duration::from_secs(2),
+        1024,
+    ));
+    Ok(config)
+}
+
 /// A TLS connection to 127.0.0.1:`port` with SNI `host` (TCP_NODELAY on).
 pub async fn connect_tls(
     config: &Arc<rustls::ClientConfig>,
