@@ -11,8 +11,8 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use jobgate_protocol::{
-    read_frame, write_frame, AccessMode, ControlMessage, JobInfo, ResponseHead, StreamCode, Token,
-    MAX_CONTROL_FRAME, MAX_HEAD_FRAME, PROTOCOL_VERSION,
+    read_frame, AccessMode, ControlMessage, JobInfo, ResponseHead, StreamCode, Token,
+    MAX_HEAD_FRAME, PROTOCOL_VERSION,
 };
 use quinn::{Connection, ConnectionError};
 use std::net::SocketAddr;
@@ -323,7 +323,6 @@ struct EvilSession {
 async fn evil_session(env: &TestEnv, relay: &RelayProc, token: &str) -> EvilSession {
     let endpoint = client_endpoint();
     let connection = dial(env, &endpoint, relay).await.expect("QUIC handshake");
-    let (mut send, mut recv) = connection.open_bi().await.expect("control stream");
     let hello = ControlMessage::Hello {
         version: PROTOCOL_VERSION,
         token: Token(token.to_owned()),
@@ -331,36 +330,21 @@ async fn evil_session(env: &TestEnv, relay: &RelayProc, token: &str) -> EvilSess
         job: JobInfo::default(),
         resume: None,
     };
-    write_frame(&mut send, &hello.to_payload())
+    let session = hand_made_session(&connection, &hello)
         .await
-        .expect("hello");
-    let payload = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame(&mut recv, MAX_CONTROL_FRAME),
-    )
-    .await
-    .expect("welcome in time")
-    .expect("welcome frame")
-    .expect("a frame");
-    let Ok(ControlMessage::Welcome {
-        name, access_url, ..
-    }) = ControlMessage::from_payload(&payload)
-    else {
-        panic!("expected Welcome: {}", String::from_utf8_lossy(&payload));
-    };
+        .expect("Welcome");
+    let key_query = session.key_query();
+    let host = format!("{}.{DOMAIN}", session.name);
     // The control stream stays open for the session's life.
     tokio::spawn(async move {
-        let _keep = (send, recv);
+        let _keep = session.control;
         std::future::pending::<()>().await
     });
     EvilSession {
         _endpoint: endpoint,
         connection,
-        host: format!("{name}.{DOMAIN}"),
-        key_query: access_url
-            .split_once('?')
-            .map(|(_, q)| q.to_owned())
-            .unwrap_or_default(),
+        host,
+        key_query,
     }
 }
 

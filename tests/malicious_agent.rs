@@ -15,8 +15,8 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use jobgate_protocol::{
-    read_frame, write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, RequestHead,
-    ResponseHead, StreamCode, Token, MAX_CONTROL_FRAME, MAX_HEAD_FRAME, PROTOCOL_VERSION,
+    read_frame, AccessMode, CloseCode, ControlMessage, JobInfo, RequestHead, ResponseHead,
+    StreamCode, Token, MAX_CONTROL_FRAME, MAX_HEAD_FRAME, PROTOCOL_VERSION,
 };
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -116,37 +116,15 @@ impl Evil {
 /// Dials and completes Hello → Welcome like an honest agent would.
 async fn evil_session(fx: &Fixture) -> Evil {
     let (endpoint, connection) = dial(fx).await;
-    let (mut send, mut recv) = connection.open_bi().await.expect("control stream");
-    write_frame(&mut send, &hello(&fx.evil_token).to_payload())
+    let session = hand_made_session(&connection, &hello(&fx.evil_token))
         .await
-        .expect("hello");
-    let payload = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame(&mut recv, MAX_CONTROL_FRAME),
-    )
-    .await
-    .expect("welcome in time")
-    .expect("welcome frame")
-    .expect("a frame, not the end");
-    let Ok(ControlMessage::Welcome {
-        name, access_url, ..
-    }) = ControlMessage::from_payload(&payload)
-    else {
-        panic!(
-            "expected Welcome, got {}",
-            String::from_utf8_lossy(&payload)
-        );
-    };
-    let key_query = access_url
-        .split_once('?')
-        .map(|(_, q)| q.to_owned())
-        .unwrap_or_default();
+        .expect("Welcome");
     Evil {
         _endpoint: endpoint,
         connection,
-        control: (send, recv),
-        host: format!("{name}.{DOMAIN}"),
-        key_query,
+        host: format!("{}.{DOMAIN}", session.name),
+        key_query: session.key_query(),
+        control: session.control,
     }
 }
 

@@ -57,6 +57,62 @@ pub fn agent_quic_config(ca: &Path, idle: Duration) -> Result<quinn::ClientConfi
     Ok(config)
 }
 
+/// How long a hand-made agent waits for the relay's answer to its `Hello`.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A hand-made agent's session: its control stream, kept open for the session's life,
+/// and what the relay's `Welcome` said.
+pub struct HandMadeSession {
+    /// The control stream (send, receive halves).
+    pub control: (quinn::SendStream, quinn::RecvStream),
+    /// The session's name.
+    pub name: String,
+    /// The URL with its access key, as the relay gave it.
+    pub access_url: String,
+}
+
+impl HandMadeSession {
+    /// The access key's query (`jobgate_key=...`), empty for a public session.
+    pub fn key_query(&self) -> String {
+        self.access_url
+            .split_once('?')
+            .map(|(_, q)| q.to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Opens the control stream on `connection`, says `hello` and reads the relay's answer,
+/// which must be `Welcome`, as an honest agent would.
+pub async fn hand_made_session(
+    connection: &quinn::Connection,
+    hello: &jobgate_protocol::ControlMessage,
+) -> Result<HandMadeSession> {
+    use jobgate_protocol::{read_frame, write_frame, ControlMessage, MAX_CONTROL_FRAME};
+    let agent = |e: &dyn std::fmt::Display| Error::Agent(e.to_string());
+    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| agent(&e))?;
+    write_frame(&mut send, &hello.to_payload())
+        .await
+        .map_err(|e| agent(&e))?;
+    let payload = tokio::time::timeout(WELCOME_TIMEOUT, read_frame(&mut recv, MAX_CONTROL_FRAME))
+        .await
+        .map_err(|_| agent(&"no answer to Hello in time"))?
+        .map_err(|e| agent(&e))?
+        .ok_or_else(|| agent(&"the relay closed the control stream"))?;
+    match ControlMessage::from_payload(&payload) {
+        Ok(ControlMessage::Welcome {
+            name, access_url, ..
+        }) => Ok(HandMadeSession {
+            control: (send, recv),
+            name,
+            access_url,
+        }),
+        _ => Err(agent(&format!(
+            "expected Welcome, got {}",
+            String::from_utf8_lossy(&payload)
+        ))),
+    }
+}
+
 /// A TLS connection to 127.0.0.1:`port` with SNI `host` (TCP_NODELAY on).
 pub async fn connect_tls(
     config: &Arc<rustls::ClientConfig>,

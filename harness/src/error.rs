@@ -73,6 +73,9 @@ pub enum Error {
     /// A WebSocket client step.
     #[error("WebSocket: {0}")]
     WebSocket(String),
+    /// A hand-made agent's exchange with the relay.
+    #[error("agent protocol: {0}")]
+    Agent(String),
 }
 
 impl Error {

@@ -17,37 +17,13 @@
 //   JG_NODE_PREFIX    directory whose node_modules holds playwright-core
 //   JG_CHROMIUM       the browser [/usr/bin/chromium]
 
-import { createRequire } from 'node:module';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { env, launchBrowser, step } from './browser.mjs';
 
-const require = createRequire(join(process.env.JG_NODE_PREFIX || process.cwd(), 'noop.js'));
-const { chromium } = require('playwright-core');
-
-const env = (name, fallback) => {
-  const value = process.env[name] ?? fallback;
-  if (value === undefined) throw new Error(`${name} is not set`);
-  return value;
-};
 const VICTIM_URL = env('JG_VICTIM_URL');
 const ATTACKER_URL = env('JG_ATTACKER_URL');
 const DOMAIN = env('JG_DOMAIN');
 const SPKI = env('JG_SPKI');
-const CHROMIUM = env('JG_CHROMIUM', '/usr/bin/chromium');
 
-const step = async (name, fn) => {
-  const start = Date.now();
-  process.stderr.write(`[browser] ${name} ...\n`);
-  try {
-    const result = await fn();
-    process.stderr.write(`[browser] ${name}: ok in ${((Date.now() - start) / 1000).toFixed(1)} s\n`);
-    return result;
-  } catch (e) {
-    process.stderr.write(`[browser] ${name}: FAILED after ${((Date.now() - start) / 1000).toFixed(1)} s\n`);
-    throw e;
-  }
-};
 
 // In the victim's page: a same-origin POST and a WebSocket echo through the relay.
 const ownPageWorks = async (page, label) => {
@@ -78,26 +54,14 @@ const ownPageWorks = async (page, label) => {
   }
 };
 
-const profile = mkdtempSync(join(tmpdir(), 'jobgate-chromium-'));
+let browser;
 let context;
 let exitCode = 1;
 try {
-  context = await step('launch chromium', () =>
-    chromium.launchPersistentContext(profile, {
-      executablePath: CHROMIUM,
-      headless: process.env.JG_HEADED !== '1',
-      args: [
-        '--no-sandbox',
-        '--disable-gpu',
-        '--no-first-run',
-        '--disable-background-networking',
-        '--disable-component-update',
-        '--disable-sync',
-        `--host-resolver-rules=MAP *.${DOMAIN} 127.0.0.1`,
-        `--ignore-certificate-errors-spki-list=${SPKI}`,
-      ],
-    }),
+  browser = await step('launch chromium', () =>
+    launchBrowser({ domain: DOMAIN, spki: SPKI }),
   );
+  context = browser.context;
   const victim = context.pages()[0] ?? (await context.newPage());
   victim.setDefaultTimeout(60_000);
   const victimOrigin = new URL(VICTIM_URL).origin;
@@ -166,7 +130,6 @@ try {
 } catch (e) {
   process.stderr.write(`[browser] FAIL: ${e && e.stack ? e.stack : e}\n`);
 } finally {
-  if (context) await context.close().catch(() => {});
-  rmSync(profile, { recursive: true, force: true });
+  if (browser) await browser.close();
 }
 process.exit(exitCode);

@@ -14,66 +14,27 @@
 //   JG_CHROMIUM       the browser [/usr/bin/chromium]
 //   JG_HEADED=1       show the browser (needs a display)
 
-import { createRequire } from 'node:module';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { env, launchBrowser, step, timings } from './browser.mjs';
 import { randomBytes } from 'node:crypto';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 
-const require = createRequire(join(process.env.JG_NODE_PREFIX || process.cwd(), 'noop.js'));
-const { chromium } = require('playwright-core');
-
-const env = (name, fallback) => {
-  const value = process.env[name] ?? fallback;
-  if (value === undefined) throw new Error(`${name} is not set`);
-  return value;
-};
 const URL_ = env('JG_URL');
 const DOMAIN = env('JG_DOMAIN');
 const SPKI = env('JG_SPKI');
 const SCREENSHOT = env('JG_SCREENSHOT');
 const UPLOAD_MB = Number(env('JG_UPLOAD_MB', '50'));
-const CHROMIUM = env('JG_CHROMIUM', '/usr/bin/chromium');
 const CHUNK = 1024 * 1024; // JupyterLab's own upload chunk size
 
 const t0 = Date.now();
-const timings = {};
-const step = async (name, fn) => {
-  const start = Date.now();
-  process.stderr.write(`[browser] ${name} ...\n`);
-  try {
-    const result = await fn();
-    timings[name] = (Date.now() - start) / 1000;
-    process.stderr.write(`[browser] ${name}: ok in ${timings[name].toFixed(1)} s\n`);
-    return result;
-  } catch (e) {
-    process.stderr.write(`[browser] ${name}: FAILED after ${((Date.now() - start) / 1000).toFixed(1)} s\n`);
-    throw e;
-  }
-};
 
-const profile = mkdtempSync(join(tmpdir(), 'jobgate-chromium-'));
+let browser;
 let context;
 let page;
 let exitCode = 1;
 try {
-  context = await step('launch chromium', () =>
-    chromium.launchPersistentContext(profile, {
-      executablePath: CHROMIUM,
-      headless: process.env.JG_HEADED !== '1',
-      viewport: { width: 1400, height: 900 },
-      args: [
-        '--no-sandbox',
-        '--disable-gpu',
-        '--no-first-run',
-        '--disable-background-networking',
-        '--disable-component-update',
-        '--disable-sync',
-        `--host-resolver-rules=MAP *.${DOMAIN} 127.0.0.1`,
-        `--ignore-certificate-errors-spki-list=${SPKI}`,
-      ],
-    }),
+  browser = await step('launch chromium', () =>
+    launchBrowser({ domain: DOMAIN, spki: SPKI, viewport: { width: 1400, height: 900 } }),
   );
+  context = browser.context;
   page = context.pages()[0] ?? (await context.newPage());
   page.setDefaultTimeout(60_000);
 
@@ -293,7 +254,6 @@ try {
     process.stderr.write(`[browser] failure screenshot: ${failShot}\n`);
   }
 } finally {
-  if (context) await context.close().catch(() => {});
-  rmSync(profile, { recursive: true, force: true });
+  if (browser) await browser.close();
 }
 process.exit(exitCode);
