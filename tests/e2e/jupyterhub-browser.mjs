@@ -97,6 +97,8 @@ try {
       page.waitForURL(new RegExp(`^${HUB}/user/${USER}/lab`), { timeout: 150_000 }),
       failed,
     ]);
+    // A clean Lab workspace (the user's home keeps the last one between runs).
+    await page.goto(`${HUB}/user/${USER}/lab?reset`);
     await page.locator('#jp-main-dock-panel').waitFor();
     await page.locator('.jp-Launcher').first().waitFor();
   });

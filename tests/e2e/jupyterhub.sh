@@ -75,6 +75,7 @@ RELAY_EXTRA_ARGS=(--allow-public)
 start_relay
 install -d -m 755 "$WORK/hub"
 cp -r "$SPAWNER_PKG" "$WORK/spawner" && chmod -R a+rX "$WORK/spawner"
+install -d -m 700 -o "$E2E_USER" -g "$E2E_USER" "$UWORK/notebooks"
 
 # Session names -> loopback, for the hub and CHP (Chromium talks to the hub only).
 (
@@ -128,6 +129,7 @@ c.Spawner.environment = {
 c.Spawner.args = ["--ServerApp.allow_origin=$HUB_URL"]
 c.Spawner.hub_connect_url = "http://127.0.0.1:$HUB_API_PORT"
 c.Spawner.default_url = "/lab"
+c.Spawner.notebook_dir = "$UWORK/notebooks"
 c.Spawner.start_timeout = 240
 c.Spawner.http_timeout = 120
 PY
@@ -169,6 +171,11 @@ esac
 # A direct visit to the relay URL, without the hub's login, does not reach the server.
 code=$(status_of "$TARGET/user/$E2E_USER/api/contents")
 case $code in 302 | 401 | 403) log "the relay URL without hub login answers $code" ;; *) die "the relay URL without hub login answered $code" ;; esac
+loc=$(relay_curl -o /dev/null -w '%{http_code} %{redirect_url}' "$TARGET/user/$E2E_USER/lab")
+case $loc in
+"302 $HUB_URL/hub/api/oauth2/authorize?"*) log "a page on the relay URL without hub login redirects to the hub's OAuth" ;;
+*) die "a page on the relay URL without hub login answered '$loc', want a redirect to $HUB_URL/hub/api/oauth2/authorize" ;;
+esac
 code=$(status_of "$TARGET/user/$E2E_USER/api")
 [ "$code" = 200 ] || die "the server's /api (what the hub polls) answered $code through the relay"
 
