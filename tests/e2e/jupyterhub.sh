@@ -28,7 +28,12 @@ cleanup() {
 	stop_pid "$WATCH_PID"
 	# Jobs the hub left (it cancels its own on a clean stop).
 	squeue -h -u "$E2E_USER" -n spawner-jupyterhub -o %i 2>/dev/null | xargs -r scancel 2>/dev/null || true
-	sed -i "/$HOSTS_MARK\$/d" /etc/hosts 2>/dev/null || true
+	# Rewritten in place, not renamed over: /etc/hosts may be a bind mount (containers).
+	if grep -q "$HOSTS_MARK\$" /etc/hosts 2>/dev/null; then
+		grep -v "$HOSTS_MARK\$" /etc/hosts >"/tmp/jobgate-e2e-hosts.$$" || true
+		cat "/tmp/jobgate-e2e-hosts.$$" >/etc/hosts
+		rm -f "/tmp/jobgate-e2e-hosts.$$"
+	fi
 	if [ $code -ne 0 ] && [ -n "${WORK:-}" ]; then
 		for f in "$WORK/hub.log" "$WORK/relay.log" "$HOME_DIR"/jupyterhub_slurmspawner_*.log; do
 			[ -f "$f" ] && { echo "--- $f (last 40 lines)" >&2; tail -n 40 "$f" >&2; }

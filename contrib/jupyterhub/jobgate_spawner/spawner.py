@@ -18,6 +18,7 @@ import re
 import shlex
 
 from batchspawner import JobStatus, SlurmSpawner
+from batchspawner.batchspawner import format_template
 from traitlets import Float, Integer, Unicode, default
 
 #: How often start() looks at the queue and the job file, in seconds: a new job runs
@@ -163,7 +164,7 @@ class JobgateSlurmSpawner(SlurmSpawner):
         """The agent's job file as a dict; {} while absent or unreadable."""
         subvars = self.get_req_subvars()
         path = f"{subvars['homedir']}/.jobgate/jobs/{self.job_id}.json"
-        prefix = self.exec_prefix.format(**subvars) if self.exec_prefix else ""
+        prefix = format_template(self.exec_prefix, **subvars) if self.exec_prefix else ""
         cmd = f"{prefix} cat {shlex.quote(path)}".strip()
         try:
             text = await self.run_command(cmd)
