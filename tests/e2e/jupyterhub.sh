@@ -8,7 +8,8 @@
 #   URL from the job file, checks it, hands it to the hub -> CHP routes /user/<name>/ to
 #   https://<name>.<domain> (the relay) -> notebook print(6*7) -> 42 -> stop from the hub
 #   home page -> scancel -> the jobgate URL answers 404, the route is gone.
-# Also: the spawner refuses URLs outside the relay's domain; a direct hit on the relay URL
+# Also: the spawner refuses URLs outside the relay's domain; the job listens on loopback only;
+# a direct hit on the relay URL
 # (no hub login) does not reach the server.
 #
 # Nothing connects to the compute node: the hub and CHP reach the relay only. Session
@@ -173,6 +174,19 @@ case $TARGET in
 https://*."$E2E_DOMAIN:$HTTPS_PORT") log "CHP routes /user/$E2E_USER to $TARGET (the relay)" ;;
 *) die "CHP's route for /user/$E2E_USER is '$TARGET', want https://<name>.$E2E_DOMAIN:$HTTPS_PORT" ;;
 esac
+# Nothing of the job listens beyond loopback: the hub never connects to the node. (srun's
+# own step I/O port is Slurm's, present for any job step.)
+if command -v ss >/dev/null; then
+	listeners=0
+	for pid in $(pgrep -u "$E2E_USER" || true); do
+		mine=$(ss -Hltnp 2>/dev/null | grep "pid=$pid," | grep -v '(("srun",' || true)
+		[ -n "$mine" ] && listeners=$((listeners + $(wc -l <<<"$mine")))
+		wide=$(awk '$4 !~ /^(127\.0\.0\.1|\[::1\]):/' <<<"$mine")
+		[ -z "$wide" ] || die "process $pid of the job listens beyond loopback: $wide"
+	done
+	[ "$listeners" -ge 1 ] || die "found no listener of the job (the single-user server's)"
+	log "the job's $listeners TCP listeners are on loopback only"
+fi
 # A direct visit to the relay URL, without the hub's login, does not reach the server.
 code=$(status_of "$TARGET/user/$E2E_USER/api/contents")
 case $code in 302 | 401 | 403) log "the relay URL without hub login answers $code" ;; *) die "the relay URL without hub login answered $code" ;; esac
