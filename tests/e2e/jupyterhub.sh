@@ -8,9 +8,8 @@
 #   URL from the job file, checks it, hands it to the hub -> CHP routes /user/<name>/ to
 #   https://<name>.<domain> (the relay) -> notebook print(6*7) -> 42 -> stop from the hub
 #   home page -> scancel -> the jobgate URL answers 404, the route is gone.
-# Also: the spawner refuses URLs outside the relay's domain; the job listens on loopback only;
-# a direct hit on the relay URL
-# (no hub login) does not reach the server.
+# Also: the spawner refuses URLs outside the relay's domain; the job listens on loopback
+# only; a direct hit on the relay URL (no hub login) does not reach the server.
 #
 # Nothing connects to the compute node: the hub and CHP reach the relay only. Session
 # names resolve to loopback through /etc/hosts lines (marked, removed at the end) that a
