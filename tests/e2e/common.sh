@@ -108,6 +108,36 @@ ensure_node_modules() {
 	log "node modules ready in $(since "$t") s"
 }
 
+# JupyterHub, batchspawner (PyPI, pinned, into the shared venv: the job side runs
+# jupyterhub-singleuser from it) and configurable-http-proxy (npm, pinned, its own prefix).
+HUB_PIP_PINS=('jupyterhub==5.4.4' 'batchspawner==1.3.0')
+CHP_VERSION=5.3.0
+CHP_PREFIX=$E2E_HOME/chp
+ensure_hub() {
+	ensure_venv
+	if ! "$VENV/bin/python" -c '
+import sys
+from importlib.metadata import version
+have = [name + "==" + version(name) for name in ("jupyterhub", "batchspawner")]
+sys.exit(0 if have == sys.argv[1:] else 1)' "${HUB_PIP_PINS[@]}" 2>/dev/null; then
+		local t
+		t=$(now_ms)
+		log "pip install ${HUB_PIP_PINS[*]}"
+		(umask 022 && "$VENV/bin/pip" install -q --disable-pip-version-check --no-cache-dir "${HUB_PIP_PINS[@]}" >/dev/null)
+		log "jupyterhub ready in $(since "$t") s"
+	fi
+	if ! grep -qs "\"version\": \"$CHP_VERSION\"" "$CHP_PREFIX/node_modules/configurable-http-proxy/package.json"; then
+		command -v npm >/dev/null || apt_install nodejs npm
+		local t
+		t=$(now_ms)
+		log "npm install configurable-http-proxy@$CHP_VERSION"
+		mkdir -p "$CHP_PREFIX"
+		(umask 022 && cd "$CHP_PREFIX" && npm install --no-audit --no-fund --loglevel=error \
+			--prefix "$CHP_PREFIX" "configurable-http-proxy@$CHP_VERSION" >/dev/null)
+		log "configurable-http-proxy ready in $(since "$t") s"
+	fi
+}
+
 ensure_user() {
 	id -u "$E2E_USER" >/dev/null 2>&1 || useradd -m -s /bin/bash "$E2E_USER"
 }
@@ -146,6 +176,7 @@ s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' "$1"
 RELAY_PID=
 # Starts a relay for $E2E_DOMAIN on loopback, issues a token for the job user into
 # $UWORK/token (0600, the user's). Sets HTTPS_PORT, QUIC_PORT, CA, RELAY_PID.
+# Extra relay flags: the array RELAY_EXTRA_ARGS (e.g. --allow-public).
 start_relay() {
 	HTTPS_PORT=$(free_port tcp)
 	QUIC_PORT=$(free_port udp)
@@ -159,7 +190,7 @@ start_relay() {
 	"$JOBGATE_BIN" relay --domain "$E2E_DOMAIN" --cert "$WORK/pki/cert.pem" --key "$WORK/pki/key.pem" \
 		--tokens "$WORK/relay/tokens.toml" \
 		--listen-https "127.0.0.1:$HTTPS_PORT" --listen-quic "127.0.0.1:$QUIC_PORT" \
-		>"$WORK/relay.log" 2>&1 &
+		${RELAY_EXTRA_ARGS[@]+"${RELAY_EXTRA_ARGS[@]}"} >"$WORK/relay.log" 2>&1 &
 	RELAY_PID=$!
 	for _ in $(seq 100); do
 		curl -s -o /dev/null --cacert "$CA" --connect-to "::127.0.0.1:$HTTPS_PORT" \

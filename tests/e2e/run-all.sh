@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # All end-to-end tests, in order: the browser tests (JupyterLab; two sessions attacking
-# each other), then the Slurm test (Slurm is started
+# each other), then the Slurm tests and the portal tests (Open OnDemand app, JupyterHub) on
+# that Slurm (Slurm is started
 # first and stopped after; E2E_SLURM_KEEP=1 leaves it running), then the network fault
 # tests (netns.sh: namespaces, delay, loss, link cuts, relay kill and drain). Each prints PASS or FAIL
 # and its seconds; the exit status is non-zero if any failed. Full logs go to
@@ -8,7 +9,9 @@
 #
 # Needs root and the jobgate binary ($JOBGATE_BIN, default target/debug/jobgate).
 # First run on a fresh machine installs chromium, slurm-wlm, munge (apt), jupyterlab
-# (PyPI, in /opt/jobgate-e2e/venv) and playwright-core (npm): a few minutes.
+# (PyPI, in /opt/jobgate-e2e/venv), playwright-core (npm), ruby (apt), jupyterhub and
+# batchspawner (PyPI, same venv), configurable-http-proxy (npm, /opt/jobgate-e2e/chp): a
+# few minutes.
 
 set -uo pipefail
 E2E_DIR=$(cd "$(dirname "$0")" && pwd)
@@ -57,9 +60,14 @@ tally run cross-session-browser bash "$E2E_DIR/cross-session-browser.sh"
 if run slurm-setup bash "$E2E_DIR/slurm-setup.sh" start; then
 	tally run slurm-jupyter bash "$E2E_DIR/slurm-jupyter.sh"
 	tally run slurm-launch bash "$E2E_DIR/slurm-launch.sh"
+	# Portals on the same Slurm, one after the other: the OnDemand app (~10 s), JupyterHub
+	# with JobgateSlurmSpawner in Chromium (~20 s warm; the first run installs ruby,
+	# jupyterhub, batchspawner, configurable-http-proxy).
+	tally run ood-app bash "$E2E_DIR/ood-app.sh"
+	tally run jupyterhub bash "$E2E_DIR/jupyterhub.sh"
 else
-	failed=$((failed + 2))
-	echo "=== slurm-jupyter, slurm-launch: FAIL (Slurm did not start)"
+	failed=$((failed + 4))
+	echo "=== slurm-jupyter, slurm-launch, ood-app, jupyterhub: FAIL (Slurm did not start)"
 fi
 if [ "${E2E_SLURM_KEEP:-0}" != 1 ]; then
 	bash "$E2E_DIR/slurm-setup.sh" stop >>"$ARTIFACTS/slurm-setup.log" 2>&1 || true
