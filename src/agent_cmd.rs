@@ -19,6 +19,10 @@ pub(crate) struct AgentArgs {
     /// File holding the token (mode 0600) [default: $JOBGATE_TOKEN_FILE, ~/.config/jobgate/token].
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// File (mode 0600) holding the reservation `jobgate launch` got for this job, so the
+    /// session gets the URL printed at submit time.
+    #[arg(long, env = "JOBGATE_RESERVATION_FILE")]
+    reservation_file: Option<PathBuf>,
     /// Write the URL to this file (one line), for scripts.
     #[arg(long)]
     url_file: Option<PathBuf>,
@@ -116,6 +120,18 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    // A reservation file is as secret as the token: the same private-file checks apply.
+    let reservation_file = args.reservation_file.clone().or_else(launched_reservation);
+    let reservation = match reservation_file {
+        Some(path) => match jobgate_agent::token::load_token(Some(path)) {
+            Ok(reservation) => Some(reservation),
+            Err(e) => {
+                eprintln!("jobgate: reservation: {e}");
+                return exit::USAGE;
+            }
+        },
+        None => None,
+    };
     let container = match args.sif.clone() {
         Some(image) => {
             match jobgate_agent::container::Container::find(image, args.sif_option.clone()) {
@@ -173,6 +189,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
                 .max(Duration::from_secs(2)),
         },
         token,
+        reservation,
         access: args.access.unwrap_or_default(),
         url_file: args.url_file,
         app,
@@ -235,4 +252,13 @@ async fn jupyter_app(args: &AgentArgs) -> Result<jobgate_agent::jupyter::Jupyter
         eprintln!("jobgate: cannot prepare Jupyter's private directory: {e}");
         exit::APP_FAILED
     })
+}
+
+/// The reservation `jobgate launch` stored for this job (see `launch::reserve`), if any.
+fn launched_reservation() -> Option<PathBuf> {
+    let job_id = std::env::var("SLURM_JOB_ID").ok()?;
+    let dir = jobgate_agent::jobfile::jobs_dir()?;
+    jobgate_agent::jobfile::JobFile::in_dir(&dir, &job_id)?;
+    let path = crate::launch::reserve::reservation_path(&dir, &job_id);
+    path.exists().then_some(path)
 }

@@ -350,6 +350,7 @@ async fn evil_session(env: &TestEnv, relay: &RelayProc, token: &str) -> EvilSess
         access: AccessMode::Link,
         job: JobInfo::default(),
         resume: None,
+        reservation: None,
     };
     write_frame(&mut send, &hello.to_payload())
         .await

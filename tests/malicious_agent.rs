@@ -109,6 +109,7 @@ fn hello(token: &str) -> ControlMessage {
             host: Some("cn666".into()),
         },
         resume: None,
+        reservation: None,
     }
 }
 

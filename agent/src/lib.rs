@@ -127,6 +127,8 @@ pub struct AgentOptions {
     pub dial: DialConfig,
     /// The user's token.
     pub token: Token,
+    /// The reservation `jobgate launch` got at submit time, for the first `Hello`.
+    pub reservation: Option<Token>,
     /// Requested access mode.
     pub access: AccessMode,
     /// Where to write the URL for scripts.
@@ -246,6 +248,7 @@ async fn run_session(
         access: options.access,
         job: job_info(),
         resume: None,
+        reservation: options.reservation.clone(),
     };
     let dialed = match dial_result {
         Some(result) => result,
