@@ -4,7 +4,7 @@
 use crate::config::ClientConfig;
 use clap::Args;
 use jobgate_agent::{dial::DialConfig, exit, AgentOptions, AppSource};
-use jobgate_protocol::AccessMode;
+use jobgate_protocol::{AccessMode, Token};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -122,15 +122,20 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
     };
     // A reservation file is as secret as the token: the same private-file checks apply.
     let reservation_file = args.reservation_file.clone().or_else(launched_reservation);
-    let reservation = match reservation_file {
+    let (reservation, reserved_url) = match reservation_file {
+        // The file holds the reservation, then the access URL `launch` printed.
         Some(path) => match jobgate_agent::token::load_token(Some(path)) {
-            Ok(reservation) => Some(reservation),
+            Ok(Token(text)) => {
+                let mut lines = text.lines().map(str::trim);
+                let reservation = lines.next().map(|r| Token(r.to_owned()));
+                (reservation, lines.next().map(str::to_owned))
+            }
             Err(e) => {
                 eprintln!("jobgate: reservation: {e}");
                 return exit::USAGE;
             }
         },
-        None => None,
+        None => (None, None),
     };
     let container = match args.sif.clone() {
         Some(image) => {
@@ -190,6 +195,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
         },
         token,
         reservation,
+        reserved_url,
         access: args.access.unwrap_or_default(),
         url_file: args.url_file,
         app,

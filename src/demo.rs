@@ -65,6 +65,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         token: jobgate_protocol::Token(token),
         reservation: None,
+        reserved_url: None,
         access: AccessMode::Link,
         url_file: Some(url_file.clone()),
         app: AppSource::Existing(jobgate_agent::target::Target::Tcp(app_addr)),

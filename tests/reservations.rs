@@ -74,7 +74,8 @@ async fn the_reserved_url_serves_the_app_of_the_agent_in_that_job() {
 
     // The real binary, as in a job: the reservation file is private like a token.
     let file = env.dir.join("4242.reservation");
-    std::fs::write(&file, format!("{}\n", reserved.reservation.0)).expect("write");
+    let contents = format!("{}\n{}\n", reserved.reservation.0, reserved.access_url);
+    std::fs::write(&file, contents).expect("write");
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("chmod");
     let url_file = env.dir.join("url");
@@ -94,16 +95,12 @@ async fn the_reserved_url_serves_the_app_of_the_agent_in_that_job() {
         "held",
     ]);
     let agent = jobgate_harness::stack::launch_agent(command).unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        agent.url.starts_with(&reserved.url),
-        "the agent got {} instead of the reserved {}",
-        agent.url,
-        reserved.url
+    // The agent announces the very link printed at submit time, access key included.
+    assert_eq!(
+        agent.url, reserved.access_url,
+        "the agent's URL is not the reserved one"
     );
-    // The link printed at submit time (with its access key) opens the app; without the
-    // key the app stays locked.
-    let mut agent = agent;
-    agent.url = reserved.access_url.clone();
+    // That link opens the app; without the key the app stays locked.
     let answered = eventually(Duration::from_secs(20), || async {
         get(&env, relay.https_port, &agent.host(), &agent.path("/echo"))
             .await

@@ -129,6 +129,9 @@ pub struct AgentOptions {
     pub token: Token,
     /// The reservation `jobgate launch` got at submit time, for the first `Hello`.
     pub reservation: Option<Token>,
+    /// The access URL the relay gave with the reservation: the relay keeps only the
+    /// access key's hash, so its `Welcome` for a reserved name carries no key.
+    pub reserved_url: Option<String>,
     /// Requested access mode.
     pub access: AccessMode,
     /// Where to write the URL for scripts.
@@ -290,7 +293,12 @@ async fn run_session(
         }
     };
     let outcome = match outcome {
-        Ok(Reconnect::Connected(session)) => {
+        Ok(Reconnect::Connected(mut session)) => {
+            if let Some(reserved) = &options.reserved_url {
+                if reserved.starts_with(&session.welcome.url) {
+                    session.welcome.access_url = reserved.clone();
+                }
+            }
             announce(
                 &session,
                 app_path.as_deref(),

@@ -275,8 +275,16 @@ async fn launch(args: LaunchArgs) -> Result<i32, LaunchError> {
     } else {
         None
     };
-    if let Some(reserved) = &reserved {
-        println!("{}", reserved.access_url);
+    // `--no-wait`: the URL is launch's only output, for scripts. Waiting: shown now, and
+    // printed on stdout once the app is up, as the agent has it (with e.g. Jupyter's
+    // token added).
+    match (&reserved, args.no_wait) {
+        (Some(reserved), true) => println!("{}", reserved.access_url),
+        (Some(reserved), false) => eprintln!(
+            "jobgate: job {job_id}'s URL (it shows the app once the job runs): {}",
+            reserved.access_url
+        ),
+        (None, _) => {}
     }
     let output = (template.contains("{{output}}") || template.contains("{{sbatch_options}}"))
         .then(|| spec.output.replace("%j", &job_id));
@@ -300,8 +308,7 @@ async fn launch(args: LaunchArgs) -> Result<i32, LaunchError> {
     }
     let mut progress = Progress::new();
     progress.show(&format!("job {job_id} submitted"));
-    let printed = reserved.map(|r| r.access_url);
-    Ok(wait_for_url(&job_id, &file, output, submitted, &mut progress, printed).await)
+    Ok(wait_for_url(&job_id, &file, output, submitted, &mut progress).await)
 }
 
 /// `sbatch --parsable` with the script on stdin: the job id.

@@ -47,7 +47,8 @@ pub(super) async fn reserve_for_job(
         }
     };
     let path = reservation_path(dir, job_id);
-    let contents = format!("{}\n", reserved.reservation.0);
+    // The reservation, then the access URL (the agent's own copy of the URL needs its key).
+    let contents = format!("{}\n{}\n", reserved.reservation.0, reserved.access_url);
     if let Err(e) = jobgate_agent::token::write_private(&path, &contents) {
         eprintln!("jobgate: warning: cannot write {}: {e}", path.display());
         return None;

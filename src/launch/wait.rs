@@ -87,7 +87,6 @@ pub(super) async fn wait_for_url(
     output: Option<String>,
     submitted: Instant,
     progress: &mut Progress,
-    printed: Option<String>,
 ) -> i32 {
     let mut interrupt = std::pin::pin!(tokio::signal::ctrl_c());
     let mut slurm_state: Option<SlurmJob> = None;
@@ -104,11 +103,7 @@ pub(super) async fn wait_for_url(
                     submitted.elapsed().as_secs_f64()
                 ));
                 progress.finish();
-                // With a reservation the URL went out at submit time (the agent's own
-                // copy lacks the access key, which only `launch` was given).
-                if printed.is_none() {
-                    println!("{url}");
-                }
+                println!("{url}");
                 hints(job_id);
                 return code::OK;
             }
