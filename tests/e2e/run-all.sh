@@ -57,9 +57,10 @@ tally run cross-session-browser bash "$E2E_DIR/cross-session-browser.sh"
 if run slurm-setup bash "$E2E_DIR/slurm-setup.sh" start; then
 	tally run slurm-jupyter bash "$E2E_DIR/slurm-jupyter.sh"
 	tally run slurm-launch bash "$E2E_DIR/slurm-launch.sh"
+	tally run slurm-reserve bash "$E2E_DIR/slurm-reserve.sh"
 else
-	failed=$((failed + 2))
-	echo "=== slurm-jupyter, slurm-launch: FAIL (Slurm did not start)"
+	failed=$((failed + 3))
+	echo "=== slurm-jupyter, slurm-launch, slurm-reserve: FAIL (Slurm did not start)"
 fi
 if [ "${E2E_SLURM_KEEP:-0}" != 1 ]; then
 	bash "$E2E_DIR/slurm-setup.sh" stop >>"$ARTIFACTS/slurm-setup.log" 2>&1 || true
