@@ -4,6 +4,7 @@
 use crate::config::ClientConfig;
 use clap::Args;
 use jobgate_agent::{dial::DialConfig, exit, AgentOptions, AppSource};
+use jobgate_protocol::Token;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +13,10 @@ pub(crate) struct AgentArgs {
     /// Settings a site or user may also give in jobgate.toml.
     #[command(flatten)]
     settings: ClientConfig,
+    /// File (mode 0600) holding the reservation `jobgate launch` got for this job, so the
+    /// session gets the URL printed at submit time.
+    #[arg(long, env = "JOBGATE_RESERVATION_FILE")]
+    reservation_file: Option<PathBuf>,
     /// Write the URL to this file (one line), for scripts.
     #[arg(long)]
     url_file: Option<PathBuf>,
@@ -83,6 +88,23 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    // A reservation file is as secret as the token: the same private-file checks apply.
+    let reservation_file = args.reservation_file.clone().or_else(launched_reservation);
+    let (reservation, reserved_url) = match reservation_file {
+        // The file holds the reservation, then the access URL `launch` printed.
+        Some(path) => match jobgate_agent::token::load_token(Some(path)) {
+            Ok(Token(text)) => {
+                let mut lines = text.lines().map(str::trim);
+                let reservation = lines.next().map(|r| Token(r.to_owned()));
+                (reservation, lines.next().map(str::to_owned))
+            }
+            Err(e) => {
+                eprintln!("jobgate: reservation: {e}");
+                return exit::USAGE;
+            }
+        },
+        None => (None, None),
+    };
     let container = match args.sif.clone() {
         Some(image) => {
             match jobgate_agent::container::Container::find(image, args.sif_option.clone()) {
@@ -141,6 +163,8 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
                 .max(Duration::from_secs(2)),
         },
         token,
+        reservation,
+        reserved_url,
         access: args.settings.access.unwrap_or_default(),
         url_file: args.url_file,
         app,
@@ -205,4 +229,13 @@ async fn jupyter_app(args: &AgentArgs) -> Result<jobgate_agent::jupyter::Jupyter
         eprintln!("jobgate: cannot prepare Jupyter's private directory: {e}");
         exit::APP_FAILED
     })
+}
+
+/// The reservation `jobgate launch` stored for this job (see `launch::reserve`), if any.
+fn launched_reservation() -> Option<PathBuf> {
+    let job_id = std::env::var("SLURM_JOB_ID").ok()?;
+    let dir = jobgate_agent::jobfile::jobs_dir()?;
+    jobgate_agent::jobfile::JobFile::in_dir(&dir, &job_id)?;
+    let path = crate::launch::reserve::reservation_path(&dir, &job_id);
+    path.exists().then_some(path)
 }

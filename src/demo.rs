@@ -64,6 +64,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             idle_timeout: jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT,
         },
         token: jobgate_protocol::Token(token),
+        reservation: None,
+        reserved_url: None,
         access: AccessMode::Link,
         url_file: Some(url_file.clone()),
         app: AppSource::Existing(jobgate_agent::target::Target::Tcp(app_addr)),

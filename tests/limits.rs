@@ -329,6 +329,7 @@ async fn evil_session(env: &TestEnv, relay: &RelayProc, token: &str) -> EvilSess
         access: AccessMode::Link,
         job: JobInfo::default(),
         resume: None,
+        reservation: None,
     };
     let session = hand_made_session(&connection, &hello)
         .await

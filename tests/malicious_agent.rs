@@ -89,6 +89,7 @@ fn hello(token: &str) -> ControlMessage {
             host: Some("cn666".into()),
         },
         resume: None,
+        reservation: None,
     }
 }
 

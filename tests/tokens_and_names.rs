@@ -39,6 +39,7 @@ fn hello(token: &str, resume: Option<Token>) -> HelloParams {
         access: AccessMode::Link,
         job: JobInfo::default(),
         resume,
+        reservation: None,
     }
 }
 

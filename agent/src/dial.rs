@@ -139,6 +139,9 @@ pub struct HelloParams {
     pub job: JobInfo,
     /// The latest resume ticket, to get the same name back on reconnect.
     pub resume: Option<Token>,
+    /// The reservation `jobgate launch` got for this job, presented on the first `Hello`
+    /// so that the session gets the name the user was given at submit time.
+    pub reservation: Option<Token>,
 }
 
 fn client_crypto(config: &DialConfig) -> Result<rustls::ClientConfig, DialError> {
@@ -313,6 +316,7 @@ async fn hello_exchange(
         access: params.access,
         job: params.job.clone(),
         resume: params.resume.clone(),
+        reservation: params.reservation.clone(),
     };
     write_frame(&mut send, &hello.to_payload())
         .await
@@ -352,4 +356,68 @@ async fn hello_exchange(
             "unexpected first answer: {other:?}"
         ))),
     }
+}
+
+/// A name the relay holds for a queued job (see [`reserve`]).
+#[derive(Debug, Clone)]
+pub struct Reserved {
+    /// The reserved name.
+    pub name: String,
+    /// The session's base URL.
+    pub url: String,
+    /// The URL to hand to the user.
+    pub access_url: String,
+    /// The signed reservation for the job's agent (a secret).
+    pub reservation: Token,
+}
+
+/// Asks the relay to hold a name for batch job `job_id`, on a connection of its own.
+pub async fn reserve(
+    config: &DialConfig,
+    token: Token,
+    access: AccessMode,
+    job_id: &str,
+) -> Result<Reserved, DialError> {
+    let protocol = |e: &dyn std::fmt::Display| DialError::Protocol(e.to_string());
+    let dialed = connect(config).await?;
+    let connection = dialed.connection.clone();
+    let exchange = async {
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| protocol(&e))?;
+        let ask = ControlMessage::Reserve {
+            version: PROTOCOL_VERSION,
+            token,
+            access,
+            job_id: job_id.to_owned(),
+        };
+        write_frame(&mut send, &ask.to_payload())
+            .await
+            .map_err(|e| protocol(&e))?;
+        let payload = read_frame(&mut recv, MAX_CONTROL_FRAME)
+            .await
+            .map_err(|e| protocol(&e))?
+            .ok_or_else(|| DialError::Protocol("the relay closed the control stream".into()))?;
+        match ControlMessage::from_payload(&payload).map_err(|e| protocol(&e))? {
+            ControlMessage::Reserved {
+                name,
+                url,
+                access_url,
+                reservation,
+            } => Ok(Reserved {
+                name,
+                url,
+                access_url,
+                reservation,
+            }),
+            ControlMessage::Refused { code, message } => Err(DialError::Refused { code, message }),
+            other => Err(DialError::Protocol(format!(
+                "unexpected answer to Reserve: {other:?}"
+            ))),
+        }
+    };
+    let answer = tokio::time::timeout(HELLO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| DialError::Protocol("no answer to Reserve in time".into()))?;
+    connection.close(0u32.into(), b"reserved");
+    dialed.endpoint.wait_idle().await;
+    answer
 }

@@ -127,6 +127,11 @@ pub struct AgentOptions {
     pub dial: DialConfig,
     /// The user's token.
     pub token: Token,
+    /// The reservation `jobgate launch` got at submit time, for the first `Hello`.
+    pub reservation: Option<Token>,
+    /// The access URL the relay gave with the reservation: the relay keeps only the
+    /// access key's hash, so its `Welcome` for a reserved name carries no key.
+    pub reserved_url: Option<String>,
     /// Requested access mode.
     pub access: AccessMode,
     /// Where to write the URL for scripts.
@@ -246,6 +251,7 @@ async fn run_session(
         access: options.access,
         job: job_info(),
         resume: None,
+        reservation: options.reservation.clone(),
     };
     let dialed = match dial_result {
         Some(result) => result,
@@ -287,7 +293,12 @@ async fn run_session(
         }
     };
     let outcome = match outcome {
-        Ok(Reconnect::Connected(session)) => {
+        Ok(Reconnect::Connected(mut session)) => {
+            if let Some(reserved) = &options.reserved_url {
+                if reserved.starts_with(&session.welcome.url) {
+                    session.welcome.access_url = reserved.clone();
+                }
+            }
             announce(
                 &session,
                 app_path.as_deref(),

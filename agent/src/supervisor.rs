@@ -86,6 +86,9 @@ pub(crate) struct Supervisor<'a> {
 impl Supervisor<'_> {
     pub(crate) async fn run(&mut self, session: RelaySession) -> Result<i32, AgentError> {
         self.hello.resume = session.welcome.resume_ticket.clone();
+        // The reservation has given the name; from now on the resume ticket keeps it, and
+        // after a long outage the agent gets a new name like any other.
+        self.hello.reservation = None;
         let mut name = session.welcome.name.clone();
         let mut live = Live::start(session, self.pool.clone());
         let mut control_open = true;

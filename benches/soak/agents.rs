@@ -208,6 +208,7 @@ async fn open(agents: &Agents, resume: Option<Token>) -> Result<RelaySession> {
         access: AccessMode::Link,
         job: JobInfo::default(),
         resume,
+        reservation: None,
     };
     Ok(dial::open_session(&agents.dial, &hello).await?)
 }

@@ -67,6 +67,7 @@ fn scenario_scale_agents(
         access: jobgate_protocol::AccessMode::Link,
         job: jobgate_protocol::JobInfo::default(),
         resume: None,
+        reservation: None,
     };
     let (per_agent, detail) = runtime.block_on(async {
         let connect = |count: usize| {

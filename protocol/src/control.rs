@@ -69,6 +69,8 @@ pub enum RefusalCode {
     Unavailable,
     /// The first frame was not a valid `Hello`.
     Malformed,
+    /// The reservation is forged, another user's, for another job, or its job has ended.
+    BadReservation,
 }
 
 /// One message on the control stream.
@@ -90,6 +92,34 @@ pub enum ControlMessage {
         /// A resume ticket from an earlier `Welcome`, to get the same name back.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<Token>,
+        /// A reservation from [`ControlMessage::Reserved`]: the name the user was given
+        /// when the job was submitted. Old agents never send it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reservation: Option<Token>,
+    },
+    /// Client → relay, first frame of a connection that only asks for a name for a job
+    /// that is queued (`jobgate launch`); answered with `Reserved` or `Refused`, then closed.
+    Reserve {
+        /// Protocol version, [`crate::PROTOCOL_VERSION`].
+        version: u32,
+        /// The user's agent token.
+        token: Token,
+        /// Requested access mode.
+        #[serde(default)]
+        access: AccessMode,
+        /// The batch job the name is for (`sbatch`'s job id).
+        job_id: String,
+    },
+    /// Relay → client: the name is held for the job until it ends.
+    Reserved {
+        /// The reserved name.
+        name: String,
+        /// The session's base URL.
+        url: String,
+        /// The URL to hand to the user (with the access key in `link` mode).
+        access_url: String,
+        /// The signed reservation the job's agent presents in its `Hello`.
+        reservation: Token,
     },
     /// Relay → agent: the session is live.
     Welcome {
@@ -155,10 +185,12 @@ mod tests {
             access: AccessMode::Link,
             job: JobInfo::default(),
             resume: Some(Token("ticket".into())),
+            reservation: Some(Token("reserved-secret".into())),
         };
         let shown = format!("{hello:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(!shown.contains("ticket\""), "{shown}");
+        assert!(!shown.contains("reserved-secret"), "{shown}");
     }
 
     #[test]
@@ -173,10 +205,43 @@ mod tests {
                 host: Some("n1".into()),
             },
             resume: None,
+            reservation: None,
         };
         let back = ControlMessage::from_payload(&hello.to_payload()).expect("decodes");
         assert_eq!(back, hello);
         assert!(ControlMessage::from_payload(b"{\"type\":\"nope\"}").is_err());
         assert!(ControlMessage::from_payload(b"\xff\x00").is_err());
+    }
+
+    #[test]
+    fn an_old_agents_hello_without_reservation_still_decodes() {
+        let old = br#"{"type":"hello","version":1,"token":"t","access":"link","job":{}}"#;
+        match ControlMessage::from_payload(old) {
+            Ok(ControlMessage::Hello { reservation, .. }) => assert_eq!(reservation, None),
+            other => panic!("old Hello not understood: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reserve_and_reserved_round_trip() {
+        for message in [
+            ControlMessage::Reserve {
+                version: 1,
+                token: Token("t".into()),
+                access: AccessMode::Link,
+                job_id: "4242".into(),
+            },
+            ControlMessage::Reserved {
+                name: "abc".into(),
+                url: "https://abc.example/".into(),
+                access_url: "https://abc.example/?k=1".into(),
+                reservation: Token("r1.x.y".into()),
+            },
+        ] {
+            assert_eq!(
+                ControlMessage::from_payload(&message.to_payload()).ok(),
+                Some(message)
+            );
+        }
     }
 }

@@ -155,15 +155,15 @@ fn close(connection: &Connection, code: CloseCode, reason: &str) {
     connection.close(VarInt::from(code), reason.as_bytes());
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-/// Why a `Hello` did not lead to a session.
-struct Refusal {
+/// Why a `Hello` (or `Reserve`) did not lead to a session.
+pub(crate) struct Refusal {
     code: RefusalCode,
     message: String,
     /// The user, when the token was valid but something else was not.
@@ -171,7 +171,7 @@ struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: RefusalCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: RefusalCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -179,7 +179,7 @@ impl Refusal {
         }
     }
 
-    fn for_user(mut self, user: &str) -> Self {
+    pub(crate) fn for_user(mut self, user: &str) -> Self {
         self.user = Some(user.to_owned());
         self
     }
@@ -226,6 +226,16 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>, pending: Owned
         }
     };
 
+    if let Some(ControlMessage::Reserve {
+        version,
+        token,
+        access,
+        job_id,
+    }) = hello
+    {
+        drop(pending);
+        return answer_reserve(&shared, &connection, send, (version, token, access, job_id)).await;
+    }
     let admitted = admit(&shared, &connection, hello);
     drop(pending);
     let admitted = match admitted {
@@ -422,6 +432,7 @@ fn admit(
         access,
         job,
         resume,
+        reservation,
     }) = hello
     else {
         return Err(Refusal::new(
@@ -429,29 +440,14 @@ fn admit(
             "the first control frame must be Hello",
         ));
     };
-    if version != PROTOCOL_VERSION {
-        return Err(Refusal::new(
-            RefusalCode::UnsupportedVersion,
-            format!("this relay speaks protocol version {PROTOCOL_VERSION}, the agent {version}: update jobgate"),
-        ));
-    }
+    check_version(version)?;
     if *shared.draining.borrow() {
         return Err(Refusal::new(
             RefusalCode::Unavailable,
             "the relay is restarting: try again in a moment",
         ));
     }
-    // A token issued a moment ago may not be loaded yet: a stat tells, cheaply.
-    let identity = shared.tokens.verify(&token.0).or_else(|| {
-        crate::reload_tokens(shared);
-        shared.tokens.verify(&token.0)
-    });
-    let Some(identity) = identity else {
-        return Err(Refusal::new(
-            RefusalCode::BadToken,
-            "the relay does not know this token (mistyped, revoked or for another relay): ask your admin for a new one",
-        ));
-    };
+    let identity = identify(shared, &token)?;
 
     let resumed = resume
         .as_ref()
@@ -459,7 +455,21 @@ fn admit(
     if resume.is_some() && resumed.is_none() {
         tracing::info!(user = %identity.user, "resume ticket not accepted (expired, ended or foreign): new name");
     }
-    let (name, lock, key) = match resumed {
+    let was_resumed = resumed.is_some();
+    // A reservation counts only where no resume ticket gave the name back (the agent
+    // keeps presenting it on reconnects), and a bad one is refused rather than quietly
+    // swapped for a new name: the user holds the URL printed at submit time.
+    let reserved = match (&resumed, &reservation) {
+        (None, Some(reservation)) => Some(crate::reserve::check(
+            shared,
+            reservation,
+            &identity.user,
+            &job,
+            access,
+        )?),
+        _ => None,
+    };
+    let (name, lock, key) = match resumed.or(reserved) {
         Some(claims) => {
             shared.names.claim(claims.name);
             let lock = match claims.key_hash {
@@ -491,7 +501,6 @@ fn admit(
             (shared.names.issue(), lock, key)
         }
     };
-    let is_resume = key.is_none() && resume.is_some();
     let origin = shared.config.session_origin(name.as_str()).into_boxed_str();
     let session = new_session(name, &identity, job, access, lock, origin, connection);
     let user_limit = identity
@@ -527,8 +536,57 @@ fn admit(
     Ok(Admitted {
         session,
         key,
-        resumed: is_resume,
+        resumed: was_resumed,
     })
+}
+
+/// Refuses a protocol version this relay does not speak.
+fn check_version(version: u32) -> Result<(), Refusal> {
+    if version == PROTOCOL_VERSION {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        RefusalCode::UnsupportedVersion,
+        format!("this relay speaks protocol version {PROTOCOL_VERSION}, the agent {version}: update jobgate"),
+    ))
+}
+
+/// The identity behind an agent token, or the refusal for an unknown one.
+fn identify(shared: &Arc<Shared>, token: &Token) -> Result<Identity, Refusal> {
+    // A token issued a moment ago may not be loaded yet: a stat tells, cheaply.
+    let identity = shared.tokens.verify(&token.0).or_else(|| {
+        crate::reload_tokens(shared);
+        shared.tokens.verify(&token.0)
+    });
+    identity.ok_or_else(|| {
+        Refusal::new(
+            RefusalCode::BadToken,
+            "the relay does not know this token (mistyped, revoked or for another relay): ask your admin for a new one",
+        )
+    })
+}
+
+/// Answers a `Reserve` (a connection that only asks for a name for a queued job), then
+/// closes the connection.
+async fn answer_reserve(
+    shared: &Arc<Shared>,
+    connection: &Connection,
+    mut send: SendStream,
+    ask: (u32, Token, AccessMode, String),
+) {
+    let (version, token, access, job_id) = ask;
+    let answer = check_version(version)
+        .and_then(|()| identify(shared, &token))
+        .and_then(|identity| crate::reserve::reserve(shared, &identity, access, &job_id));
+    match answer {
+        Ok(reserved) => {
+            let _ = write_frame(&mut send, &reserved.to_payload()).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(REFUSED_LINGER, send.stopped()).await;
+            close(connection, CloseCode::Normal, "reserved");
+        }
+        Err(refusal) => refuse(shared, connection, send, refusal).await,
+    }
 }
 
 /// The claims of `ticket` if it may give its name back to `user` now.
@@ -552,7 +610,7 @@ fn usable_ticket(
 }
 
 /// The refusal for a user over their rate of new sessions, saying when to retry.
-fn rate_limited(shared: &Shared, user: &str, wait: Duration) -> Refusal {
+pub(crate) fn rate_limited(shared: &Shared, user: &str, wait: Duration) -> Refusal {
     let config = &shared.config;
     Refusal::new(
         RefusalCode::RateLimited,

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod names;
 mod pages;
 pub mod ratelimit;
+pub mod reserve;
 pub mod routes;
 pub mod state;
 pub mod ticket;

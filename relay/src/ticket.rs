@@ -15,6 +15,33 @@ use thiserror::Error;
 /// Bytes in the relay's resume key.
 pub const KEY_BYTES: usize = 32;
 const VERSION: &str = "v1";
+/// Prefix of reservations: a different prefix and MAC domain than resume tickets, so
+/// neither can be passed off as the other.
+const RESERVATION_VERSION: &str = "r1";
+/// What the MAC of a reservation covers before its payload (domain separation).
+const RESERVATION_DOMAIN: &[u8] = b"jobgate reservation\0";
+/// Longest batch job id a reservation carries (Slurm array ids such as `123_4`, PBS
+/// ids such as `123.server` are far shorter).
+pub const MAX_JOB_ID_BYTES: usize = 128;
+
+/// What a valid reservation says: a name held for one batch job of one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationClaims {
+    /// Name, user, access key hash and expiry, as in a resume ticket.
+    pub ticket: TicketClaims,
+    /// The batch job the name is held for.
+    pub job_id: String,
+}
+
+/// Whether `job_id` may be reserved: non-empty, short, and only characters batch
+/// systems use in job ids (so it can never break the payload's `|` fields).
+pub fn valid_job_id(job_id: &str) -> bool {
+    !job_id.is_empty()
+        && job_id.len() <= MAX_JOB_ID_BYTES
+        && job_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'[' | b']'))
+}
 
 /// Why the resume key could not be loaded.
 #[derive(Debug, Error)]
@@ -118,11 +145,54 @@ impl TicketKey {
         decode_claims(std::str::from_utf8(&payload).ok()?)
     }
 
+    /// Makes a reservation (see [`ReservationClaims`]); `None` for an invalid job id.
+    pub fn issue_reservation(&self, claims: &ReservationClaims) -> Option<String> {
+        if !valid_job_id(&claims.job_id) {
+            return None;
+        }
+        let payload = format!("{}|{}", encode_claims(&claims.ticket), claims.job_id);
+        let mac = hmac::sign(&self.key, &reservation_signed(payload.as_bytes()));
+        Some(format!(
+            "{RESERVATION_VERSION}.{}.{}",
+            base32(payload.as_bytes()),
+            base32(mac.as_ref())
+        ))
+    }
+
+    /// Checks a reservation's form and MAC in constant time (not its expiry, owner or
+    /// job: the caller compares those with the agent presenting it).
+    pub fn verify_reservation(&self, reservation: &str) -> Option<ReservationClaims> {
+        let mut parts = reservation.split('.');
+        let (version, payload, mac) = (parts.next()?, parts.next()?, parts.next()?);
+        if version != RESERVATION_VERSION || parts.next().is_some() {
+            return None;
+        }
+        let payload = unbase32(payload)?;
+        let mac = unbase32(mac)?;
+        hmac::verify(&self.key, &reservation_signed(&payload), &mac).ok()?;
+        let text = std::str::from_utf8(&payload).ok()?;
+        let (ticket, job_id) = text.rsplit_once('|')?;
+        if !valid_job_id(job_id) {
+            return None;
+        }
+        Some(ReservationClaims {
+            ticket: decode_claims(ticket)?,
+            job_id: job_id.to_owned(),
+        })
+    }
+
     /// The raw key (for tests).
     #[doc(hidden)]
     pub fn raw(&self) -> &[u8; KEY_BYTES] {
         &self.raw
     }
+}
+
+fn reservation_signed(payload: &[u8]) -> Vec<u8> {
+    let mut signed = Vec::with_capacity(RESERVATION_DOMAIN.len() + payload.len());
+    signed.extend_from_slice(RESERVATION_DOMAIN);
+    signed.extend_from_slice(payload);
+    signed
 }
 
 fn encode_claims(c: &TicketClaims) -> String {
@@ -209,6 +279,35 @@ mod tests {
         assert_eq!(key.verify(&forged.into_iter().collect::<String>()), None);
         assert_eq!(key.verify("v1.x.y"), None);
         assert_eq!(key.verify("garbage"), None);
+    }
+
+    #[test]
+    fn reservations_round_trip_and_are_no_tickets() {
+        let key = TicketKey::from_bytes([1u8; KEY_BYTES]);
+        let claims = ReservationClaims {
+            ticket: claims(),
+            job_id: "4242_7".into(),
+        };
+        let reservation = key.issue_reservation(&claims).expect("valid job id");
+        assert_eq!(key.verify_reservation(&reservation), Some(claims.clone()));
+        // Neither kind passes for the other, and another relay's key signs nothing here.
+        assert_eq!(key.verify(&reservation), None);
+        assert_eq!(key.verify_reservation(&key.issue(&claims.ticket)), None);
+        let other = TicketKey::from_bytes([2u8; KEY_BYTES]);
+        assert_eq!(other.verify_reservation(&reservation), None);
+        let mut forged: Vec<char> = reservation.chars().collect();
+        forged[5] = if forged[5] == 'a' { 'b' } else { 'a' };
+        assert_eq!(
+            key.verify_reservation(&forged.into_iter().collect::<String>()),
+            None
+        );
+        for bad in ["", "1|2", "x y", &"9".repeat(MAX_JOB_ID_BYTES + 1)] {
+            let claims = ReservationClaims {
+                ticket: super::tests::claims(),
+                job_id: bad.into(),
+            };
+            assert_eq!(key.issue_reservation(&claims), None, "{bad:?}");
+        }
     }
 
     #[test]

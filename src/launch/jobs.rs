@@ -60,6 +60,13 @@ pub(super) fn clean_up(
         .unwrap_or(SystemTime::UNIX_EPOCH);
     for entry in entries.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();
+        // A reservation is useless once its job is over (and no secret should linger).
+        if let Some(id) = name.strip_suffix(".reservation") {
+            if jobfile::valid_job_id(id) && !alive(id) && modified_before(&entry.path(), asked) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+            continue;
+        }
         let stale = match name.strip_suffix(".out") {
             Some(id) => {
                 jobfile::valid_job_id(id) && !alive(id) && modified_before(&entry.path(), old)

@@ -22,6 +22,7 @@
 
 pub mod cancel;
 pub mod jobs;
+pub mod reserve;
 pub mod slurm;
 pub mod spec;
 pub mod template;
@@ -159,6 +160,10 @@ pub struct LaunchArgs {
     /// Print the batch script instead of submitting it.
     #[arg(long)]
     pub(crate) dry_run: bool,
+    /// Print the URL (reserved by the relay for the job) as soon as `sbatch` returns and
+    /// exit, instead of following the job until the app is up.
+    #[arg(long)]
+    pub(crate) no_wait: bool,
     /// Relay QUIC address, HOST:PORT, for the agent in the job.
     #[arg(long, env = "JOBGATE_RELAY")]
     pub(crate) relay: Option<String>,
@@ -258,9 +263,29 @@ async fn launch(args: LaunchArgs) -> Result<i32, LaunchError> {
     }
 
     let submitted = Instant::now();
-    let job_id = submit(&script).await?;
+    // Held until its reservation is stored, so that its agent finds it (see `reserve`).
+    let hold = args.relay.is_some();
+    let job_id = submit(&script, hold).await?;
     let file = JobFile::in_dir(&dir, &job_id)
         .ok_or_else(|| LaunchError::Slurm(format!("sbatch answered {job_id:?}, not a job id")))?;
+    let reserved = if hold {
+        let reserved = reserve::reserve_for_job(&args, &dir, &job_id).await;
+        reserve::release(&job_id).await?;
+        reserved
+    } else {
+        None
+    };
+    // `--no-wait`: the URL is launch's only output, for scripts. Waiting: shown now, and
+    // printed on stdout once the app is up, as the agent has it (with e.g. Jupyter's
+    // token added).
+    match (&reserved, args.no_wait) {
+        (Some(reserved), true) => println!("{}", reserved.access_url),
+        (Some(reserved), false) => eprintln!(
+            "jobgate: job {job_id}'s URL (it shows the app once the job runs): {}",
+            reserved.access_url
+        ),
+        (None, _) => {}
+    }
     let output = (template.contains("{{output}}") || template.contains("{{sbatch_options}}"))
         .then(|| spec.output.replace("%j", &job_id));
     let recorded = file.read().ok().flatten();
@@ -274,14 +299,26 @@ async fn launch(args: LaunchArgs) -> Result<i32, LaunchError> {
             file.path().display()
         );
     }
+    if args.no_wait {
+        if reserved.is_none() {
+            eprintln!("jobgate: job {job_id} submitted; no URL was reserved, `jobgate jobs` shows it once the job runs.");
+        }
+        hints(&job_id);
+        return Ok(code::OK);
+    }
     let mut progress = Progress::new();
     progress.show(&format!("job {job_id} submitted"));
     Ok(wait_for_url(&job_id, &file, output, submitted, &mut progress).await)
 }
 
 /// `sbatch --parsable` with the script on stdin: the job id.
-async fn submit(script: &str) -> Result<String, LaunchError> {
-    let out = slurm("sbatch", &["--parsable"], Some(script)).await?;
+async fn submit(script: &str, hold: bool) -> Result<String, LaunchError> {
+    let flags: &[&str] = if hold {
+        &["--parsable", "--hold"]
+    } else {
+        &["--parsable"]
+    };
+    let out = slurm("sbatch", flags, Some(script)).await?;
     if !out.success {
         let said: Vec<&str> = out
             .stderr

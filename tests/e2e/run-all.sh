@@ -60,14 +60,15 @@ tally run cross-session-browser bash "$E2E_DIR/cross-session-browser.sh"
 if run slurm-setup bash "$E2E_DIR/slurm-setup.sh" start; then
 	tally run slurm-jupyter bash "$E2E_DIR/slurm-jupyter.sh"
 	tally run slurm-launch bash "$E2E_DIR/slurm-launch.sh"
+	tally run slurm-reserve bash "$E2E_DIR/slurm-reserve.sh"
 	# Portals on the same Slurm, one after the other: the OnDemand app (~10 s), JupyterHub
 	# with JobgateSlurmSpawner in Chromium (~20 s warm; the first run installs ruby,
 	# jupyterhub, batchspawner, configurable-http-proxy).
 	tally run ood-app bash "$E2E_DIR/ood-app.sh"
 	tally run jupyterhub bash "$E2E_DIR/jupyterhub.sh"
 else
-	failed=$((failed + 4))
-	echo "=== slurm-jupyter, slurm-launch, ood-app, jupyterhub: FAIL (Slurm did not start)"
+	failed=$((failed + 5))
+	echo "=== slurm-jupyter, slurm-launch, slurm-reserve, ood-app, jupyterhub: FAIL (Slurm did not start)"
 fi
 if [ "${E2E_SLURM_KEEP:-0}" != 1 ]; then
 	bash "$E2E_DIR/slurm-setup.sh" stop >>"$ARTIFACTS/slurm-setup.log" 2>&1 || true
