@@ -35,10 +35,19 @@ pub(crate) struct AgentArgs {
     /// The `jupyter` program for --jupyter [default: `jupyter` on PATH].
     #[arg(long, env = "JOBGATE_JUPYTER", value_name = "PATH")]
     jupyter_program: Option<String>,
-    /// How the URL is guarded: link (a private link with an access key) or public (the
-    /// app's own login only, where the relay allows it) [default: link].
-    #[arg(long, value_name = "link|public", value_parser = parse_access_mode)]
+    /// How the URL is guarded: owner (only you, and whom you --share it with, after the
+    /// site's single sign-on at the relay), link (a private link with an access key) or
+    /// public (the app's own login only, where the relay allows it) [default: owner where
+    /// the relay has single sign-on, else link].
+    #[arg(long, value_name = "owner|link|public", value_parser = parse_access_mode)]
     access: Option<AccessMode>,
+    /// With --access owner: users who may open the URL too (comma-separated user names
+    /// of the site's single sign-on).
+    #[arg(long, value_name = "USER,...", value_delimiter = ',')]
+    share: Vec<String>,
+    /// With --access owner: groups whose members may open the URL too (comma-separated).
+    #[arg(long, value_name = "GROUP,...", value_delimiter = ',')]
+    share_group: Vec<String>,
     /// Seconds the app has to accept connections [default: 300].
     #[arg(long)]
     ready_timeout: Option<u64>,
@@ -72,9 +81,10 @@ pub(crate) struct AgentArgs {
 /// `--access`: the same words as the wire and the config files.
 fn parse_access_mode(text: &str) -> Result<AccessMode, String> {
     match text {
+        "owner" => Ok(AccessMode::Owner),
         "link" => Ok(AccessMode::Link),
         "public" => Ok(AccessMode::Public),
-        _ => Err(format!("{text:?}: expected link or public")),
+        _ => Err(format!("{text:?}: expected owner, link or public")),
     }
 }
 
@@ -173,7 +183,11 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
                 .max(Duration::from_secs(2)),
         },
         token,
-        access: args.access.unwrap_or_default(),
+        access: args.access,
+        share: jobgate_protocol::Shares {
+            users: args.share,
+            groups: args.share_group,
+        },
         url_file: args.url_file,
         app,
         ready_timeout: args

@@ -121,6 +121,29 @@ pub(crate) struct RelayArgs {
     #[arg(long)]
     #[serde(rename = "response_head_timeout_secs")]
     response_head_timeout: Option<u64>,
+    /// OpenID Connect issuer of the site's single sign-on: enables owner-only sessions
+    /// behind https://login.<domain> [default: no sign-on].
+    #[arg(long, value_name = "URL")]
+    oidc_issuer: Option<String>,
+    /// The relay's client id at the issuer (redirect URI https://login.<domain>/callback).
+    #[arg(long, value_name = "ID")]
+    oidc_client_id: Option<String>,
+    /// File holding the relay's client secret at the issuer.
+    #[arg(long, value_name = "FILE")]
+    oidc_client_secret_file: Option<PathBuf>,
+    /// ID-token claim holding the user name [default: preferred_username].
+    #[arg(long, value_name = "CLAIM")]
+    oidc_username_claim: Option<String>,
+    /// ID-token claim holding the user's groups [default: groups].
+    #[arg(long, value_name = "CLAIM")]
+    oidc_groups_claim: Option<String>,
+    /// PEM CA certificate trusted for the issuer, besides the system roots.
+    #[arg(long, value_name = "CA.pem")]
+    oidc_ca: Option<PathBuf>,
+    /// Access modes agents may ask for, comma-separated: owner, link, public
+    /// [default: link; owner with sign-on; public with --allow-public].
+    #[arg(long, value_name = "MODE,...", value_delimiter = ',')]
+    allowed_access: Option<Vec<String>>,
 }
 
 /// Merges `relay.toml` and flags (flags win) into a [`RelayConfig`], deserialized once.

@@ -35,7 +35,7 @@ pub mod token;
 
 use child::{App, ChildError};
 use dial::{DialConfig, DialError, HelloParams, RelaySession};
-use jobgate_protocol::{AccessMode, JobInfo, RefusalCode, Token};
+use jobgate_protocol::{AccessMode, JobInfo, RefusalCode, Shares, Token};
 use nix::sys::signal::Signal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -127,8 +127,10 @@ pub struct AgentOptions {
     pub dial: DialConfig,
     /// The user's token.
     pub token: Token,
-    /// Requested access mode.
-    pub access: AccessMode,
+    /// Requested access mode; `None`: the relay's default.
+    pub access: Option<AccessMode>,
+    /// Whom an `owner` session is shared with.
+    pub share: Shares,
     /// Where to write the URL for scripts.
     pub url_file: Option<PathBuf>,
     /// The app.
@@ -244,6 +246,7 @@ async fn run_session(
     let hello = HelloParams {
         token: options.token.clone(),
         access: options.access,
+        share: options.share.clone(),
         job: job_info(),
         resume: None,
     };

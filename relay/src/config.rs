@@ -184,6 +184,43 @@ pub struct RelayConfig {
     /// Seconds an app has to send its response head before the client gets `504` (0: no limit).
     #[serde(default = "default_response_head_timeout")]
     pub response_head_timeout_secs: u64,
+    /// Issuer URL of the site's OpenID Connect single sign-on (Keycloak, CILogon, ...).
+    /// Set: `owner` sessions and `https://login.<domain>`; unset: no sign-on.
+    #[serde(default)]
+    pub oidc_issuer: Option<String>,
+    /// The relay's client id at the issuer (its one redirect URI is
+    /// `https://login.<domain>/callback`).
+    #[serde(default)]
+    pub oidc_client_id: Option<String>,
+    /// File holding the client secret (the relay is a confidential client).
+    #[serde(default)]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// ID-token claim that holds the user name (compared with the tokens' user names).
+    #[serde(default = "default_username_claim")]
+    pub oidc_username_claim: String,
+    /// ID-token claim that holds the user's groups (for `--share-group`).
+    #[serde(default = "default_groups_claim")]
+    pub oidc_groups_claim: String,
+    /// PEM CA certificate(s) trusted for the issuer besides the system roots.
+    #[serde(default)]
+    pub oidc_ca: Option<PathBuf>,
+    /// Access modes agents may ask for (`owner`, `link`, `public`). Unset: `link`,
+    /// `owner` with sign-on, `public` with `allow_public`.
+    #[serde(default)]
+    pub allowed_access: Option<Vec<jobgate_protocol::AccessMode>>,
+}
+
+/// Default ID-token claim for the user name: what Keycloak and most IdPs fill in.
+pub const DEFAULT_OIDC_USERNAME_CLAIM: &str = "preferred_username";
+/// Default ID-token claim for the user's groups.
+pub const DEFAULT_OIDC_GROUPS_CLAIM: &str = "groups";
+
+fn default_username_claim() -> String {
+    DEFAULT_OIDC_USERNAME_CLAIM.to_owned()
+}
+
+fn default_groups_claim() -> String {
+    DEFAULT_OIDC_GROUPS_CLAIM.to_owned()
 }
 
 fn default_client_idle() -> u64 {
@@ -288,6 +325,13 @@ impl RelayConfig {
             max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
             max_buffered_mib: DEFAULT_MAX_BUFFERED_MIB,
             response_head_timeout_secs: DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS,
+            oidc_issuer: None,
+            oidc_client_id: None,
+            oidc_client_secret_file: None,
+            oidc_username_claim: default_username_claim(),
+            oidc_groups_claim: default_groups_claim(),
+            oidc_ca: None,
+            allowed_access: None,
         }
     }
 
@@ -319,7 +363,60 @@ impl RelayConfig {
         if self.max_header_bytes < 8 * 1024 {
             return Err("max_header_bytes must be at least 8192".into());
         }
+        self.validate_sign_on()
+    }
+
+    /// Sign-on needs all three of issuer, client id and secret, or none of them.
+    fn validate_sign_on(&self) -> Result<(), String> {
+        let given = [
+            self.oidc_issuer.is_some(),
+            self.oidc_client_id.is_some(),
+            self.oidc_client_secret_file.is_some(),
+        ];
+        if given.iter().any(|g| *g) && !given.iter().all(|g| *g) {
+            return Err(
+                "single sign-on needs oidc_issuer, oidc_client_id and oidc_client_secret_file together"
+                    .into(),
+            );
+        }
+        let owner = jobgate_protocol::AccessMode::Owner;
+        if let Some(allowed) = &self.allowed_access {
+            if allowed.is_empty() {
+                return Err("allowed_access must name at least one mode".into());
+            }
+            if allowed.contains(&owner) && self.oidc_issuer.is_none() {
+                return Err(
+                    "allowed_access names owner, which needs single sign-on (oidc_issuer)".into(),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Whether agents may ask for `mode`.
+    pub fn access_allowed(&self, mode: jobgate_protocol::AccessMode) -> bool {
+        use jobgate_protocol::AccessMode;
+        if mode == AccessMode::Owner && self.oidc_issuer.is_none() {
+            return false;
+        }
+        match &self.allowed_access {
+            Some(allowed) => allowed.contains(&mode),
+            None => mode != AccessMode::Public || self.allow_public,
+        }
+    }
+
+    /// The mode of an agent that names none: `owner` where sign-on allows it, else `link`.
+    pub fn default_access(&self) -> jobgate_protocol::AccessMode {
+        use jobgate_protocol::AccessMode;
+        [AccessMode::Owner, AccessMode::Link, AccessMode::Public]
+            .into_iter()
+            .find(|mode| self.access_allowed(*mode))
+            .unwrap_or(AccessMode::Link)
+    }
+
+    /// The sign-on host, `login.<domain>`: never a session name (names are longer).
+    pub fn login_host(&self) -> String {
+        format!("login.{}", self.normalized_domain())
     }
 
     /// The domain, lower-case, without a trailing dot.

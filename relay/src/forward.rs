@@ -54,6 +54,11 @@ async fn route(
     let Some(host) = request_host(&req) else {
         return Page::BadRequest.render(req.headers());
     };
+    if let Some(signon) = &shared.signon {
+        if signon.is_login_host(host.as_bytes()) {
+            return crate::signon::serve_login_host(shared, req).await;
+        }
+    }
     let Some(name) = host
         .to_str()
         .ok()
@@ -161,6 +166,11 @@ async fn forward(
 ) -> Response<RelayBody> {
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if matches!(session.lock, access::SessionLock::Owner) {
+        if let Decision::Answer(response) = crate::signon::gate(shared, session, &mut parts) {
+            return response;
+        }
+    }
     if let Decision::Answer(response) =
         access::check(&session.lock, &session.name, &session.origin, &mut parts)
     {
