@@ -144,6 +144,9 @@ pub(crate) struct RelayArgs {
     /// [default: link; owner with sign-on; public with --allow-public].
     #[arg(long, value_name = "MODE,...", value_delimiter = ',')]
     allowed_access: Option<Vec<String>>,
+    /// How long tokens minted by `jobgate login` work (3600, 90m, 12h, 30d) [default: 30d].
+    #[arg(long, value_name = "DURATION")]
+    login_token_ttl: Option<String>,
 }
 
 /// Merges `relay.toml` and flags (flags win) into a [`RelayConfig`], deserialized once.

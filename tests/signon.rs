@@ -165,6 +165,9 @@ impl Browser {
                 .header("sec-fetch-dest", "document")
                 .header("sec-fetch-site", "none");
         }
+        if method == "POST" {
+            request = request.header(header::ORIGIN, format!("https://{host}:{port}"));
+        }
         for (name, value) in &self.extra {
             request = request.header(name, value);
         }
@@ -217,6 +220,20 @@ impl Browser {
                 let location = location.to_str().expect("ascii location").to_owned();
                 let next = absolute(&page.url, &location);
                 page = self.send("GET", &next, None).await;
+                continue;
+            }
+            if page.body.contains("data-jobgate-confirm") {
+                let code = page
+                    .body
+                    .split("name=\"code\" value=\"")
+                    .nth(1)
+                    .and_then(|v| v.split('"').next())
+                    .expect("code in the form")
+                    .to_owned();
+                let target = absolute(&page.url, "/device");
+                page = self
+                    .send("POST", &target, Some(format!("code={code}")))
+                    .await;
                 continue;
             }
             if page.body.contains("Test OP sign-in") {
@@ -542,4 +559,86 @@ async fn a_relay_can_forbid_modes_and_link_sessions_still_work() {
     let text = refused.wait_for_stderr("does not allow link sessions", Duration::from_secs(30));
     assert!(text.contains("--access owner"), "{text}");
     refused.signal(nix::sys::signal::Signal::SIGTERM);
+}
+
+#[tokio::test]
+async fn jobgate_login_gets_a_token_through_the_browser() {
+    let s = stack("signon-login", &["--login-token-ttl", "2h"]);
+    let token_file = s.env.dir.join("home/.config/jobgate/token");
+    let mut command = Command::new(&s.env.bin);
+    command
+        .args([
+            "login",
+            "--relay",
+            &format!("localhost:{}", s.relay.https_port),
+            "--relay-ca",
+        ])
+        .arg(&s.env.ca)
+        .arg("--token-file")
+        .arg(&token_file);
+    let mut login = Proc::start("login", command).unwrap_or_else(|e| panic!("{e}"));
+    let (_, line) = login
+        .wait_line("/device?code=", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = line.trim().to_owned();
+    let code = url.split("code=").nth(1).expect("code").to_owned();
+    login
+        .wait_line(&format!("shows the code {code}"), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // A code nobody started is refused; bob (who has no token yet) confirms his own.
+    let mut browser = Browser::new(&s.env);
+    let login_host = format!("https://login.{DOMAIN}:{}", s.relay.https_port);
+    let page = browser
+        .send("GET", &format!("{login_host}/device?code=ZZZZ-ZZZZ"), None)
+        .await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+    let page = browser.open(&url, "bob").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("token for bob"), "{}", page.body);
+    assert_eq!(
+        login.wait_exit(Duration::from_secs(60)),
+        0,
+        "{}",
+        login.stderr()
+    );
+
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file)
+        .expect("token file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_file).expect("token");
+    assert!(
+        !login.stderr().contains(token.trim()),
+        "the token is never printed"
+    );
+
+    // The token opens bob's sessions, beside alice's admin-issued token.
+    let bin = s.env.bin.to_string_lossy().into_owned();
+    let job = start_agent(
+        &s.env,
+        &s.relay,
+        &token_file,
+        &[
+            "--",
+            &bin,
+            "demo-app",
+            "--listen",
+            "127.0.0.1:{port}",
+            "--label",
+            "bob",
+        ],
+    );
+    let page = browser.open(&format!("{}/echo", job.base()), "bob").await;
+    assert_eq!((page.status, label(&page)), (StatusCode::OK, "bob"));
+    let list = Command::new(&s.env.bin)
+        .args(["token", "list", "--tokens"])
+        .arg(&s.env.tokens)
+        .output()
+        .expect("token list");
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("bob origin=login expires="), "{list}");
+    assert!(list.lines().any(|l| l == "alice"), "{list}");
 }

@@ -208,6 +208,34 @@ pub struct RelayConfig {
     /// `owner` with sign-on, `public` with `allow_public`.
     #[serde(default)]
     pub allowed_access: Option<Vec<jobgate_protocol::AccessMode>>,
+    /// How long a token minted by `jobgate login` works: seconds, or a number with `s`,
+    /// `m`, `h` or `d`.
+    #[serde(default = "default_login_token_ttl")]
+    pub login_token_ttl: String,
+}
+
+/// Default lifetime of a `jobgate login` token: a month of jobs, then a new login.
+pub const DEFAULT_LOGIN_TOKEN_TTL: &str = "30d";
+
+fn default_login_token_ttl() -> String {
+    DEFAULT_LOGIN_TOKEN_TTL.to_owned()
+}
+
+/// Seconds in `text`: `3600`, `90s`, `45m`, `12h` or `30d`.
+pub fn parse_duration_secs(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(scale)
 }
 
 /// Default ID-token claim for the user name: what Keycloak and most IdPs fill in.
@@ -332,6 +360,7 @@ impl RelayConfig {
             oidc_groups_claim: default_groups_claim(),
             oidc_ca: None,
             allowed_access: None,
+            login_token_ttl: default_login_token_ttl(),
         }
     }
 
@@ -379,6 +408,12 @@ impl RelayConfig {
                     .into(),
             );
         }
+        if !matches!(self.login_token_ttl_secs(), Some(1..)) {
+            return Err(format!(
+                "login_token_ttl {:?}: expected a duration like 30d, 12h, 90m or 3600",
+                self.login_token_ttl
+            ));
+        }
         let owner = jobgate_protocol::AccessMode::Owner;
         if let Some(allowed) = &self.allowed_access {
             if allowed.is_empty() {
@@ -391,6 +426,11 @@ impl RelayConfig {
             }
         }
         Ok(())
+    }
+
+    /// The lifetime of `jobgate login` tokens, in seconds (`None`: not a duration).
+    pub fn login_token_ttl_secs(&self) -> Option<u64> {
+        parse_duration_secs(&self.login_token_ttl)
     }
 
     /// Whether agents may ask for `mode`.

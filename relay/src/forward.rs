@@ -64,6 +64,14 @@ async fn route(
         .ok()
         .and_then(|h| name_from_host(h, &shared.domain))
     else {
+        // `jobgate login` may talk to any name of the relay that is not a session.
+        if let (Some(signon), Some(rest)) = (
+            &shared.signon,
+            req.uri().path().strip_prefix(crate::signon::COMMAND_PATHS),
+        ) {
+            let post = req.method() == http::Method::POST;
+            return crate::signon::serve_command(signon, rest, post, req.headers());
+        }
         return Page::NotASession.render(req.headers());
     };
     let session = match shared.routes.route(&name) {

@@ -4,26 +4,35 @@
 use super::idp::IdpError;
 use super::store::key_of;
 use super::{
-    cookie, pages, secret, set_cookie, Login, Pending, SignOn, Target, Ticket, BIND_COOKIE,
+    cookie, pages, secret, set_cookie, Goal, Login, Pending, SignOn, Target, Ticket, BIND_COOKIE,
     LOGIN_COOKIE, LOGIN_TTL, MAX_RETURN_PATH, PENDING_LOGIN_TTL, TICKET_TTL,
 };
 use crate::body::RelayBody;
 use crate::names::SessionName;
 use crate::Shared;
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 use subtle::ConstantTimeEq;
 
 /// Serves a request for the login host.
-pub(crate) async fn serve_login_host<B>(
+pub(crate) async fn serve_login_host(
     shared: &Arc<Shared>,
-    req: Request<B>,
+    req: Request<Incoming>,
 ) -> Response<RelayBody> {
     let Some(signon) = &shared.signon else {
         return crate::pages::Page::NotASession.render(req.headers());
     };
+    let post = req.method() == Method::POST;
+    if let Some(rest) = req.uri().path().strip_prefix(super::COMMAND_PATHS) {
+        return super::serve_command(signon, rest, post, req.headers());
+    }
+    if req.uri().path() == "/device" && post {
+        return confirm_device(shared, signon, req).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return pages::refused(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -41,7 +50,8 @@ pub(crate) async fn serve_login_host<B>(
         .unwrap_or_default();
     match req.uri().path() {
         "/start" => start(signon, req.headers(), &query).await,
-        "/callback" => callback(signon, req.headers(), &query).await,
+        "/callback" => callback(shared, signon, req.headers(), &query).await,
+        "/device" => super::device::confirm_page(signon, query.get("code")),
         "/__jobgate/logout" => {
             if let Some(login) = cookie(req.headers(), LOGIN_COOKIE)
                 .and_then(|value| signon.logins.get(&key_of(value)))
@@ -91,6 +101,15 @@ async fn start(
     {
         return hand_over_to(signon, target, login, Vec::new());
     }
+    send_to_idp(signon, headers, Goal::Session(target)).await
+}
+
+/// Starts a login at the IdP for `goal`, bound to this browser.
+async fn send_to_idp(
+    signon: &SignOn,
+    headers: &http::HeaderMap,
+    goal: Goal,
+) -> Response<RelayBody> {
     let started = match signon.idp.start().await {
         Ok(started) => started,
         Err(e) => {
@@ -110,7 +129,7 @@ async fn start(
         verifier: started.verifier.secret().clone(),
         nonce: started.nonce,
         bind: key_of(&bind),
-        target,
+        goal,
     };
     if signon
         .pending
@@ -130,6 +149,7 @@ async fn start(
 }
 
 async fn callback(
+    shared: &Arc<Shared>,
     signon: &SignOn,
     headers: &http::HeaderMap,
     query: &HashMap<String, String>,
@@ -201,8 +221,19 @@ async fn callback(
             "The relay holds too many logins right now: try again later.",
         );
     }
-    let cookies = vec![set_cookie(LOGIN_COOKIE, &value, Some(LOGIN_TTL))];
-    hand_over_to(signon, pending.target, login, cookies)
+    let cookie = set_cookie(LOGIN_COOKIE, &value, Some(LOGIN_TTL));
+    match pending.goal {
+        Goal::Session(target) => hand_over_to(signon, target, login, vec![cookie]),
+        Goal::Device(device) => {
+            let mut response = super::device::mint(shared, &device, &login.who.user).await;
+            if let Ok(value) = http::HeaderValue::from_str(&cookie) {
+                response
+                    .headers_mut()
+                    .append(http::header::SET_COOKIE, value);
+            }
+            response
+        }
+    }
 }
 
 /// Sends a signed-in browser to its session's host with a fresh ticket.
@@ -228,4 +259,43 @@ fn hand_over_to(
         );
     }
     pages::redirect(&format!("{origin}/__jobgate/ticket?t={ticket}"), &cookies)
+}
+
+/// Longest form body the login host reads (a code).
+const MAX_FORM_BYTES: usize = 4096;
+
+/// `POST /device`: the user confirmed a `jobgate login` code; same-origin only.
+async fn confirm_device(
+    shared: &Arc<Shared>,
+    signon: &SignOn,
+    req: Request<Incoming>,
+) -> Response<RelayBody> {
+    let same_origin = req.headers().get(http::header::ORIGIN).is_some_and(|o| {
+        o.as_bytes()
+            .eq_ignore_ascii_case(signon.login_origin.as_bytes())
+    });
+    if !same_origin {
+        return crate::pages::Page::ForeignOrigin.render(req.headers());
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(body) = Limited::new(body, MAX_FORM_BYTES).collect().await else {
+        return pages::refused(StatusCode::BAD_REQUEST, "The form could not be read.");
+    };
+    let body = body.to_bytes();
+    let code = url::form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    let Some(device) = super::device::device_for(signon, &code) else {
+        return pages::refused(
+            StatusCode::NOT_FOUND,
+            "This jobgate login code is unknown or expired: run jobgate login again.",
+        );
+    };
+    if let Some(login) =
+        cookie(&parts.headers, LOGIN_COOKIE).and_then(|value| signon.logins.get(&key_of(value)))
+    {
+        return super::device::mint(shared, &device, &login.who.user).await;
+    }
+    send_to_idp(signon, &parts.headers, Goal::Device(device)).await
 }

@@ -22,6 +22,7 @@
 //! Logins, passes, tickets and pending logins live in memory (bounded, with expiries):
 //! a relay restart signs everybody out, never in.
 
+mod device;
 mod gate;
 pub mod idp;
 pub mod idp_http;
@@ -29,6 +30,7 @@ mod login;
 mod pages;
 pub mod store;
 
+pub(crate) use device::{serve_command, COMMAND_PATHS};
 pub(crate) use gate::gate;
 pub(crate) use login::serve_login_host;
 
@@ -77,13 +79,22 @@ pub(crate) struct Target {
     pub path: String,
 }
 
+/// What a login is for.
+#[derive(Clone)]
+pub(crate) enum Goal {
+    /// Open a session's page.
+    Session(Target),
+    /// Mint a token for a `jobgate login`.
+    Device(Arc<device::Device>),
+}
+
 /// A login waiting for its callback.
 #[derive(Clone)]
 pub(crate) struct Pending {
     verifier: String,
     nonce: openidconnect::Nonce,
     bind: [u8; 32],
-    target: Target,
+    goal: Goal,
 }
 
 /// A login: who, and its own key (its passes name it, so logout ends them all).
@@ -120,6 +131,9 @@ pub struct SignOn {
     tickets: Store<Ticket>,
     logins: Store<Login>,
     passes: Store<Pass>,
+    /// `jobgate login`s by their poll secret, and by their user code.
+    devices: Store<Arc<device::Device>>,
+    device_codes: Store<Arc<device::Device>>,
 }
 
 impl SignOn {
@@ -160,6 +174,8 @@ impl SignOn {
             tickets: Store::new(MAX_TICKETS),
             logins: Store::new(MAX_LOGINS),
             passes: Store::new(MAX_PASSES),
+            devices: Store::new(MAX_PENDING_LOGINS),
+            device_codes: Store::new(MAX_PENDING_LOGINS),
         }))
     }
 

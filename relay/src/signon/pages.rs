@@ -73,6 +73,34 @@ pub(crate) fn redirect(location: &str, cookies: &[String]) -> Response<RelayBody
     response
 }
 
+/// The confirmation page of a `jobgate login`: the code, and a same-origin POST button.
+pub(crate) fn confirm(code: &str) -> Response<RelayBody> {
+    let code = escape(code);
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>jobgate login</title>\
+         <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36em;margin:4em auto;padding:0 1em;color:#222}}\
+         code{{font-size:1.4em}}</style></head><body><h1>jobgate login</h1>\
+         <p>A <code>jobgate login</code> command asks for an agent token for your account. Continue only if you \
+         ran it yourself and it shows this code:</p><p><code>{code}</code></p>\
+         <form method=\"post\" action=\"/device\" data-jobgate-confirm><input type=\"hidden\" name=\"code\" value=\"{code}\">\
+         <button type=\"submit\">Sign in and issue the token</button></form></body></html>\n"
+    );
+    let mut response = Response::new(RelayBody::Full(Some(Bytes::from(body))));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Never framed: a framing page could click the button for the user.
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    response
+}
+
 /// The IdP does not answer: new logins wait (503), logged-in browsers go on.
 pub(crate) fn idp_unavailable(issuer: &str) -> Response<RelayBody> {
     let mut response = page(
