@@ -419,13 +419,18 @@ async fn the_owner_signs_in_others_get_403_until_shared_and_logout_ends_it() {
         .cookies
         .entry(host.clone())
         .or_default()
-        .insert("__Host-jobgate-sso".into(), old_pass);
+        .insert("__Host-jobgate-sso".into(), old_pass.clone());
     let page = alice.send("GET", &page_url, None).await;
     assert_eq!(
         page.status,
         StatusCode::SEE_OTHER,
         "signed out: back to the login host"
     );
+    let log = s.relay.proc.stderr();
+    let ticket_secret = ticket.split("t=").nth(1).expect("ticket secret");
+    for secret in [old_pass.as_str(), ticket_secret, CLIENT_SECRET] {
+        assert!(!log.contains(secret), "a secret in the relay's log");
+    }
 }
 
 #[tokio::test]
@@ -641,4 +646,61 @@ async fn jobgate_login_gets_a_token_through_the_browser() {
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(list.contains("bob origin=login expires="), "{list}");
     assert!(list.lines().any(|l| l == "alice"), "{list}");
+    assert!(
+        !s.relay.proc.stderr().contains(token.trim()),
+        "the token in the relay's log"
+    );
+}
+
+#[tokio::test]
+async fn an_idp_that_is_not_the_configured_issuer_starts_no_login() {
+    // The provider calls itself https://localhost:PORT; this relay expects 127.0.0.1.
+    let env = TestEnv::new("signon-issuer");
+    let relay_port = free_port().expect("port");
+    let op_port = free_port().expect("port");
+    let _op = start_op(&env, relay_port, op_port);
+    let secret = env.dir.join("client-secret");
+    std::fs::write(&secret, CLIENT_SECRET).expect("secret");
+    let issuer = format!("https://127.0.0.1:{op_port}");
+    let (ca, secret) = (
+        env.ca.to_string_lossy().into_owned(),
+        secret.to_string_lossy().into_owned(),
+    );
+    let relay = start_relay_at(
+        &env,
+        relay_port,
+        0,
+        &[
+            "--oidc-issuer",
+            &issuer,
+            "--oidc-client-id",
+            CLIENT_ID,
+            "--oidc-client-secret-file",
+            &secret,
+            "--oidc-ca",
+            &ca,
+        ],
+    );
+    let alice = env.issue_token("alice").unwrap_or_else(|e| panic!("{e}"));
+    let bin = env.bin.to_string_lossy().into_owned();
+    let job = start_agent(
+        &env,
+        &relay,
+        &alice.1,
+        &["--", &bin, "demo-app", "--listen", "127.0.0.1:{port}"],
+    );
+    let mut browser = Browser::new(&env);
+    let page = browser.open(&format!("{}/echo", job.base()), "alice").await;
+    assert_eq!(
+        page.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains(&issuer), "{}", page.body);
+    let logged = relay.proc.stderr();
+    assert!(
+        !logged.contains(CLIENT_SECRET),
+        "the client secret in the log"
+    );
 }

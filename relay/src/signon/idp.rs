@@ -57,6 +57,23 @@ type OidcClient = Client<
     EndpointMaybeSet,
 >;
 type IdTokenClaims = openidconnect::IdTokenClaims<ExtraClaims, CoreGenderClaim>;
+type IdToken = openidconnect::IdToken<
+    ExtraClaims,
+    CoreGenderClaim,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJwsSigningAlgorithm,
+>;
+
+/// Why an ID token was not accepted.
+#[derive(Debug, Error)]
+enum Unchecked {
+    /// Signed by a key the relay's copy of the key set lacks.
+    #[error("ID token signed by an unknown key")]
+    UnknownKey,
+    /// Anything else.
+    #[error("{0}")]
+    Invalid(String),
+}
 
 /// Why a step with the identity provider failed.
 #[derive(Debug, Error)]
@@ -238,21 +255,34 @@ impl Idp {
             .extra_fields()
             .id_token()
             .ok_or_else(|| IdpError::Rejected("the identity provider sent no ID token".into()))?;
-        let verified = match id_token.claims(&self.verifier(&provider.jwks), nonce) {
-            Ok(claims) => claims.clone(),
-            Err(openidconnect::ClaimsVerificationError::SignatureVerification(
-                openidconnect::SignatureVerificationError::NoMatchingKey,
-            )) => {
+        match self.check(id_token, &provider.jwks, nonce) {
+            Err(Unchecked::UnknownKey) => {
                 // A key the relay has not seen: the IdP may have rotated its keys.
                 let fresh = self.discover().await?;
-                id_token
-                    .claims(&self.verifier(&fresh.jwks), nonce)
-                    .map_err(|e| IdpError::Rejected(format!("ID token not valid: {e}")))?
-                    .clone()
+                self.check(id_token, &fresh.jwks, nonce)
+                    .map_err(|e| IdpError::Rejected(e.to_string()))
             }
-            Err(e) => return Err(IdpError::Rejected(format!("ID token not valid: {e}"))),
-        };
-        self.identity(&verified)
+            other => other.map_err(|e| IdpError::Rejected(e.to_string())),
+        }
+    }
+
+    /// Verifies `id_token` (signature by a key of `jwks`, issuer, audience, expiry,
+    /// nonce) and reads the user from it.
+    fn check(
+        &self,
+        id_token: &IdToken,
+        jwks: &CoreJsonWebKeySet,
+        nonce: &Nonce,
+    ) -> Result<SignedIn, Unchecked> {
+        match id_token.claims(&self.verifier(jwks), nonce) {
+            Ok(claims) => self
+                .identity(claims)
+                .map_err(|e| Unchecked::Invalid(e.to_string())),
+            Err(openidconnect::ClaimsVerificationError::SignatureVerification(
+                openidconnect::SignatureVerificationError::NoMatchingKey,
+            )) => Err(Unchecked::UnknownKey),
+            Err(e) => Err(Unchecked::Invalid(format!("ID token not valid: {e}"))),
+        }
     }
 
     fn verifier<'a>(&self, jwks: &CoreJsonWebKeySet) -> IdTokenVerifier<'a, CoreJsonWebKey> {
@@ -320,4 +350,131 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openidconnect::core::CoreRsaPrivateSigningKey;
+    use openidconnect::{
+        Audience, EndUserUsername, JsonWebKeyId, PrivateSigningKey, StandardClaims,
+        SubjectIdentifier,
+    };
+
+    /// A 2048-bit RSA key made for these tests only.
+    const KEY: &str = include_str!("testdata/test-only-rsa-key.pem");
+    const ISSUER: &str = "https://idp.example.org/realms/hpc";
+
+    fn idp() -> Idp {
+        Idp::new(
+            IdpSettings {
+                issuer: ISSUER.into(),
+                client_id: "jobgate".into(),
+                secret: "s".into(),
+                redirect: "https://login.jobgate.test/callback".into(),
+                username_claim: "preferred_username".into(),
+                groups_claim: "groups".into(),
+            },
+            IdpHttp::new(None).expect("client"),
+        )
+        .expect("idp")
+    }
+
+    fn key(kid: &str) -> CoreRsaPrivateSigningKey {
+        CoreRsaPrivateSigningKey::from_pem(KEY, Some(JsonWebKeyId::new(kid.into()))).expect("key")
+    }
+
+    /// A token as the IdP would sign it, changed by `edit`.
+    fn token(
+        kid: &str,
+        edit: impl FnOnce(&mut (String, String, i64, Option<String>, Option<&str>)),
+    ) -> IdToken {
+        // (issuer, audience, seconds until expiry, nonce, user)
+        let mut fields = (
+            ISSUER.to_owned(),
+            "jobgate".to_owned(),
+            300,
+            Some("n".to_owned()),
+            Some("alice"),
+        );
+        edit(&mut fields);
+        let (issuer, audience, expires_in, nonce, user) = fields;
+        let now = chrono::Utc::now();
+        let mut standard = StandardClaims::new(SubjectIdentifier::new("sub-1".into()));
+        if let Some(user) = user {
+            standard = standard.set_preferred_username(Some(EndUserUsername::new(user.into())));
+        }
+        let mut extra = HashMap::new();
+        extra.insert(
+            "groups".to_owned(),
+            serde_json::json!(["physics", 7, "astro"]),
+        );
+        let claims = IdTokenClaims::new(
+            IssuerUrl::new(issuer).expect("issuer"),
+            vec![Audience::new(audience)],
+            now + chrono::Duration::seconds(expires_in),
+            now - chrono::Duration::seconds(10),
+            standard,
+            ExtraClaims(extra),
+        )
+        .set_nonce(nonce.map(Nonce::new));
+        IdToken::new(
+            claims,
+            &key(kid),
+            CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+            None,
+            None,
+        )
+        .expect("signed")
+    }
+
+    fn jwks() -> CoreJsonWebKeySet {
+        CoreJsonWebKeySet::new(vec![key("k1").as_verification_key()])
+    }
+
+    #[test]
+    fn a_good_token_names_the_user_and_groups() {
+        let who = idp()
+            .check(&token("k1", |_| {}), &jwks(), &Nonce::new("n".into()))
+            .expect("valid");
+        assert_eq!(who.user, "alice");
+        assert_eq!(who.groups, vec!["physics".to_owned(), "astro".to_owned()]);
+    }
+
+    #[test]
+    fn wrong_issuer_audience_expiry_nonce_or_key_are_refused() {
+        let nonce = Nonce::new("n".into());
+        let check = |t: IdToken| idp().check(&t, &jwks(), &nonce);
+        assert!(matches!(
+            check(token("k1", |f| f.0 = "https://evil.example".into())),
+            Err(Unchecked::Invalid(_))
+        ));
+        assert!(matches!(
+            check(token("k1", |f| f.1 = "another-client".into())),
+            Err(Unchecked::Invalid(_))
+        ));
+        assert!(matches!(
+            check(token("k1", |f| f.2 = -120)),
+            Err(Unchecked::Invalid(_))
+        ));
+        assert!(matches!(
+            check(token("k1", |f| f.3 = Some("other".into()))),
+            Err(Unchecked::Invalid(_))
+        ));
+        assert!(matches!(
+            check(token("k1", |f| f.3 = None)),
+            Err(Unchecked::Invalid(_))
+        ));
+        assert!(matches!(
+            check(token("k2", |_| {})),
+            Err(Unchecked::UnknownKey)
+        ));
+        let nameless = check(token("k1", |f| f.4 = None));
+        assert!(
+            matches!(&nameless, Err(Unchecked::Invalid(e)) if e.contains("preferred_username")),
+            "{nameless:?}"
+        );
+        let bad_name = check(token("k1", |f| f.4 = Some("alice smith")));
+        assert!(matches!(bad_name, Err(Unchecked::Invalid(_))));
+    }
 }

@@ -163,7 +163,13 @@ where
     let body = Limited::new(body, MAX_IDP_RESPONSE)
         .collect()
         .await
-        .map_err(|_| IdpHttpError::TooLarge)?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                IdpHttpError::TooLarge
+            } else {
+                IdpHttpError::Transport(e.to_string())
+            }
+        })?
         .to_bytes();
     driver.abort();
     Ok(http::Response::from_parts(parts, body.to_vec()))
