@@ -222,6 +222,30 @@ impl Browser {
                 page = self.send("GET", &next, None).await;
                 continue;
             }
+            if page.body.contains("document.forms[0].submit()") {
+                // The provider's self-submitting form (it ends its previous session when
+                // the account changes): post its hidden fields, as the page's script does.
+                let action = page
+                    .body
+                    .split("action=\"")
+                    .nth(1)
+                    .and_then(|a| a.split('"').next())
+                    .expect("form action")
+                    .to_owned();
+                let fields: Vec<String> = page
+                    .body
+                    .split("<input type=\"hidden\" name=\"")
+                    .skip(1)
+                    .filter_map(|rest| {
+                        let (name, rest) = rest.split_once('"')?;
+                        let value = rest.split("value=\"").nth(1)?.split('"').next()?;
+                        Some(format!("{name}={value}"))
+                    })
+                    .collect();
+                let target = absolute(&page.url, &action);
+                page = self.send("POST", &target, Some(fields.join("&"))).await;
+                continue;
+            }
             if page.body.contains("data-jobgate-confirm") {
                 let code = page
                     .body
@@ -377,6 +401,31 @@ async fn the_owner_signs_in_others_get_403_until_shared_and_logout_ends_it() {
         page.body
     );
     assert!(page.body.contains("/__jobgate/logout"));
+
+    // "Sign in as someone else": the provider asks again (its own session would have
+    // signed bob straight back in), and the other account gets in.
+    let mut switcher = Browser::new(&s.env);
+    switcher.open(&page_url, "bob").await;
+    let asked_before = switcher
+        .visited
+        .iter()
+        .filter(|u| u.contains("/interaction/"))
+        .count();
+    let page = switcher
+        .open(&format!("{}/__jobgate/switch", alice_job.base()), "alice")
+        .await;
+    assert_eq!(
+        (page.status, label(&page)),
+        (StatusCode::OK, "alice"),
+        "{}",
+        page.body
+    );
+    let asked = switcher
+        .visited
+        .iter()
+        .filter(|u| u.contains("/interaction/"))
+        .count();
+    assert!(asked > asked_before, "the provider did not ask again");
 
     // Shared with bob by name, and with the physics group (carol).
     let shared_job = demo_agent(

@@ -103,6 +103,16 @@ try {
     const text = await bob.page.textContent('body');
     check(text.includes('signed in as bob') && text.includes('belongs to alice'), text);
   });
+  await step("'sign in as someone else' asks the provider again, as alice it opens", async () => {
+    const other = await person();
+    await open(other.page, OWN_URL, 'bob');
+    await Promise.all([other.page.waitForNavigation(), other.page.click('a[href="/__jobgate/switch"]')]);
+    check(other.page.url().startsWith(OP_ORIGIN), `the provider did not ask again: ${other.page.url()}`);
+    const response = await open(other.page, other.page.url(), 'alice');
+    check(response && response.status() === 200, `status ${response && response.status()}`);
+    check(new URL(other.page.url()).host === ownHost, `ended at ${other.page.url()}`);
+    await other.context.close();
+  });
   await step('bob gets into the job shared with him', async () => {
     const response = await open(bob.page, SHARED_URL, 'bob');
     check(response && response.status() === 200, `status ${response && response.status()}`);

@@ -199,6 +199,6 @@ pub(crate) async fn mint(shared: &Arc<Shared>, device: &Device, user: &str) -> R
             "An agent token for {user} went to the jobgate login with code {}. Return to your terminal; you can close this page.",
             device.code
         ),
-        None,
+        &[],
     )
 }

@@ -70,7 +70,7 @@ fn sign_in(
             StatusCode::UNAUTHORIZED,
             "Sign-in required",
             "This session is for its owner only. Open it in a browser to sign in, or send the owner's agent token as Authorization: Bearer.",
-            None,
+            &[],
         );
     }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -89,10 +89,12 @@ fn not_yours(who: &str, owner: &str) -> http::Response<crate::body::RelayBody> {
         StatusCode::FORBIDDEN,
         "Not your session",
         &format!(
-            "You are signed in as {who}. This session belongs to {owner}, who has not shared it with you. \
-             To use another account, sign out first."
+            "You are signed in as {who}. This session belongs to {owner}, who has not shared it with you."
         ),
-        Some(("/__jobgate/logout", "Sign out")),
+        &[
+            ("/__jobgate/switch", "Sign in as someone else"),
+            ("/__jobgate/logout", "Sign out"),
+        ],
     )
 }
 
@@ -105,6 +107,23 @@ fn relay_path(
 ) -> http::Response<crate::body::RelayBody> {
     match rest {
         "ticket" => redeem(signon, session, parts),
+        // Another account: end this login, then a login at the IdP that asks again (the
+        // IdP's own session would otherwise sign the same user straight back in).
+        "switch" => {
+            if let Some(pass) = cookie(&parts.headers, PASS_COOKIE)
+                .and_then(|value| signon.passes.get(&super::store::key_of(value)))
+            {
+                signon.end_login(&pass.login);
+            }
+            let location = format!(
+                "{}/start?name={}&path=%2F&switch=1",
+                signon.login_origin, session.name
+            );
+            pages::redirect(
+                &location,
+                &[set_cookie(PASS_COOKIE, "", Some(std::time::Duration::ZERO))],
+            )
+        }
         "logout" => {
             if let Some(pass) = cookie(&parts.headers, PASS_COOKIE)
                 .and_then(|value| signon.passes.get(&super::store::key_of(value)))
@@ -123,7 +142,7 @@ pub(super) fn signed_out(cookie_name: &str) -> http::Response<crate::body::Relay
         StatusCode::OK,
         "Signed out",
         "You are signed out of jobgate on this browser: every session's pass from this login has ended.",
-        None,
+        &[],
     );
     if let Ok(clear) = HeaderValue::from_str(&set_cookie(
         cookie_name,
@@ -155,7 +174,7 @@ fn redeem(
             StatusCode::BAD_REQUEST,
             "Sign-in link not valid",
             "This sign-in link is not valid here: it was used already, it expired, or it is for another session. Open the session's address again to sign in.",
-            Some(("/", "Open the session")),
+            &[("/", "Open the session")],
         );
     };
     if ticket.login.expires <= Instant::now() {

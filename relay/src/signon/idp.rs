@@ -205,12 +205,14 @@ impl Idp {
         .set_redirect_uri(self.redirect.clone())
     }
 
-    /// Starts a login: the IdP URL with a fresh state, nonce and PKCE challenge (S256).
-    pub async fn start(&self) -> Result<Started, IdpError> {
+    /// Starts a login: the IdP URL with a fresh state, nonce and PKCE challenge (S256);
+    /// `ask_again`: the IdP must ask for credentials even if it has a session
+    /// (`prompt=login`), to switch accounts.
+    pub async fn start(&self, ask_again: bool) -> Result<Started, IdpError> {
         let provider = self.discover().await?;
         let client = self.client(&provider);
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-        let (url, state, nonce) = client
+        let mut request = client
             .authorize_url(
                 CoreAuthenticationFlow::AuthorizationCode,
                 CsrfToken::new_random,
@@ -218,8 +220,11 @@ impl Idp {
             )
             .add_scope(Scope::new("profile".into()))
             .add_scope(Scope::new("email".into()))
-            .set_pkce_challenge(challenge)
-            .url();
+            .set_pkce_challenge(challenge);
+        if ask_again {
+            request = request.add_prompt(CoreAuthPrompt::Login);
+        }
+        let (url, state, nonce) = request.url();
         Ok(Started {
             url: url.to_string(),
             state: state.secret().clone(),

@@ -64,7 +64,7 @@ pub(crate) async fn serve_login_host(
             StatusCode::NOT_FOUND,
             "jobgate sign-in",
             "This is the sign-in host of a jobgate relay: open your session's address to sign in.",
-            None,
+            &[],
         ),
     }
 }
@@ -96,12 +96,14 @@ async fn start(
             "This sign-in link does not lead to a jobgate session of this relay.",
         );
     };
-    if let Some(login) =
-        cookie(headers, LOGIN_COOKIE).and_then(|value| signon.logins.get(&key_of(value)))
+    let switch = query.get("switch").is_some_and(|v| v == "1");
+    if let Some(login) = cookie(headers, LOGIN_COOKIE)
+        .and_then(|value| signon.logins.get(&key_of(value)))
+        .filter(|_| !switch)
     {
         return hand_over_to(signon, target, login, Vec::new());
     }
-    send_to_idp(signon, headers, Goal::Session(target)).await
+    send_to_idp(signon, headers, Goal::Session(target), switch).await
 }
 
 /// Starts a login at the IdP for `goal`, bound to this browser.
@@ -109,8 +111,9 @@ async fn send_to_idp(
     signon: &SignOn,
     headers: &http::HeaderMap,
     goal: Goal,
+    ask_again: bool,
 ) -> Response<RelayBody> {
-    let started = match signon.idp.start().await {
+    let started = match signon.idp.start(ask_again).await {
         Ok(started) => started,
         Err(e) => {
             tracing::warn!(issuer = signon.idp.issuer(), "sign-in cannot start: {e}");
@@ -297,5 +300,5 @@ async fn confirm_device(
     {
         return super::device::mint(shared, &device, &login.who.user).await;
     }
-    send_to_idp(signon, &parts.headers, Goal::Device(device)).await
+    send_to_idp(signon, &parts.headers, Goal::Device(device), false).await
 }

@@ -21,16 +21,17 @@ fn escape(text: &str) -> String {
     out
 }
 
-/// A page: `text` is plain text (escaped here); `link` an optional (href, label).
+/// A page: `text` is plain text (escaped here); `links` are (href, label) pairs.
 pub(crate) fn page(
     status: StatusCode,
     title: &str,
     text: &str,
-    link: Option<(&str, &str)>,
+    links: &[(&str, &str)],
 ) -> Response<RelayBody> {
-    let link = link.map_or(String::new(), |(href, label)| {
-        format!("<p><a href=\"{}\">{}</a></p>", escape(href), escape(label))
-    });
+    let link: String = links
+        .iter()
+        .map(|(href, label)| format!("<p><a href=\"{}\">{}</a></p>", escape(href), escape(label)))
+        .collect();
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · jobgate</title>\
          <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36em;margin:4em auto;padding:0 1em;color:#222}}\
@@ -110,7 +111,7 @@ pub(crate) fn idp_unavailable(issuer: &str) -> Response<RelayBody> {
             "The site's sign-in service ({issuer}) does not answer, so new logins cannot start. \
              Browsers already signed in keep working. Try again in a few minutes."
         ),
-        None,
+        &[],
     );
     response
         .headers_mut()
@@ -120,5 +121,5 @@ pub(crate) fn idp_unavailable(issuer: &str) -> Response<RelayBody> {
 
 /// A refusal of a login step (bad or stale ticket, state, callback...).
 pub(crate) fn refused(status: StatusCode, text: &str) -> Response<RelayBody> {
-    page(status, "Sign-in refused", text, None)
+    page(status, "Sign-in refused", text, &[])
 }
