@@ -6,13 +6,16 @@
 mod common;
 
 use common::*;
+use futures_util::{SinkExt, StreamExt};
 use http::{header, Request, StatusCode};
-use jobgate_harness::client::{client_tls, connect_tls};
+use jobgate_harness::client::{client_tls, connect_tls, ws_connect, WsTarget};
 use jobgate_harness::process::{free_port, wait_tcp};
+use jobgate_harness::stack::Session;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Where `tests/oidc/install.sh` puts the provider.
 const OP_HOME: &str = "/opt/jobgate-e2e/oidc";
@@ -575,6 +578,22 @@ async fn bad_logins_are_refused_and_a_down_idp_stops_only_new_logins() {
     let url = format!("{}/echo", job.base());
     let mut alice = Browser::new(&s.env);
     assert_eq!(alice.open(&url, "alice").await.status, StatusCode::OK);
+    // A WebSocket opened with her pass, from her session's own origin.
+    let pass = alice
+        .cookie(&job.host(), "__Host-jobgate-sso")
+        .expect("pass")
+        .clone();
+    let target = WsTarget::Relay {
+        port: s.relay.https_port,
+        tls: client_tls(&s.env.ca, &[b"http/1.1"]).unwrap_or_else(|e| panic!("{e}")),
+        session: Session {
+            host: job.host(),
+            cookie: format!("__Host-jobgate-sso={pass}"),
+        },
+    };
+    let mut ws = ws_connect(&target, "/ws")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let issuer = s.op.issuer();
     s.op.proc.signal(nix::sys::signal::Signal::SIGKILL);
     let _ = s.op.proc.wait_exit(Duration::from_secs(10));
@@ -591,6 +610,19 @@ async fn bad_logins_are_refused_and_a_down_idp_stops_only_new_logins() {
         (page.status, label(&page)),
         (StatusCode::OK, "alice"),
         "signed-in browsers go on"
+    );
+    ws.send(Message::Text("still here".into()))
+        .await
+        .expect("send on the live WebSocket");
+    let echoed = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        .await
+        .expect("an echo in time")
+        .expect("the socket is open")
+        .expect("a message");
+    assert_eq!(
+        echoed.into_text().expect("text"),
+        "still here",
+        "live WebSockets go on"
     );
 }
 

@@ -511,3 +511,63 @@ impl RelayConfig {
         Duration::from_secs(self.keep_alive_secs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jobgate_protocol::AccessMode;
+
+    fn config() -> RelayConfig {
+        RelayConfig::new("jobgate.test", "c".into(), "k".into(), "t".into())
+    }
+
+    fn with_sign_on() -> RelayConfig {
+        let mut c = config();
+        c.oidc_issuer = Some("https://idp.example.org".into());
+        c.oidc_client_id = Some("jobgate".into());
+        c.oidc_client_secret_file = Some("/etc/jobgate/oidc-secret".into());
+        c
+    }
+
+    #[test]
+    fn access_modes_follow_sign_on_and_the_allowed_list() {
+        let plain = config();
+        assert_eq!(plain.default_access(), AccessMode::Link);
+        assert!(!plain.access_allowed(AccessMode::Owner));
+        assert!(!plain.access_allowed(AccessMode::Public));
+        let signed = with_sign_on();
+        assert_eq!(signed.default_access(), AccessMode::Owner);
+        assert!(signed.access_allowed(AccessMode::Link));
+        let mut only_link = with_sign_on();
+        only_link.allowed_access = Some(vec![AccessMode::Link]);
+        assert_eq!(only_link.default_access(), AccessMode::Link);
+        assert!(!only_link.access_allowed(AccessMode::Owner));
+        assert!(signed.validate().is_ok());
+    }
+
+    #[test]
+    fn inconsistent_sign_on_settings_are_refused() {
+        let mut half = config();
+        half.oidc_issuer = Some("https://idp.example.org".into());
+        assert!(half.validate().is_err());
+        let mut owner_without = config();
+        owner_without.allowed_access = Some(vec![AccessMode::Owner]);
+        assert!(owner_without.validate().is_err());
+        let mut none = with_sign_on();
+        none.allowed_access = Some(vec![]);
+        assert!(none.validate().is_err());
+        let mut ttl = with_sign_on();
+        ttl.login_token_ttl = "soon".into();
+        assert!(ttl.validate().is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration_secs("3600"), Some(3600));
+        assert_eq!(parse_duration_secs("90m"), Some(5400));
+        assert_eq!(parse_duration_secs("12h"), Some(43_200));
+        assert_eq!(parse_duration_secs("30d"), Some(2_592_000));
+        assert_eq!(parse_duration_secs("30x"), None);
+        assert_eq!(parse_duration_secs("d"), None);
+    }
+}
