@@ -172,6 +172,14 @@ pub(crate) async fn mint(shared: &Arc<Shared>, device: &Device, user: &str) -> R
     .await;
     let token = match minted {
         Ok(Ok(token)) => token,
+        Ok(Err(crate::tokens::TokensError::BadUser(_))) => {
+            return pages::refused(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "You are signed in as {user}, a name that cannot hold a jobgate token (only letters, digits, '.', '_' and '-'). Ask your admin."
+                ),
+            );
+        }
         Ok(Err(e)) => {
             tracing::warn!(user, "cannot mint a login token: {e}");
             return pages::refused(
