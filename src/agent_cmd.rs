@@ -30,6 +30,13 @@ pub(crate) struct AgentArgs {
     /// Like --jupyter, but Jupyter listens on a free loopback port instead of a socket.
     #[arg(long, conflicts_with = "jupyter")]
     jupyter_tcp: bool,
+    /// With --access owner: users who may open the URL too (comma-separated user names
+    /// of the site's single sign-on).
+    #[arg(long, value_name = "USER,...", value_delimiter = ',')]
+    share: Vec<String>,
+    /// With --access owner: groups whose members may open the URL too (comma-separated).
+    #[arg(long, value_name = "GROUP,...", value_delimiter = ',')]
+    share_group: Vec<String>,
     /// Run the app inside this Apptainer/Singularity image (the agent stays outside).
     #[arg(long, value_name = "IMAGE", conflicts_with = "to")]
     sif: Option<String>,
@@ -165,7 +172,11 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
         token,
         reservation,
         reserved_url,
-        access: args.settings.access.unwrap_or_default(),
+        access: args.settings.access,
+        share: jobgate_protocol::Shares {
+            users: args.share,
+            groups: args.share_group,
+        },
         url_file: args.url_file,
         app,
         ready_timeout: args

@@ -48,12 +48,17 @@ impl Cli {
     }
 }
 
+// Parsed once at start: the relay's many flags make its variant large, which costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run the relay (DMZ host): HTTPS for *.<domain>, QUIC for agents.
     Relay(RelayArgs),
     /// Run the agent (inside the job): start/forward to the app, dial out to the relay.
     Agent(AgentArgs),
+    /// Get an agent token through the site's single sign-on: prints an address to open in
+    /// your browser, then writes the token (0600) where the agent looks for it.
+    Login(crate::login_cmd::LoginArgs),
     /// Manage agent tokens in the relay's tokens file.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -128,7 +133,8 @@ pub(crate) enum TokenCommand {
         #[arg(long)]
         user: String,
     },
-    /// List users with a token (never the tokens themselves).
+    /// List users with a token, with where it came from and when it expires (never the
+    /// tokens themselves).
     List {
         /// Tokens file.
         #[arg(long)]
@@ -169,6 +175,10 @@ pub async fn dispatch(cli: Cli, matches: clap::ArgMatches) -> i32 {
             return run_agent(args).await;
         }
         Command::Token(command) => run_token(command),
+        Command::Login(args) => {
+            init_logging("warn");
+            crate::login_cmd::run_login(args).await
+        }
         Command::Demo(args) => {
             init_logging("warn");
             crate::demo::run(args).await
@@ -270,9 +280,49 @@ fn run_token(command: TokenCommand) -> anyhow::Result<()> {
                     .max_sessions
                     .map(|n| format!(" max_sessions={n}"))
                     .unwrap_or_default();
-                println!("{}{limit}", entry.user);
+                // Admin-issued tokens keep the plain line scripts read; others say more.
+                let origin = entry
+                    .origin
+                    .as_deref()
+                    .map(|o| format!(" origin={o}"))
+                    .unwrap_or_default();
+                let expires = entry
+                    .expires
+                    .map(|at| format!(" expires={}", utc(at)))
+                    .unwrap_or_default();
+                println!("{}{limit}{origin}{expires}", entry.user);
             }
         }
     }
     Ok(())
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc(unix: u64) -> String {
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod utc_tests {
+    #[test]
+    fn unix_seconds_print_as_utc() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc(1_796_000_000), "2026-11-30T00:53:20Z");
+    }
 }

@@ -250,9 +250,11 @@ pub struct ClientConfig {
     /// File holding the token (mode 0600) [default: $JOBGATE_TOKEN_FILE, ~/.config/jobgate/token].
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// How the URL is guarded: link (a private link with an access key) or public (the
-    /// app's own login only, where the relay allows it) [default: link].
-    #[arg(long, value_name = "link|public", value_parser = parse_access_mode)]
+    /// How the URL is guarded: owner (only you, and whom you --share it with, after the
+    /// site's single sign-on at the relay), link (a private link with an access key) or
+    /// public (the app's own login only, where the relay allows it) [default: owner where
+    /// the relay has single sign-on, else link].
+    #[arg(long, value_name = "owner|link|public", value_parser = parse_access_mode)]
     pub access: Option<jobgate_protocol::AccessMode>,
     /// Seconds the app has to accept connections [default: 300].
     #[arg(long)]
@@ -273,9 +275,10 @@ pub struct ClientConfig {
 fn parse_access_mode(text: &str) -> Result<jobgate_protocol::AccessMode, String> {
     use jobgate_protocol::AccessMode;
     match text {
+        "owner" => Ok(AccessMode::Owner),
         "link" => Ok(AccessMode::Link),
         "public" => Ok(AccessMode::Public),
-        _ => Err(format!("{text:?}: expected link or public")),
+        _ => Err(format!("{text:?}: expected owner, link or public")),
     }
 }
 

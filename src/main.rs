@@ -12,6 +12,7 @@ mod demo;
 mod demo_app;
 mod launch;
 mod logging;
+mod login_cmd;
 mod pki;
 mod relay_cmd;
 mod status;

@@ -326,7 +326,8 @@ async fn evil_session(env: &TestEnv, relay: &RelayProc, token: &str) -> EvilSess
     let hello = ControlMessage::Hello {
         version: PROTOCOL_VERSION,
         token: Token(token.to_owned()),
-        access: AccessMode::Link,
+        access: Some(AccessMode::Link),
+        share: Default::default(),
         job: JobInfo::default(),
         resume: None,
         reservation: None,

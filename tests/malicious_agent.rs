@@ -82,7 +82,8 @@ fn hello(token: &str) -> ControlMessage {
     ControlMessage::Hello {
         version: PROTOCOL_VERSION,
         token: Token(token.to_owned()),
-        access: AccessMode::Link,
+        access: Some(AccessMode::Link),
+        share: Default::default(),
         job: JobInfo {
             id: Some("666".into()),
             user: Some("mallory".into()),

@@ -30,7 +30,8 @@ fn dial_config(env: &TestEnv, relay: &RelayProc) -> DialConfig {
 fn hello(token: &str, job: &str, reservation: &Token) -> HelloParams {
     HelloParams {
         token: Token(token.to_owned()),
-        access: AccessMode::Link,
+        access: Some(AccessMode::Link),
+        share: Default::default(),
         job: JobInfo {
             id: Some(job.to_owned()),
             ..JobInfo::default()

@@ -36,7 +36,8 @@ fn dial_config(env: &TestEnv, relay: &RelayProc) -> DialConfig {
 fn hello(token: &str, resume: Option<Token>) -> HelloParams {
     HelloParams {
         token: Token(token.to_owned()),
-        access: AccessMode::Link,
+        access: Some(AccessMode::Link),
+        share: Default::default(),
         job: JobInfo::default(),
         resume,
         reservation: None,

@@ -4,7 +4,7 @@
 use jobgate_protocol::quic::{transport_config, UDP_SOCKET_BUFFER};
 use jobgate_protocol::{
     read_frame, write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, RefusalCode,
-    SessionLimits, Token, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+    SessionLimits, Shares, Token, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
 };
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use std::net::SocketAddr;
@@ -133,8 +133,10 @@ impl RelaySession {
 pub struct HelloParams {
     /// The user's token.
     pub token: Token,
-    /// Requested access mode.
-    pub access: AccessMode,
+    /// Requested access mode; `None`: the relay's default.
+    pub access: Option<AccessMode>,
+    /// Whom an `owner` session is shared with.
+    pub share: Shares,
     /// Job metadata.
     pub job: JobInfo,
     /// The latest resume ticket, to get the same name back on reconnect.
@@ -314,6 +316,7 @@ async fn hello_exchange(
         version: PROTOCOL_VERSION,
         token: params.token.clone(),
         access: params.access,
+        share: params.share.clone(),
         job: params.job.clone(),
         resume: params.resume.clone(),
         reservation: params.reservation.clone(),

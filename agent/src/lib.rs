@@ -35,7 +35,7 @@ pub mod token;
 
 use child::{App, ChildError};
 use dial::{DialConfig, DialError, HelloParams, RelaySession};
-use jobgate_protocol::{AccessMode, JobInfo, RefusalCode, Token};
+use jobgate_protocol::{AccessMode, JobInfo, RefusalCode, Shares, Token};
 use nix::sys::signal::Signal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -132,8 +132,10 @@ pub struct AgentOptions {
     /// The access URL the relay gave with the reservation: the relay keeps only the
     /// access key's hash, so its `Welcome` for a reserved name carries no key.
     pub reserved_url: Option<String>,
-    /// Requested access mode.
-    pub access: AccessMode,
+    /// Requested access mode; `None`: the relay's default.
+    pub access: Option<AccessMode>,
+    /// Whom an `owner` session is shared with.
+    pub share: Shares,
     /// Where to write the URL for scripts.
     pub url_file: Option<PathBuf>,
     /// The app.
@@ -249,6 +251,7 @@ async fn run_session(
     let hello = HelloParams {
         token: options.token.clone(),
         access: options.access,
+        share: options.share.clone(),
         job: job_info(),
         resume: None,
         reservation: options.reservation.clone(),

@@ -205,7 +205,8 @@ async fn start_stable(agents: &Arc<Agents>) -> Vec<JoinHandle<()>> {
 async fn open(agents: &Agents, resume: Option<Token>) -> Result<RelaySession> {
     let hello = HelloParams {
         token: agents.token.clone(),
-        access: AccessMode::Link,
+        access: Some(AccessMode::Link),
+        share: Default::default(),
         job: JobInfo::default(),
         resume,
         reservation: None,

@@ -64,7 +64,8 @@ fn scenario_scale_agents(
     };
     let hello = jobgate_agent::dial::HelloParams {
         token: jobgate_protocol::Token(setup.token.clone()),
-        access: jobgate_protocol::AccessMode::Link,
+        access: Some(jobgate_protocol::AccessMode::Link),
+        share: Default::default(),
         job: jobgate_protocol::JobInfo::default(),
         resume: None,
         reservation: None,

@@ -25,6 +25,29 @@ pub enum AccessMode {
     /// No relay-side lock; the app's own authentication is the only one. Only where
     /// the relay's policy allows it.
     Public,
+    /// Only the session's owner (the token's user) and the users and groups it is shared
+    /// with, after the site's single sign-on (OIDC) at the relay. The relay's default
+    /// when it has sign-on and the agent names no mode.
+    Owner,
+}
+
+/// Whom an `owner` session is shared with, besides its owner (the names the site's
+/// single sign-on gives users and groups).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Shares {
+    /// Users who may open the session too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// Groups whose members may open the session too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+impl Shares {
+    /// Whether the session is shared with nobody.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.groups.is_empty()
+    }
 }
 
 /// What the agent tells the relay about the job it runs in (for the audit log and `jobs`).
@@ -83,9 +106,13 @@ pub enum ControlMessage {
         version: u32,
         /// The user's agent token.
         token: Token,
-        /// Requested access mode.
-        #[serde(default)]
-        access: AccessMode,
+        /// Requested access mode; `None` (absent): the relay's default (`owner` when it has
+        /// single sign-on, else `link`). Agents before sign-on always sent a mode.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        access: Option<AccessMode>,
+        /// Whom an `owner` session is shared with (absent: nobody).
+        #[serde(default, skip_serializing_if = "Shares::is_empty")]
+        share: Shares,
         /// Job metadata.
         #[serde(default)]
         job: JobInfo,
@@ -182,7 +209,8 @@ mod tests {
         let hello = ControlMessage::Hello {
             version: 1,
             token: Token("s3cret-token".into()),
-            access: AccessMode::Link,
+            access: Some(AccessMode::Link),
+            share: Shares::default(),
             job: JobInfo::default(),
             resume: Some(Token("ticket".into())),
             reservation: Some(Token("reserved-secret".into())),
@@ -198,7 +226,8 @@ mod tests {
         let hello = ControlMessage::Hello {
             version: 1,
             token: Token("t".into()),
-            access: AccessMode::Public,
+            access: Some(AccessMode::Public),
+            share: Shares::default(),
             job: JobInfo {
                 id: Some("42".into()),
                 user: None,
@@ -243,5 +272,43 @@ mod tests {
                 Some(message)
             );
         }
+    }
+
+    #[test]
+    fn an_old_agents_hello_still_decodes_and_shares_round_trip() {
+        // What agents before sign-on sent: a mode always, no shares.
+        let old = br#"{"type":"hello","version":1,"token":"t","access":"link","job":{}}"#;
+        let Ok(ControlMessage::Hello { access, share, .. }) = ControlMessage::from_payload(old)
+        else {
+            panic!("an old Hello must decode")
+        };
+        assert_eq!(access, Some(AccessMode::Link));
+        assert!(share.is_empty());
+        let hello = ControlMessage::Hello {
+            version: 1,
+            token: Token("t".into()),
+            access: None,
+            share: Shares {
+                users: vec!["bob".into()],
+                groups: vec!["physics".into()],
+            },
+            job: JobInfo::default(),
+            resume: None,
+            reservation: None,
+        };
+        let payload = hello.to_payload();
+        assert!(!String::from_utf8_lossy(&payload).contains("access"));
+        assert_eq!(
+            ControlMessage::from_payload(&payload).expect("decodes"),
+            hello
+        );
+        let owner = br#"{"type":"hello","version":1,"token":"t","access":"owner"}"#;
+        assert!(matches!(
+            ControlMessage::from_payload(owner),
+            Ok(ControlMessage::Hello {
+                access: Some(AccessMode::Owner),
+                ..
+            })
+        ));
     }
 }

@@ -36,7 +36,7 @@ pub mod quic;
 pub mod upgrade;
 
 pub use codes::{CloseCode, StreamCode};
-pub use control::{AccessMode, ControlMessage, JobInfo, RefusalCode, SessionLimits, Token};
+pub use control::{AccessMode, ControlMessage, JobInfo, RefusalCode, SessionLimits, Shares, Token};
 pub use frame::{decode_frame, encode_frame, encode_frame_with, FrameError, FRAME_HEADER_LEN};
 pub use head::{HeadError, RequestHead, ResponseHead};
 #[cfg(feature = "tokio-io")]

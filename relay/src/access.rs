@@ -42,6 +42,9 @@ pub enum SessionLock {
         /// SHA-256 of the access key.
         key_hash: [u8; 32],
     },
+    /// Only the owner and whom the session is shared with, after single sign-on
+    /// (checked by [`crate::signon`] before this module).
+    Owner,
 }
 
 impl SessionLock {
@@ -111,7 +114,7 @@ pub fn check(
 /// Whether a cookie-carrying request may act in the session: it comes from the session's
 /// own pages, from the user (address bar, bookmark), from a client that is no browser, or
 /// it is a top-level GET/HEAD navigation. Header lookups and byte compares only.
-fn sent_by_own_page(parts: &Parts, own_origin: &str) -> bool {
+pub(crate) fn sent_by_own_page(parts: &Parts, own_origin: &str) -> bool {
     let headers = &parts.headers;
     let upgrade = headers.contains_key(header::UPGRADE);
     let safe = parts.method == Method::GET || parts.method == Method::HEAD;
@@ -159,7 +162,7 @@ fn is_top_level_navigation(headers: &http::HeaderMap) -> bool {
 }
 
 /// A top-level browser navigation (where a redirect and a cookie make sense).
-fn is_navigation(parts: &Parts) -> bool {
+pub(crate) fn is_navigation(parts: &Parts) -> bool {
     if parts.method != Method::GET && parts.method != Method::HEAD {
         return false;
     }

@@ -20,7 +20,7 @@ use crate::Shared;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use jobgate_protocol::{AccessMode, CloseCode};
+use jobgate_protocol::CloseCode;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -168,10 +168,7 @@ impl SessionInfo {
             node: session.job.host.clone(),
             agent_addr: Some(session.agent_addr.to_string()),
             transport: Some("quic"),
-            access: Some(match session.access {
-                AccessMode::Link => "link",
-                AccessMode::Public => "public",
-            }),
+            access: Some(crate::agents::access_word(session.access)),
             seconds: session.opened.elapsed().as_secs(),
             bytes_in: stats.udp_rx.bytes,
             bytes_out: stats.udp_tx.bytes,

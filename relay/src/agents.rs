@@ -300,10 +300,7 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>, pending: Owned
         job_id: session.job.id.as_deref(),
         host: session.job.host.as_deref(),
         agent_addr: remote,
-        access: match session.access {
-            AccessMode::Link => "link",
-            AccessMode::Public => "public",
-        },
+        access: access_word(session.access),
     });
 
     let end = watch_session(&shared, &session, send, recv).await;
@@ -410,7 +407,7 @@ pub(crate) fn mark_ended(shared: &Shared, name: SessionName) {
 fn ticket_for(shared: &Shared, session: &Session) -> Token {
     let key_hash = match &session.lock {
         SessionLock::Link { key_hash } => Some(*key_hash),
-        SessionLock::Public => None,
+        SessionLock::Public | SessionLock::Owner => None,
     };
     Token(shared.tickets.issue(&TicketClaims {
         name: session.name,
@@ -430,6 +427,7 @@ fn admit(
         version,
         token,
         access,
+        share,
         job,
         resume,
         reservation,
@@ -449,6 +447,10 @@ fn admit(
     }
     let identity = identify(shared, &token)?;
 
+    // A reservation made for a mode decides it where the agent names none (`launch`
+    // reserves before it knows what the job's agent will say).
+    let named_access = access;
+    let mut access = access.unwrap_or_else(|| shared.config.default_access());
     let resumed = resume
         .as_ref()
         .and_then(|ticket| usable_ticket(shared, ticket, &identity.user, access));
@@ -465,16 +467,20 @@ fn admit(
             reservation,
             &identity.user,
             &job,
-            access,
+            named_access,
         )?),
         _ => None,
     };
     let (name, lock, key) = match resumed.or(reserved) {
         Some(claims) => {
             shared.names.claim(claims.name);
-            let lock = match claims.key_hash {
-                Some(key_hash) => SessionLock::Link { key_hash },
-                None => SessionLock::Public,
+            let lock = match (claims.key_hash, access) {
+                (Some(key_hash), _) => {
+                    access = AccessMode::Link;
+                    SessionLock::Link { key_hash }
+                }
+                (None, AccessMode::Owner) => SessionLock::Owner,
+                (None, _) => SessionLock::Public,
             };
             (claims.name, lock, None)
         }
@@ -485,14 +491,15 @@ fn admit(
                 return Err(rate_limited(shared, &identity.user, wait));
             }
             let (lock, key) = match access {
-                AccessMode::Public if !shared.config.allow_public => {
+                _ if !shared.config.access_allowed(access) => {
                     return Err(Refusal::new(
                         RefusalCode::AccessModeNotAllowed,
-                        "this relay does not allow public sessions: use the default private link (--access link)",
+                        not_allowed_message(shared, access),
                     )
                     .for_user(&identity.user))
                 }
                 AccessMode::Public => (SessionLock::Public, None),
+                AccessMode::Owner => (SessionLock::Owner, None),
                 AccessMode::Link => {
                     let (lock, key) = SessionLock::new_link();
                     (lock, Some(key))
@@ -502,7 +509,10 @@ fn admit(
         }
     };
     let origin = shared.config.session_origin(name.as_str()).into_boxed_str();
-    let session = new_session(name, &identity, job, access, lock, origin, connection);
+    let mut session = new_session(name, &identity, job, access, lock, origin, connection);
+    if let Some(fresh) = Arc::get_mut(&mut session) {
+        fresh.shares = share;
+    }
     let user_limit = identity
         .max_sessions
         .unwrap_or(shared.config.max_sessions_per_user);
@@ -598,8 +608,8 @@ fn usable_ticket(
 ) -> Option<TicketClaims> {
     let claims = shared.tickets.verify(&ticket.0)?;
     let fits_access = match (access, claims.key_hash) {
-        (AccessMode::Link, Some(_)) => true,
-        (AccessMode::Public, None) => shared.config.allow_public,
+        (AccessMode::Link, Some(_)) => shared.config.access_allowed(access),
+        (AccessMode::Public | AccessMode::Owner, None) => shared.config.access_allowed(access),
         _ => false,
     };
     (claims.user == user
@@ -607,6 +617,35 @@ fn usable_ticket(
         && fits_access
         && !shared.names.is_ended(&claims.name))
     .then_some(claims)
+}
+
+/// Why `access` is refused, and what the relay allows instead.
+fn not_allowed_message(shared: &Shared, access: AccessMode) -> String {
+    let allowed: Vec<&str> = [AccessMode::Owner, AccessMode::Link, AccessMode::Public]
+        .into_iter()
+        .filter(|mode| shared.config.access_allowed(*mode))
+        .map(access_word)
+        .collect();
+    let why = match access {
+        AccessMode::Owner if shared.config.oidc_issuer.is_none() => {
+            " (owner needs single sign-on, which this relay does not have)"
+        }
+        _ => "",
+    };
+    format!(
+        "this relay does not allow {} sessions{why}: use --access {}",
+        access_word(access),
+        allowed.join(" or --access ")
+    )
+}
+
+/// The word for `mode` in flags and config files.
+pub(crate) fn access_word(mode: AccessMode) -> &'static str {
+    match mode {
+        AccessMode::Owner => "owner",
+        AccessMode::Link => "link",
+        AccessMode::Public => "public",
+    }
 }
 
 /// The refusal for a user over their rate of new sessions, saying when to retry.
@@ -648,6 +687,7 @@ fn new_session(
         in_flight: Default::default(),
         websockets: Default::default(),
         revoked: Default::default(),
+        shares: Default::default(),
     })
 }
 

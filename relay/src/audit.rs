@@ -60,6 +60,11 @@ pub enum AuditEvent<'a> {
         /// Machine-readable reason.
         code: &'a str,
     },
+    /// `jobgate login` got an agent token after the user's single sign-on.
+    LoginToken {
+        /// The user name from the ID token.
+        user: &'a str,
+    },
 }
 
 /// Where audit records go: a file opened for append, or nowhere.

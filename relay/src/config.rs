@@ -194,7 +194,71 @@ pub struct RelayConfig {
     /// Seconds an app has to send its response head before the client gets 504 (0: no limit).
     #[arg(long = "response-head-timeout", value_name = "SECS", default_value_t = DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS)]
     pub response_head_timeout_secs: u64,
+    /// Issuer URL of the site's OpenID Connect single sign-on (Keycloak, CILogon, ...).
+    /// Set: `owner` sessions and `https://login.<domain>`; unset: no sign-on.
+    #[arg(long, value_name = "URL")]
+    pub oidc_issuer: Option<String>,
+    /// The relay's client id at the issuer (its one redirect URI is
+    /// `https://login.<domain>/callback`).
+    #[arg(long, value_name = "ID")]
+    pub oidc_client_id: Option<String>,
+    /// File holding the client secret (the relay is a confidential client).
+    #[arg(long, value_name = "FILE")]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// ID-token claim that holds the user name (compared with the tokens' user names).
+    #[arg(long, value_name = "CLAIM", default_value = DEFAULT_OIDC_USERNAME_CLAIM)]
+    pub oidc_username_claim: String,
+    /// ID-token claim that holds the user's groups (for `--share-group`).
+    #[arg(long, value_name = "CLAIM", default_value = DEFAULT_OIDC_GROUPS_CLAIM)]
+    pub oidc_groups_claim: String,
+    /// PEM CA certificate(s) trusted for the issuer besides the system roots.
+    #[arg(long, value_name = "CA.pem")]
+    pub oidc_ca: Option<PathBuf>,
+    /// Access modes agents may ask for (`owner`, `link`, `public`). Unset: `link`,
+    /// `owner` with sign-on, `public` with `allow_public`.
+    #[arg(long, value_name = "MODE,...", value_delimiter = ',', value_parser = parse_access_mode)]
+    pub allowed_access: Option<Vec<jobgate_protocol::AccessMode>>,
+    /// How long a token minted by `jobgate login` works: seconds, or a number with `s`,
+    /// `m`, `h` or `d`.
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_LOGIN_TOKEN_TTL)]
+    pub login_token_ttl: String,
 }
+
+/// Default lifetime of a `jobgate login` token: a month of jobs, then a new login.
+pub const DEFAULT_LOGIN_TOKEN_TTL: &str = "30d";
+
+/// An access mode as written on the wire and in `relay.toml`.
+fn parse_access_mode(text: &str) -> Result<jobgate_protocol::AccessMode, String> {
+    use jobgate_protocol::AccessMode;
+    match text {
+        "owner" => Ok(AccessMode::Owner),
+        "link" => Ok(AccessMode::Link),
+        "public" => Ok(AccessMode::Public),
+        _ => Err(format!("{text:?}: expected owner, link or public")),
+    }
+}
+
+/// Seconds in `text`: `3600`, `90s`, `45m`, `12h` or `30d`.
+pub fn parse_duration_secs(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(scale)
+}
+
+/// Default ID-token claim for the user name: what Keycloak and most IdPs fill in.
+pub const DEFAULT_OIDC_USERNAME_CLAIM: &str = "preferred_username";
+/// Default ID-token claim for the user's groups.
+pub const DEFAULT_OIDC_GROUPS_CLAIM: &str = "groups";
 
 /// The settings that have no default: `jobgate relay` needs each as a flag or a key.
 pub const REQUIRED_SETTINGS: [&str; 4] = ["domain", "cert", "key", "tokens"];
@@ -275,7 +339,71 @@ impl RelayConfig {
         if self.max_header_bytes < 8 * 1024 {
             return Err("max_header_bytes must be at least 8192".into());
         }
+        self.validate_sign_on()
+    }
+
+    /// Sign-on needs all three of issuer, client id and secret, or none of them.
+    fn validate_sign_on(&self) -> Result<(), String> {
+        let given = [
+            self.oidc_issuer.is_some(),
+            self.oidc_client_id.is_some(),
+            self.oidc_client_secret_file.is_some(),
+        ];
+        if given.iter().any(|g| *g) && !given.iter().all(|g| *g) {
+            return Err(
+                "single sign-on needs oidc_issuer, oidc_client_id and oidc_client_secret_file together"
+                    .into(),
+            );
+        }
+        if !matches!(self.login_token_ttl_secs(), Some(1..)) {
+            return Err(format!(
+                "login_token_ttl {:?}: expected a duration like 30d, 12h, 90m or 3600",
+                self.login_token_ttl
+            ));
+        }
+        let owner = jobgate_protocol::AccessMode::Owner;
+        if let Some(allowed) = &self.allowed_access {
+            if allowed.is_empty() {
+                return Err("allowed_access must name at least one mode".into());
+            }
+            if allowed.contains(&owner) && self.oidc_issuer.is_none() {
+                return Err(
+                    "allowed_access names owner, which needs single sign-on (oidc_issuer)".into(),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The lifetime of `jobgate login` tokens, in seconds (`None`: not a duration).
+    pub fn login_token_ttl_secs(&self) -> Option<u64> {
+        parse_duration_secs(&self.login_token_ttl)
+    }
+
+    /// Whether agents may ask for `mode`.
+    pub fn access_allowed(&self, mode: jobgate_protocol::AccessMode) -> bool {
+        use jobgate_protocol::AccessMode;
+        if mode == AccessMode::Owner && self.oidc_issuer.is_none() {
+            return false;
+        }
+        match &self.allowed_access {
+            Some(allowed) => allowed.contains(&mode),
+            None => mode != AccessMode::Public || self.allow_public,
+        }
+    }
+
+    /// The mode of an agent that names none: `owner` where sign-on allows it, else `link`.
+    pub fn default_access(&self) -> jobgate_protocol::AccessMode {
+        use jobgate_protocol::AccessMode;
+        [AccessMode::Owner, AccessMode::Link, AccessMode::Public]
+            .into_iter()
+            .find(|mode| self.access_allowed(*mode))
+            .unwrap_or(AccessMode::Link)
+    }
+
+    /// The sign-on host, `login.<domain>`: never a session name (names are longer).
+    pub fn login_host(&self) -> String {
+        format!("login.{}", self.normalized_domain())
     }
 
     /// The domain, lower-case, without a trailing dot.
@@ -328,5 +456,65 @@ impl RelayConfig {
     /// QUIC keep-alive interval.
     pub fn keep_alive(&self) -> Duration {
         Duration::from_secs(self.keep_alive_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jobgate_protocol::AccessMode;
+
+    fn config() -> RelayConfig {
+        RelayConfig::new("jobgate.test", "c".into(), "k".into(), "t".into())
+    }
+
+    fn with_sign_on() -> RelayConfig {
+        let mut c = config();
+        c.oidc_issuer = Some("https://idp.example.org".into());
+        c.oidc_client_id = Some("jobgate".into());
+        c.oidc_client_secret_file = Some("/etc/jobgate/oidc-secret".into());
+        c
+    }
+
+    #[test]
+    fn access_modes_follow_sign_on_and_the_allowed_list() {
+        let plain = config();
+        assert_eq!(plain.default_access(), AccessMode::Link);
+        assert!(!plain.access_allowed(AccessMode::Owner));
+        assert!(!plain.access_allowed(AccessMode::Public));
+        let signed = with_sign_on();
+        assert_eq!(signed.default_access(), AccessMode::Owner);
+        assert!(signed.access_allowed(AccessMode::Link));
+        let mut only_link = with_sign_on();
+        only_link.allowed_access = Some(vec![AccessMode::Link]);
+        assert_eq!(only_link.default_access(), AccessMode::Link);
+        assert!(!only_link.access_allowed(AccessMode::Owner));
+        assert!(signed.validate().is_ok());
+    }
+
+    #[test]
+    fn inconsistent_sign_on_settings_are_refused() {
+        let mut half = config();
+        half.oidc_issuer = Some("https://idp.example.org".into());
+        assert!(half.validate().is_err());
+        let mut owner_without = config();
+        owner_without.allowed_access = Some(vec![AccessMode::Owner]);
+        assert!(owner_without.validate().is_err());
+        let mut none = with_sign_on();
+        none.allowed_access = Some(vec![]);
+        assert!(none.validate().is_err());
+        let mut ttl = with_sign_on();
+        ttl.login_token_ttl = "soon".into();
+        assert!(ttl.validate().is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration_secs("3600"), Some(3600));
+        assert_eq!(parse_duration_secs("90m"), Some(5400));
+        assert_eq!(parse_duration_secs("12h"), Some(43_200));
+        assert_eq!(parse_duration_secs("30d"), Some(2_592_000));
+        assert_eq!(parse_duration_secs("30x"), None);
+        assert_eq!(parse_duration_secs("d"), None);
     }
 }

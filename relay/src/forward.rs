@@ -54,11 +54,24 @@ async fn route(
     let Some(host) = request_host(&req) else {
         return Page::BadRequest.render(req.headers());
     };
+    if let Some(signon) = &shared.signon {
+        if signon.is_login_host(host.as_bytes()) {
+            return crate::signon::serve_login_host(shared, req).await;
+        }
+    }
     let Some(name) = host
         .to_str()
         .ok()
         .and_then(|h| name_from_host(h, &shared.domain))
     else {
+        // `jobgate login` may talk to any name of the relay that is not a session.
+        if let (Some(signon), Some(rest)) = (
+            &shared.signon,
+            req.uri().path().strip_prefix(crate::signon::COMMAND_PATHS),
+        ) {
+            let post = req.method() == http::Method::POST;
+            return crate::signon::serve_command(signon, rest, post, req.headers());
+        }
         return Page::NotASession.render(req.headers());
     };
     let session = match shared.routes.route(&name) {
@@ -161,6 +174,11 @@ async fn forward(
 ) -> Response<RelayBody> {
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if matches!(session.lock, access::SessionLock::Owner) {
+        if let Decision::Answer(response) = crate::signon::gate(shared, session, &mut parts) {
+            return response;
+        }
+    }
     if let Decision::Answer(response) =
         access::check(&session.lock, &session.name, &session.origin, &mut parts)
     {

@@ -29,6 +29,7 @@ mod pages;
 pub mod ratelimit;
 pub mod reserve;
 pub mod routes;
+pub mod signon;
 pub mod state;
 pub mod ticket;
 pub mod tls;
@@ -91,6 +92,8 @@ pub(crate) struct Shared {
     pub client_caps: Arc<limits::ConnectionCaps>,
     /// The relay-wide budget for agents' receive windows.
     pub window_budget: Arc<limits::WindowBudget>,
+    /// Single sign-on (`oidc_issuer`), if configured.
+    pub signon: Option<signon::SignOn>,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -116,6 +119,7 @@ impl Relay {
     pub async fn start(config: RelayConfig) -> Result<Self, RelayError> {
         config.validate().map_err(RelayError::Config)?;
         let certs = Arc::new(tls::CertStore::load(&config.cert, &config.key)?);
+        let signon = signon::SignOn::from_config(&config).map_err(RelayError::Config)?;
         let tokens = tokens::TokenStore::load(&config.tokens)?;
         let tickets = ticket::TicketKey::load_or_create(&config.resume_key_path())
             .map_err(|e| RelayError::Config(e.to_string()))?;
@@ -199,6 +203,7 @@ impl Relay {
             admin,
             client_caps,
             window_budget: Arc::new(limits::WindowBudget::new(config.max_buffered_mib)),
+            signon,
             domain: config.normalized_domain(),
             config,
         });

@@ -47,10 +47,17 @@ pub(crate) fn reserve(
             )
             .for_user(&identity.user))
         }
-        AccessMode::Public => (None, None),
+        AccessMode::Owner if !shared.config.access_allowed(AccessMode::Owner) => {
+            return Err(Refusal::new(
+                RefusalCode::AccessModeNotAllowed,
+                "this relay has no single sign-on: owner sessions need it (use --access link)",
+            )
+            .for_user(&identity.user))
+        }
+        AccessMode::Public | AccessMode::Owner => (None, None),
         AccessMode::Link => match SessionLock::new_link() {
             (SessionLock::Link { key_hash }, key) => (Some(key_hash), Some(key)),
-            (SessionLock::Public, _) => (None, None),
+            (_, _) => (None, None),
         },
     };
     let name = shared.names.issue();
@@ -86,7 +93,7 @@ pub(crate) fn check(
     reservation: &Token,
     user: &str,
     job: &JobInfo,
-    access: AccessMode,
+    access: Option<AccessMode>,
 ) -> Result<TicketClaims, Refusal> {
     let refuse =
         |message: String| Err(Refusal::new(RefusalCode::BadReservation, message).for_user(user));
@@ -121,9 +128,13 @@ pub(crate) fn check(
             claims.job_id
         ));
     }
+    // Without a key the reservation was for `public` or `owner`: an agent naming no mode
+    // gets the stricter `owner` where the relay signs users on.
     let fits_access = match (access, claims.ticket.key_hash) {
-        (AccessMode::Link, Some(_)) => true,
-        (AccessMode::Public, None) => shared.config.allow_public,
+        (None | Some(AccessMode::Link), Some(_)) => true,
+        (Some(AccessMode::Owner), None) => shared.config.access_allowed(AccessMode::Owner),
+        (Some(AccessMode::Public), None) => shared.config.allow_public,
+        (None, None) => true,
         _ => false,
     };
     if !fits_access {

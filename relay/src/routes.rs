@@ -43,6 +43,8 @@ pub struct Session {
     pub websockets: std::sync::atomic::AtomicUsize,
     /// Set when the user's token was revoked: the name dies, no resume.
     pub revoked: std::sync::atomic::AtomicBool,
+    /// Whom an `owner` session is shared with besides its owner.
+    pub shares: jobgate_protocol::Shares,
 }
 
 /// A name whose agent vanished without `Bye`: held for the resume grace period.

@@ -63,7 +63,20 @@ pub struct TokenEntry {
     /// When the token was issued (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<u64>,
+    /// Where the token came from: absent for `jobgate token issue`, `"login"` for a
+    /// self-service token minted after a single sign-on (`jobgate login`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// When the token stops working (Unix seconds); absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
 }
+
+/// `origin` of the tokens `jobgate login` mints.
+pub const LOGIN_ORIGIN: &str = "login";
+/// Most unexpired login tokens a user keeps: each `jobgate login` adds one (a token in use
+/// by running jobs must not be replaced under them); past this, the oldest goes.
+pub const MAX_LOGIN_TOKENS_PER_USER: usize = 8;
 
 /// The tokens file's contents.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -129,6 +142,12 @@ fn lock_exclusive(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Token
         .map_err(io)?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, errno)| io(std::io::Error::from(errno)))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn valid_user(user: &str) -> bool {
@@ -218,6 +237,56 @@ impl TokensFile {
             sha256: hex(&hash(&token)),
             max_sessions,
             created: Some(now),
+            origin: None,
+            expires: None,
+        });
+        Ok(token)
+    }
+
+    /// Mints a self-service token for `user`, valid for `ttl_secs`, beside the user's other
+    /// tokens (running jobs keep theirs); drops expired entries and the user's oldest login
+    /// tokens past [`MAX_LOGIN_TOKENS_PER_USER`].
+    pub fn issue_login(
+        &mut self,
+        user: &str,
+        ttl_secs: u64,
+        now: u64,
+    ) -> Result<String, TokensError> {
+        if !valid_user(user) {
+            return Err(TokensError::BadUser(user.to_owned()));
+        }
+        self.tokens.retain(|e| e.expires.is_none_or(|at| at > now));
+        let is_users_login =
+            |e: &TokenEntry| e.user == user && e.origin.as_deref() == Some(LOGIN_ORIGIN);
+        while self.tokens.iter().filter(|e| is_users_login(e)).count() >= MAX_LOGIN_TOKENS_PER_USER
+        {
+            let oldest = self
+                .tokens
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| is_users_login(e))
+                .min_by_key(|(_, e)| e.created.unwrap_or(0))
+                .map(|(i, _)| i);
+            match oldest {
+                Some(i) => {
+                    self.tokens.remove(i);
+                }
+                None => break,
+            }
+        }
+        let max_sessions = self
+            .tokens
+            .iter()
+            .find(|e| e.user == user)
+            .and_then(|e| e.max_sessions);
+        let token = format!("{TOKEN_PREFIX}{}", crate::names::random_secret(TOKEN_BYTES));
+        self.tokens.push(TokenEntry {
+            user: user.to_owned(),
+            sha256: hex(&hash(&token)),
+            max_sessions,
+            created: Some(now),
+            origin: Some(LOGIN_ORIGIN.to_owned()),
+            expires: Some(now.saturating_add(ttl_secs)),
         });
         Ok(token)
     }
@@ -233,6 +302,8 @@ impl TokensFile {
 struct Loaded {
     hash: [u8; 32],
     identity: Identity,
+    /// When the token stops working (Unix seconds).
+    expires: Option<u64>,
 }
 
 /// The entries of one read of the tokens file.
@@ -293,6 +364,7 @@ impl TokenStore {
                 let hash = unhex(&e.sha256)?;
                 Some(Loaded {
                     hash,
+                    expires: e.expires,
                     identity: Identity {
                         user: e.user,
                         max_sessions: e.max_sessions,
@@ -315,10 +387,12 @@ impl TokenStore {
         let mut found = None;
         for entry in entries.list.iter() {
             if bool::from(entry.hash.ct_eq(&presented)) {
-                found = Some(entry.identity.clone());
+                found = Some((entry.identity.clone(), entry.expires));
             }
         }
-        found
+        let (identity, expires) = found?;
+        // An expired (login) token opens nothing new; sessions it opened run on.
+        expires.is_none_or(|at| at > unix_now()).then_some(identity)
     }
 
     /// Whether `user` still has a token entry.
@@ -360,6 +434,40 @@ impl TokenStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn login_tokens_sit_beside_the_users_token_expire_and_are_capped() {
+        let dir = std::env::temp_dir().join(format!("jobgate-login-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("tokens.toml");
+        let now = unix_now();
+        let mut file = TokensFile::default();
+        let admin_issued = file.issue("alice", Some(3), now).expect("issue");
+        let fresh = file.issue_login("alice", 3600, now).expect("login");
+        // Issued (and pruning) as of 10 s ago, valid for 0 s: expired now.
+        let expired = file.issue_login("alice", 0, now - 10).expect("login");
+        assert_eq!(file.tokens.len(), 3, "no replacement");
+        file.write(&path).expect("write");
+        let store = TokenStore::load(&path).expect("load");
+        assert!(store.verify(&admin_issued).is_some());
+        assert!(store.verify(&fresh).is_some());
+        assert_eq!(store.verify(&fresh).map(|i| i.max_sessions), Some(Some(3)));
+        assert!(store.verify(&expired).is_none(), "expired");
+        for _ in 0..2 * MAX_LOGIN_TOKENS_PER_USER {
+            file.issue_login("alice", 3600, now).expect("login");
+        }
+        let logins = file
+            .tokens
+            .iter()
+            .filter(|e| e.origin.as_deref() == Some(LOGIN_ORIGIN))
+            .count();
+        assert_eq!(logins, MAX_LOGIN_TOKENS_PER_USER);
+        assert!(
+            file.tokens.iter().any(|e| e.origin.is_none()),
+            "the admin's token stays"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn issued_token_verifies_and_only_its_hash_is_stored() {

@@ -9,9 +9,9 @@
 #
 # Needs root and the jobgate binary ($JOBGATE_BIN, default target/debug/jobgate).
 # First run on a fresh machine installs chromium, slurm-wlm, munge (apt), jupyterlab
-# (PyPI, in /opt/jobgate-e2e/venv), playwright-core (npm), ruby (apt), jupyterhub and
-# batchspawner (PyPI, same venv), configurable-http-proxy (npm, /opt/jobgate-e2e/chp): a
-# few minutes.
+# (PyPI, in /opt/jobgate-e2e/venv), playwright-core and oidc-provider (npm), ruby (apt),
+# jupyterhub and batchspawner (PyPI, same venv), configurable-http-proxy (npm,
+# /opt/jobgate-e2e/chp): a few minutes.
 
 set -uo pipefail
 E2E_DIR=$(cd "$(dirname "$0")" && pwd)
@@ -56,6 +56,8 @@ T0=$(now_ms)
 tally run jupyter-browser bash "$E2E_DIR/jupyter-browser.sh"
 # Two sessions in one browser: the other session's page must not act in the victim's (~10 s).
 tally run cross-session-browser bash "$E2E_DIR/cross-session-browser.sh"
+# Owner-only sessions through single sign-on (a real oidc-provider), and `jobgate login` (~10 s).
+tally run signon-browser bash "$E2E_DIR/signon-browser.sh"
 
 if run slurm-setup bash "$E2E_DIR/slurm-setup.sh" start; then
 	tally run slurm-jupyter bash "$E2E_DIR/slurm-jupyter.sh"
