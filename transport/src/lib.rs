@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 mod mux;
+pub mod proxy;
 mod split;
 mod stream;
 
