@@ -13,6 +13,7 @@ mod mux;
 pub mod proxy;
 mod split;
 mod stream;
+pub mod tcp;
 
 pub use mux::{MuxConnection, MuxError, Role};
 pub use split::{MuxRecv, MuxSend};
@@ -22,7 +23,8 @@ use std::net::SocketAddr;
 
 /// ALPN protocol id the agent offers on the relay's HTTPS listener for the TCP transport;
 /// browsers offer `h2`/`http/1.1`, so the relay tells the two apart at the TLS handshake.
-pub const ALPN_TCP: &[u8] = b"jobgate/1";
+/// The same id as on QUIC: the streams above mean the same on both.
+pub const ALPN_TCP: &[u8] = jobgate_protocol::ALPN;
 
 /// Which transport carries a session; shown in logs, the audit log, metrics and the admin list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,66 +1,12 @@
 //! CONNECT through a real tinyproxy (installed by `.ci/run` / tests/e2e/common.sh:
 //! `apt-get install tinyproxy`). A missing tinyproxy fails these tests.
 
+mod support;
+
 use jobgate_transport::proxy::{Proxy, ProxyError};
-use std::process::Stdio;
-use std::time::Duration;
+use support::tinyproxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-/// Generous bound for a proxy to come up on a busy machine.
-const STARTUP: Duration = Duration::from_secs(30);
-
-struct Tinyproxy {
-    child: tokio::process::Child,
-    port: u16,
-    _dir: std::path::PathBuf,
-}
-
-impl Drop for Tinyproxy {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-/// Starts tinyproxy in the foreground on a free port; `extra` is appended to its config.
-async fn tinyproxy(extra: &str) -> Tinyproxy {
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        probe.local_addr().expect("addr").port()
-    };
-    let dir = std::env::temp_dir().join(format!("jobgate-tinyproxy-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let conf = dir.join("tinyproxy.conf");
-    let body = format!(
-        "Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 20\nAllow 127.0.0.1\nLogLevel Info\n{extra}\n"
-    );
-    std::fs::write(&conf, body).expect("config");
-    let child = tokio::process::Command::new("tinyproxy")
-        .arg("-d")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("tinyproxy must be installed (apt-get install tinyproxy)");
-    let deadline = tokio::time::Instant::now() + STARTUP;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "tinyproxy did not listen on {port}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Tinyproxy {
-        child,
-        port,
-        _dir: dir,
-    }
-}
 
 /// A TCP echo server standing in for the relay.
 async fn echo_server() -> u16 {
