@@ -61,6 +61,9 @@ pub enum MuxError {
     Failed(String),
 }
 
+/// The close code recorded when the connection closes because every handle was dropped.
+const DROPPED: u32 = 0;
+
 type OpenReply = oneshot::Sender<Result<yamux::Stream, MuxError>>;
 
 struct Inner {
@@ -71,7 +74,8 @@ struct Inner {
     remote: SocketAddr,
 }
 
-/// A handle on a yamux connection; clones share it.
+/// A handle on a yamux connection; clones share it. As with quinn, dropping the last
+/// handle closes the connection (open streams end with it).
 #[derive(Clone)]
 pub struct MuxConnection {
     inner: Arc<Inner>,
@@ -195,8 +199,14 @@ where
             continue;
         }
         if waiting_open.is_none() {
-            if let Poll::Ready(Some(reply)) = open_rx.poll_recv(cx) {
-                waiting_open = Some(reply);
+            match open_rx.poll_recv(cx) {
+                Poll::Ready(Some(reply)) => waiting_open = Some(reply),
+                // Every handle is gone: nobody can use the connection any more.
+                Poll::Ready(None) => {
+                    closing = Some(DROPPED);
+                    continue;
+                }
+                Poll::Pending => {}
             }
         }
         if waiting_open.is_some() {

@@ -147,3 +147,12 @@ async fn close_ends_the_peer_and_its_streams() {
         "open after close must fail"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_handle_closes_the_connection() {
+    let (client, server) = pair().await;
+    drop(client);
+    tokio::time::timeout(PATIENCE, server.closed())
+        .await
+        .expect("peer sees the close");
+}
