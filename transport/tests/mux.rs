@@ -1,0 +1,158 @@
+//! The TCP transport over a real loopback TCP connection: streams both ways, byte-exact
+//! bulk, many concurrent streams, a stalled reader not blocking other streams, close.
+
+use jobgate_protocol::CloseCode;
+use jobgate_transport::{Connection, MuxConnection, Role, TransportKind};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Generous bound for anything in these tests on a busy shared machine.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Bulk transfer size.
+const BULK: usize = 64 * 1024 * 1024;
+
+async fn pair() -> (Connection, Connection) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let dialed = dialed.expect("connect");
+    let (accepted, peer) = accepted.expect("accept");
+    let client = MuxConnection::new(dialed, Role::Client, addr);
+    let server = MuxConnection::new(accepted, Role::Server, peer);
+    (Connection::Tcp(client), Connection::Tcp(server))
+}
+
+/// Echoes every stream the connection accepts.
+fn echo(connection: Connection) {
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+            tokio::spawn(async move {
+                if tokio::io::copy(&mut recv, &mut send).await.is_ok() {
+                    let _ = send.shutdown().await;
+                }
+            });
+        }
+    });
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+async fn round_trip(connection: &Connection, data: Vec<u8>) -> Vec<u8> {
+    let (mut send, mut recv) = connection.open_bi().await.expect("open");
+    let writer = tokio::spawn(async move {
+        send.write_all(&data).await.expect("write");
+        send.shutdown().await.expect("finish");
+    });
+    let mut back = Vec::new();
+    recv.read_to_end(&mut back).await.expect("read");
+    writer.await.expect("writer");
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_64_mib_is_byte_exact_from_either_end() {
+    let (client, server) = pair().await;
+    assert_eq!(client.kind(), TransportKind::Tcp);
+    echo(server.clone());
+    echo(client.clone());
+    let data = pattern(BULK, 7);
+    let back = tokio::time::timeout(PATIENCE, round_trip(&client, data.clone()))
+        .await
+        .expect("in time");
+    assert!(back == data, "client-opened stream corrupted 64 MiB");
+    let back = tokio::time::timeout(PATIENCE, round_trip(&server, data.clone()))
+        .await
+        .expect("in time");
+    assert!(back == data, "server-opened stream corrupted 64 MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_streams_each_get_their_own_bytes() {
+    let (client, server) = pair().await;
+    echo(server);
+    let mut tasks = Vec::new();
+    for i in 0..300u32 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = pattern(10_000 + i as usize * 37, i as u8);
+            (round_trip(&client, data.clone()).await, data)
+        }));
+    }
+    for task in tasks {
+        let (back, sent) = tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert!(back == sent, "a stream got another stream's bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_does_not_stall_other_streams() {
+    let (client, server) = pair().await;
+    // The server writes far more than any window into a stream the client never reads,
+    // and says when it has filled the stream's initial window.
+    let (filled_tx, filled_rx) = tokio::sync::oneshot::channel();
+    let stalled_server = server.clone();
+    tokio::spawn(async move {
+        let (mut send, _recv) = stalled_server.accept_bi().await.expect("accept stalled");
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0;
+        let mut filled_tx = Some(filled_tx);
+        while send.write_all(&chunk).await.is_ok() {
+            written += chunk.len();
+            if written >= 256 * 1024 {
+                if let Some(tx) = filled_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    let (mut stalled_send, _stalled_recv) = client.open_bi().await.expect("open stalled");
+    stalled_send
+        .write_all(b"x")
+        .await
+        .expect("announce stalled stream");
+    tokio::time::timeout(PATIENCE, filled_rx)
+        .await
+        .expect("window filled")
+        .expect("filled");
+    echo(server);
+    let data = pattern(4 * 1024 * 1024, 3);
+    let back = tokio::time::timeout(PATIENCE, round_trip(&client, data.clone()))
+        .await
+        .expect("other stream flows");
+    assert!(back == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_ends_the_peer_and_its_streams() {
+    let (client, server) = pair().await;
+    client.close(CloseCode::Normal, b"bye");
+    tokio::time::timeout(PATIENCE, server.closed())
+        .await
+        .expect("peer sees the close");
+    assert!(
+        server.accept_bi().await.is_err(),
+        "accept after close must fail"
+    );
+    assert!(
+        client.open_bi().await.is_err(),
+        "open after close must fail"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_handle_closes_the_connection() {
+    let (client, server) = pair().await;
+    drop(client);
+    tokio::time::timeout(PATIENCE, server.closed())
+        .await
+        .expect("peer sees the close");
+}
