@@ -1,0 +1,227 @@
+//! The etcd client against a real etcd server on loopback (Debian's `etcd-server`; `.ci/run`
+//! installs it). A test that cannot start etcd fails.
+
+use jobgate_relay::cluster::etcd::{Claim, EtcdClient, EtcdError};
+use jobgate_relay::cluster::{route_key, routes_prefix};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long etcd may take to start on a busy 2-core machine.
+const ETCD_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Lease TTL in these tests: long enough that no keep-alive is needed while a test runs.
+const TEST_LEASE_TTL_SECS: u64 = 60;
+
+/// A real etcd process with its own data directory, killed and removed on drop.
+struct Etcd {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn start_etcd() -> (Etcd, EtcdClient) {
+    let binary = std::env::var("JOBGATE_ETCD").unwrap_or_else(|_| "etcd".into());
+    let dir = std::env::temp_dir().join(format!(
+        "jobgate-etcd-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let (client_port, peer_port) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let child = Command::new(&binary)
+        .args(["--name", "t", "--data-dir"])
+        .arg(&dir)
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &format!("t={peer}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start etcd ({binary}): {e}; install Debian's etcd-server")
+        });
+    let etcd = Etcd { child, dir, url };
+    let client = EtcdClient::new(&etcd.url).expect("client");
+    let deadline = Instant::now() + ETCD_START_TIMEOUT;
+    while client.get(b"/ping").await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "etcd did not answer on {} in {ETCD_START_TIMEOUT:?}",
+            etcd.url
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (etcd, client)
+}
+
+#[tokio::test]
+async fn a_claim_race_has_exactly_one_winner() {
+    let (_etcd, client) = start_etcd().await;
+    let key = route_key("race");
+    let mut tasks = Vec::new();
+    for relay in 0..8 {
+        let client = client.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let lease = client
+                .lease_grant(TEST_LEASE_TTL_SECS)
+                .await
+                .expect("lease");
+            let me = format!("r{relay}").into_bytes();
+            (
+                me.clone(),
+                client.claim(&key, &me, lease).await.expect("claim"),
+            )
+        }));
+    }
+    let mut winners = Vec::new();
+    let mut holders = Vec::new();
+    for task in tasks {
+        match task.await.expect("task") {
+            (me, Claim::Won) => winners.push(me),
+            (_, Claim::Held(holder)) => holders.push(holder),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one relay wins the name");
+    assert!(
+        holders.iter().all(|h| *h == winners[0]),
+        "every loser is told who holds it"
+    );
+    let stored = client
+        .get(&key)
+        .await
+        .expect("get")
+        .expect("the key exists");
+    assert_eq!(stored.value, winners[0]);
+}
+
+#[tokio::test]
+async fn a_lost_lease_frees_its_names_for_another_relay() {
+    let (_etcd, client) = start_etcd().await;
+    let key = route_key("moving");
+    let r1 = client
+        .lease_grant(TEST_LEASE_TTL_SECS)
+        .await
+        .expect("lease r1");
+    let r2 = client
+        .lease_grant(TEST_LEASE_TTL_SECS)
+        .await
+        .expect("lease r2");
+    assert_eq!(
+        client.claim(&key, b"r1", r1).await.expect("claim"),
+        Claim::Won
+    );
+    // The holder claiming again (an agent resuming on the same relay) keeps it.
+    assert_eq!(
+        client.claim(&key, b"r1", r1).await.expect("reclaim"),
+        Claim::Won
+    );
+    assert_eq!(
+        client.claim(&key, b"r2", r2).await.expect("claim r2"),
+        Claim::Held(b"r1".to_vec())
+    );
+    assert!(
+        client.lease_keepalive(r1).await.expect("keepalive"),
+        "a live lease renews"
+    );
+
+    // r1 dies: its lease ends, its names with it, and r2 may take them.
+    client.lease_revoke(r1).await.expect("revoke");
+    assert!(
+        !client.lease_keepalive(r1).await.expect("keepalive"),
+        "an ended lease does not renew"
+    );
+    assert_eq!(client.get(&key).await.expect("get"), None);
+    assert_eq!(
+        client.claim(&key, b"r2", r2).await.expect("claim r2"),
+        Claim::Won
+    );
+    let (routes, revision) = client.range_prefix(&routes_prefix()).await.expect("range");
+    assert!(revision > 0);
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].value, b"r2");
+    assert_eq!(routes[0].lease, r2.0);
+}
+
+#[tokio::test]
+async fn a_move_and_a_release_only_touch_their_own_claim() {
+    let (_etcd, client) = start_etcd().await;
+    let key = route_key("owned");
+    let r1 = client
+        .lease_grant(TEST_LEASE_TTL_SECS)
+        .await
+        .expect("lease r1");
+    let r2 = client
+        .lease_grant(TEST_LEASE_TTL_SECS)
+        .await
+        .expect("lease r2");
+    assert_eq!(
+        client.claim(&key, b"r1", r1).await.expect("claim"),
+        Claim::Won
+    );
+    // A move from a holder that no longer holds it is refused with the real holder.
+    assert_eq!(
+        client
+            .move_if_value(&key, b"r3", b"r2", r2)
+            .await
+            .expect("move"),
+        Claim::Held(b"r1".to_vec())
+    );
+    assert!(
+        !client.delete_if_value(&key, b"r2").await.expect("delete"),
+        "r2 cannot release r1's name"
+    );
+    assert_eq!(
+        client
+            .move_if_value(&key, b"r1", b"r2", r2)
+            .await
+            .expect("move"),
+        Claim::Won
+    );
+    assert!(
+        !client.delete_if_value(&key, b"r1").await.expect("delete"),
+        "r1 cannot release it any more"
+    );
+    assert!(client.delete_if_value(&key, b"r2").await.expect("delete"));
+    assert_eq!(client.get(&key).await.expect("get"), None);
+}
+
+#[tokio::test]
+async fn an_unreachable_etcd_is_an_error_not_a_hang() {
+    let client = EtcdClient::new(&format!("http://127.0.0.1:{}", free_port())).expect("client");
+    assert!(matches!(
+        client.get(b"/x").await,
+        Err(EtcdError::Unreachable(_))
+    ));
+    assert!(matches!(
+        client.lease_grant(5).await,
+        Err(EtcdError::Unreachable(_))
+    ));
+}
