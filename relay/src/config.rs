@@ -184,6 +184,28 @@ pub struct RelayConfig {
     /// Seconds an app has to send its response head before the client gets `504` (0: no limit).
     #[serde(default = "default_response_head_timeout")]
     pub response_head_timeout_secs: u64,
+    /// etcd endpoints (`http://host:port[,http://host:port…]`) shared by the relays of a
+    /// cluster; unset: this relay works alone.
+    #[serde(default)]
+    pub cluster_etcd: Option<String>,
+    /// This relay's name in the cluster (unique among its relays; the owner of its sessions).
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// UDP address of the QUIC link other relays forward requests over.
+    #[serde(default)]
+    pub peer_listen: Option<SocketAddr>,
+    /// `host:port` other relays reach this relay's peer link at.
+    #[serde(default)]
+    pub peer_advertise: Option<String>,
+    /// CA certificate (PEM) that signs every relay's peer certificate.
+    #[serde(default)]
+    pub peer_ca: Option<PathBuf>,
+    /// This relay's peer certificate chain (PEM), signed by `peer_ca`.
+    #[serde(default)]
+    pub peer_cert: Option<PathBuf>,
+    /// This relay's peer private key (PEM).
+    #[serde(default)]
+    pub peer_key: Option<PathBuf>,
 }
 
 fn default_client_idle() -> u64 {
@@ -288,6 +310,13 @@ impl RelayConfig {
             max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
             max_buffered_mib: DEFAULT_MAX_BUFFERED_MIB,
             response_head_timeout_secs: DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS,
+            cluster_etcd: None,
+            node_id: None,
+            peer_listen: None,
+            peer_advertise: None,
+            peer_ca: None,
+            peer_cert: None,
+            peer_key: None,
         }
     }
 
@@ -318,6 +347,33 @@ impl RelayConfig {
         }
         if self.max_header_bytes < 8 * 1024 {
             return Err("max_header_bytes must be at least 8192".into());
+        }
+        self.validate_cluster()
+    }
+
+    /// A cluster needs a node id, a peer link and its three PEM files; a lone relay none.
+    fn validate_cluster(&self) -> Result<(), String> {
+        let peer_files = [&self.peer_ca, &self.peer_cert, &self.peer_key];
+        let Some(etcd) = &self.cluster_etcd else {
+            let stray = self.node_id.is_some()
+                || self.peer_listen.is_some()
+                || self.peer_advertise.is_some()
+                || peer_files.iter().any(|f| f.is_some());
+            return match stray {
+                true => Err("node_id and the peer_* settings need cluster_etcd".into()),
+                false => Ok(()),
+            };
+        };
+        crate::cluster::etcd::EtcdClient::new(etcd).map_err(|e| e.to_string())?;
+        match &self.node_id {
+            Some(id) if crate::cluster::valid_node_id(id) => {}
+            _ => return Err("cluster_etcd needs node_id: 1-63 letters, digits, '-' or '_'".into()),
+        }
+        if self.peer_listen.is_none() || self.peer_advertise.is_none() {
+            return Err("cluster_etcd needs peer_listen and peer_advertise".into());
+        }
+        if peer_files.iter().any(|f| f.is_none()) {
+            return Err("cluster_etcd needs peer_ca, peer_cert and peer_key (relays authenticate each other)".into());
         }
         Ok(())
     }

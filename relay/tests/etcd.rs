@@ -225,3 +225,97 @@ async fn an_unreachable_etcd_is_an_error_not_a_hang() {
         Err(EtcdError::Unreachable(_))
     ));
 }
+
+#[tokio::test]
+async fn a_watch_sees_claims_and_ended_leases() {
+    use jobgate_relay::cluster::etcd::WatchEvent;
+    let (_etcd, client) = start_etcd().await;
+    let (_, revision) = client.range_prefix(&routes_prefix()).await.expect("range");
+    let (events_tx, mut events) = tokio::sync::mpsc::channel(16);
+    let watcher = client.clone();
+    let watch = tokio::spawn(async move {
+        watcher
+            .watch_prefix(&routes_prefix(), revision + 1, events_tx)
+            .await
+    });
+    let lease = client
+        .lease_grant(TEST_LEASE_TTL_SECS)
+        .await
+        .expect("lease");
+    assert_eq!(
+        client
+            .claim(&route_key("w"), b"r1", lease)
+            .await
+            .expect("claim"),
+        Claim::Won
+    );
+    // A key outside the prefix is not seen.
+    client.put(b"/elsewhere", b"x", None).await.expect("put");
+    client.lease_revoke(lease).await.expect("revoke");
+    let within = Duration::from_secs(30);
+    let first = tokio::time::timeout(within, events.recv())
+        .await
+        .expect("an event")
+        .expect("open");
+    match first {
+        WatchEvent::Put(kv) => assert_eq!((kv.key, kv.value), (route_key("w"), b"r1".to_vec())),
+        other => panic!("expected the claim, got {other:?}"),
+    }
+    let second = tokio::time::timeout(within, events.recv())
+        .await
+        .expect("an event")
+        .expect("open");
+    assert_eq!(second, WatchEvent::Delete(route_key("w")));
+    watch.abort();
+}
+
+/// Polls `check` until it holds (a watch delivers in milliseconds; a busy machine is slow).
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "not within 30 s: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn relays_share_routes_and_a_lost_lease_gives_names_up() {
+    use jobgate_relay::cluster::node::ClusterNode;
+    let (_etcd, client) = start_etcd().await;
+    let r1 = ClusterNode::join(client.clone(), "r1".into())
+        .await
+        .expect("r1 joins");
+    let r2 = ClusterNode::join(client.clone(), "r2".into())
+        .await
+        .expect("r2 joins");
+    assert_eq!(r1.claim("nb").await.expect("claim"), Claim::Won);
+    eventually("r2 sees r1's claim", || {
+        r2.owner("nb").as_deref() == Some("r1")
+    })
+    .await;
+    assert_eq!(
+        r2.claim("nb").await.expect("claim"),
+        Claim::Held(b"r1".to_vec())
+    );
+
+    // r1's lease ends (etcd lost it, r1 was stopped too long): r1 is told, the name is free.
+    let mut losses = r1.lease_losses();
+    let old = r1.lease();
+    client.lease_revoke(old).await.expect("revoke");
+    tokio::time::timeout(Duration::from_secs(30), losses.changed())
+        .await
+        .expect("r1 is told")
+        .expect("open");
+    assert_ne!(r1.lease(), old, "r1 holds a new lease");
+    eventually("r2 sees the name freed", || r2.owner("nb").is_none()).await;
+    assert_eq!(r2.claim("nb").await.expect("claim"), Claim::Won);
+    eventually("r1 sees r2 holds it", || {
+        r1.owner("nb").as_deref() == Some("r2")
+    })
+    .await;
+    r2.release("nb").await.expect("release");
+    eventually("both see it released", || {
+        r1.owner("nb").is_none() && r2.owner("nb").is_none()
+    })
+    .await;
+}

@@ -262,6 +262,140 @@ impl EtcdClient {
     }
 }
 
+/// A change to a watched key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// The key was written (its new value).
+    Put(KeyValue),
+    /// The key was deleted (or its lease ended).
+    Delete(Vec<u8>),
+}
+
+impl EtcdClient {
+    /// Streams every change under `prefix` from `start_revision` on into `events`, until the
+    /// stream breaks (etcd restarted, the endpoint died) or `events` is closed. The caller
+    /// re-reads the range and watches again from its revision: nothing is missed.
+    pub async fn watch_prefix(
+        &self,
+        prefix: &[u8],
+        start_revision: i64,
+        events: tokio::sync::mpsc::Sender<WatchEvent>,
+    ) -> Result<(), EtcdError> {
+        let request = json!({ "create_request": {
+            "key": B64.encode(prefix),
+            "range_end": B64.encode(prefix_end(prefix)),
+            "start_revision": start_revision.to_string(),
+        }});
+        let body = Bytes::from(request.to_string());
+        let mut last = String::new();
+        for endpoint in &self.endpoints {
+            let opened = tokio::time::timeout(
+                ETCD_CALL_TIMEOUT,
+                open_stream(endpoint, "/v3/watch", body.clone()),
+            )
+            .await;
+            let response = match opened {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => {
+                    last = format!("{endpoint}: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    last = format!("{endpoint}: no answer in {ETCD_CALL_TIMEOUT:?}");
+                    continue;
+                }
+            };
+            return stream_events(response, &events).await;
+        }
+        Err(EtcdError::Unreachable(last))
+    }
+}
+
+/// Reads a watch stream's newline-separated JSON messages into `events`.
+async fn stream_events(
+    response: hyper::Response<hyper::body::Incoming>,
+    events: &tokio::sync::mpsc::Sender<WatchEvent>,
+) -> Result<(), EtcdError> {
+    let mut body = response.into_body();
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| EtcdError::Unreachable(format!("watch: {e}")))?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        pending.extend_from_slice(data);
+        if pending.len() > MAX_ETCD_RESPONSE_BYTES {
+            return Err(EtcdError::Malformed("watch message too large".into()));
+        }
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let message: Value = serde_json::from_slice(&line)
+                .map_err(|e| EtcdError::Malformed(format!("watch: {e}")))?;
+            let message = check(message)?;
+            let result = message.get("result").unwrap_or(&message);
+            if result
+                .get("canceled")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+            {
+                // Compacted past our revision, or cancelled by etcd: the caller re-reads.
+                return Err(EtcdError::Refused("watch cancelled".into()));
+            }
+            for event in result
+                .get("events")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(kv) = event.get("kv") else { continue };
+                let kv = decode_kvs(&json!({ "kvs": [kv] }))?.into_iter().next();
+                let Some(kv) = kv else { continue };
+                let event = match event.get("type").and_then(Value::as_str) {
+                    Some("DELETE") => WatchEvent::Delete(kv.key),
+                    _ => WatchEvent::Put(kv),
+                };
+                if events.send(event).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Err(EtcdError::Unreachable("watch stream ended".into()))
+}
+
+/// Opens a streaming POST: the response head, its body still to read.
+async fn open_stream(
+    endpoint: &str,
+    path: &str,
+    body: Bytes,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let stream = TcpStream::connect(endpoint)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    // The connection lives as long as its body is read: the task ends with it.
+    tokio::spawn(connection);
+    let request = http::Request::post(path)
+        .header(http::header::HOST, endpoint)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    match response.status().is_success() {
+        true => Ok(response),
+        false => Err(format!("HTTP {}", response.status())),
+    }
+}
+
 /// One POST on a fresh connection; the answer's JSON.
 async fn post(endpoint: &str, path: &str, body: Bytes) -> Result<Value, String> {
     let stream = TcpStream::connect(endpoint)
