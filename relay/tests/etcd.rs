@@ -18,6 +18,45 @@ struct Etcd {
     child: Child,
     dir: PathBuf,
     url: String,
+    command: Vec<String>,
+}
+
+impl Etcd {
+    /// Kills etcd (SIGKILL): nothing answers until [`Etcd::restart`].
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts etcd again on the same ports and data.
+    fn restart(&mut self) {
+        self.child = spawn(&self.command);
+    }
+}
+
+fn spawn(command: &[String]) -> Child {
+    Command::new(&command[0])
+        .args(&command[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start etcd ({}): {e}; install Debian's etcd-server",
+                command[0]
+            )
+        })
+}
+
+async fn wait_for(client: &EtcdClient, url: &str) {
+    let deadline = Instant::now() + ETCD_START_TIMEOUT;
+    while client.get(b"/ping").await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "etcd did not answer on {url} in {ETCD_START_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 impl Drop for Etcd {
@@ -45,39 +84,33 @@ async fn start_etcd() -> (Etcd, EtcdClient) {
     let (client_port, peer_port) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{client_port}");
     let peer = format!("http://127.0.0.1:{peer_port}");
-    let child = Command::new(&binary)
-        .args(["--name", "t", "--data-dir"])
-        .arg(&dir)
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args(["--initial-cluster", &format!("t={peer}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start etcd ({binary}): {e}; install Debian's etcd-server")
-        });
-    let etcd = Etcd { child, dir, url };
+    let command: Vec<String> = [
+        binary.as_str(),
+        "--name",
+        "t",
+        "--data-dir",
+        dir.to_str().expect("utf-8 temp dir"),
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        &format!("t={peer}"),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let etcd = Etcd {
+        child: spawn(&command),
+        dir,
+        url,
+        command,
+    };
     let client = EtcdClient::new(&etcd.url).expect("client");
-    let deadline = Instant::now() + ETCD_START_TIMEOUT;
-    while client.get(b"/ping").await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "etcd did not answer on {} in {ETCD_START_TIMEOUT:?}",
-            etcd.url
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(&client, &etcd.url).await;
     (etcd, client)
 }
 
@@ -318,4 +351,44 @@ async fn relays_share_routes_and_a_lost_lease_gives_names_up() {
         r1.owner("nb").is_none() && r2.owner("nb").is_none()
     })
     .await;
+}
+
+#[tokio::test]
+async fn live_routes_outlive_an_etcd_restart() {
+    use jobgate_relay::cluster::node::ClusterNode;
+    let (mut etcd, client) = start_etcd().await;
+    let r1 = ClusterNode::join(client.clone(), "r1".into())
+        .await
+        .expect("r1 joins");
+    let r2 = ClusterNode::join(client.clone(), "r2".into())
+        .await
+        .expect("r2 joins");
+    assert_eq!(r1.claim("kept").await.expect("claim"), Claim::Won);
+    eventually("r2 sees r1's claim", || {
+        r2.owner("kept").as_deref() == Some("r1")
+    })
+    .await;
+
+    etcd.kill();
+    // Live sessions keep their routes from the local copy; new claims wait, with a reason.
+    assert_eq!(r2.owner("kept").as_deref(), Some("r1"));
+    assert!(matches!(
+        r2.claim("new").await,
+        Err(EtcdError::Unreachable(_))
+    ));
+
+    etcd.restart();
+    wait_for(&client, &etcd.url).await;
+    // Nothing was lost: the claim is still r1's (its lease outlived the short outage), and
+    // the copies follow new claims again once their watches are back.
+    assert_eq!(
+        r2.claim("kept").await.expect("claim"),
+        Claim::Held(b"r1".to_vec())
+    );
+    assert_eq!(r2.claim("new").await.expect("claim"), Claim::Won);
+    eventually("r1 sees the new claim", || {
+        r1.owner("new").as_deref() == Some("r2")
+    })
+    .await;
+    assert_eq!(r1.owner("kept").as_deref(), Some("r1"));
 }
