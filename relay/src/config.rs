@@ -222,6 +222,28 @@ pub struct RelayConfig {
     /// `m`, `h` or `d`.
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_LOGIN_TOKEN_TTL)]
     pub login_token_ttl: String,
+    /// etcd endpoints (`http://host:port[,http://host:port…]`) shared by the relays of a
+    /// cluster; unset: this relay works alone.
+    #[arg(long, value_name = "URL,...")]
+    pub cluster_etcd: Option<String>,
+    /// This relay's name in the cluster (unique among its relays; the owner of its sessions).
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+    /// UDP address of the QUIC link other relays forward requests over.
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<SocketAddr>,
+    /// `host:port` other relays reach this relay's peer link at.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub peer_advertise: Option<String>,
+    /// CA certificate (PEM) that signs every relay's peer certificate.
+    #[arg(long, value_name = "CA.pem")]
+    pub peer_ca: Option<PathBuf>,
+    /// This relay's peer certificate chain (PEM), signed by `peer_ca`.
+    #[arg(long, value_name = "CERT.pem")]
+    pub peer_cert: Option<PathBuf>,
+    /// This relay's peer private key (PEM).
+    #[arg(long, value_name = "KEY.pem")]
+    pub peer_key: Option<PathBuf>,
 }
 
 /// Default lifetime of a `jobgate login` token: a month of jobs, then a new login.
@@ -339,7 +361,8 @@ impl RelayConfig {
         if self.max_header_bytes < 8 * 1024 {
             return Err("max_header_bytes must be at least 8192".into());
         }
-        self.validate_sign_on()
+        self.validate_sign_on()?;
+        self.validate_cluster()
     }
 
     /// Sign-on needs all three of issuer, client id and secret, or none of them.
@@ -371,6 +394,33 @@ impl RelayConfig {
                     "allowed_access names owner, which needs single sign-on (oidc_issuer)".into(),
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// A cluster needs a node id, a peer link and its three PEM files; a lone relay none.
+    fn validate_cluster(&self) -> Result<(), String> {
+        let peer_files = [&self.peer_ca, &self.peer_cert, &self.peer_key];
+        let Some(etcd) = &self.cluster_etcd else {
+            let stray = self.node_id.is_some()
+                || self.peer_listen.is_some()
+                || self.peer_advertise.is_some()
+                || peer_files.iter().any(|f| f.is_some());
+            return match stray {
+                true => Err("node_id and the peer_* settings need cluster_etcd".into()),
+                false => Ok(()),
+            };
+        };
+        crate::cluster::etcd::EtcdClient::new(etcd).map_err(|e| e.to_string())?;
+        match &self.node_id {
+            Some(id) if crate::cluster::valid_node_id(id) => {}
+            _ => return Err("cluster_etcd needs node_id: 1-63 letters, digits, '-' or '_'".into()),
+        }
+        if self.peer_listen.is_none() || self.peer_advertise.is_none() {
+            return Err("cluster_etcd needs peer_listen and peer_advertise".into());
+        }
+        if peer_files.iter().any(|f| f.is_none()) {
+            return Err("cluster_etcd needs peer_ca, peer_cert and peer_key (relays authenticate each other)".into());
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod agents;
 pub mod audit;
 mod body;
+pub mod cluster;
 pub mod config;
 pub mod forward;
 pub mod front;
