@@ -42,12 +42,34 @@ export const step = async (name, fn) => {
 };
 
 /**
- * Chromium with a fresh profile, for `domain` on loopback, trusting the key whose base64
- * SHA-256 is `spki` and nothing else. Returns { context, close }; `close` also removes the
- * profile. The flags keep Chromium off this machine's closed network (background
- * networking, component updates and sync would each try to reach Google).
+ * Chromium's flags for a relay on loopback: `*.domain` resolves to 127.0.0.1 and only the
+ * key whose base64 SHA-256 is `spki` is trusted (both left out when not given). The other
+ * flags keep Chromium off this machine's closed network (background networking, component
+ * updates and sync would each try to reach Google).
  */
-export const launchBrowser = async ({ domain, spki, viewport }) => {
+const chromiumOptions = ({ domain, spki } = {}) => ({
+  executablePath: env('JG_CHROMIUM', '/usr/bin/chromium'),
+  headless: process.env.JG_HEADED !== '1',
+  args: [
+    '--no-sandbox',
+    '--disable-gpu',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    ...(domain ? [`--host-resolver-rules=MAP *.${domain} 127.0.0.1`] : []),
+    ...(spki ? [`--ignore-certificate-errors-spki-list=${spki}`] : []),
+  ],
+});
+
+/** Chromium without a profile, for tests that need several separate browser contexts. */
+export const launchChromium = (target) => chromium.launch(chromiumOptions(target));
+
+/**
+ * Chromium with a fresh profile for `domain` and `spki` (see `chromiumOptions`). Returns
+ * { context, close }; `close` also removes the profile.
+ */
+export const launchBrowser = async ({ domain, spki, viewport } = {}) => {
   const profile = mkdtempSync(join(tmpdir(), 'jobgate-chromium-'));
   const close = async (context) => {
     if (context) await context.close().catch(() => {});
@@ -55,19 +77,8 @@ export const launchBrowser = async ({ domain, spki, viewport }) => {
   };
   try {
     const context = await chromium.launchPersistentContext(profile, {
-      executablePath: env('JG_CHROMIUM', '/usr/bin/chromium'),
-      headless: process.env.JG_HEADED !== '1',
+      ...chromiumOptions({ domain, spki }),
       ...(viewport ? { viewport } : {}),
-      args: [
-        '--no-sandbox',
-        '--disable-gpu',
-        '--no-first-run',
-        '--disable-background-networking',
-        '--disable-component-update',
-        '--disable-sync',
-        `--host-resolver-rules=MAP *.${domain} 127.0.0.1`,
-        `--ignore-certificate-errors-spki-list=${spki}`,
-      ],
     });
     return { context, close: () => close(context) };
   } catch (e) {

@@ -10,58 +10,23 @@
 //   JG_NODE_PREFIX    directory whose node_modules holds playwright-core
 //   JG_CHROMIUM       the browser [/usr/bin/chromium]
 
-import { createRequire } from 'node:module';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { env, launchBrowser, step } from './browser.mjs';
 
-const require = createRequire(join(process.env.JG_NODE_PREFIX || process.cwd(), 'noop.js'));
-const { chromium } = require('playwright-core');
-
-const env = (name, fallback) => {
-  const value = process.env[name] ?? fallback;
-  if (value === undefined) throw new Error(`${name} is not set`);
-  return value;
-};
 const HUB = env('JG_HUB_URL').replace(/\/$/, '');
 const USER = env('JG_USER');
 const PASSWORD = env('JG_PASSWORD');
 const SCREENSHOT = env('JG_SCREENSHOT');
-const CHROMIUM = env('JG_CHROMIUM', '/usr/bin/chromium');
 
-const step = async (name, fn) => {
-  const start = Date.now();
-  process.stderr.write(`[browser] ${name} ...\n`);
-  try {
-    const result = await fn();
-    process.stderr.write(`[browser] ${name}: ok in ${((Date.now() - start) / 1000).toFixed(1)} s\n`);
-    return result;
-  } catch (e) {
-    process.stderr.write(`[browser] ${name}: FAILED after ${((Date.now() - start) / 1000).toFixed(1)} s\n`);
-    throw e;
-  }
-};
 
-const profile = mkdtempSync(join(tmpdir(), 'jobgate-chromium-'));
+let browser;
 let context;
 let page;
 let exitCode = 1;
 try {
-  context = await step('launch chromium', () =>
-    chromium.launchPersistentContext(profile, {
-      executablePath: CHROMIUM,
-      headless: true,
-      viewport: { width: 1400, height: 900 },
-      args: [
-        '--no-sandbox',
-        '--disable-gpu',
-        '--no-first-run',
-        '--disable-background-networking',
-        '--disable-component-update',
-        '--disable-sync',
-      ],
-    }),
+  browser = await step('launch chromium', () =>
+    launchBrowser({ viewport: { width: 1400, height: 900 } }),
   );
+  context = browser.context;
   page = context.pages()[0] ?? (await context.newPage());
   page.setDefaultTimeout(120_000);
 
@@ -156,7 +121,6 @@ try {
     await page.screenshot({ path: SCREENSHOT.replace(/\.png$/, '-failure.png') }).catch(() => {});
   }
 } finally {
-  if (context) await context.close().catch(() => {});
-  rmSync(profile, { recursive: true, force: true });
+  if (browser) await browser.close();
 }
 process.exit(exitCode);

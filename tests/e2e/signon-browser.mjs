@@ -5,49 +5,18 @@
 // Environment: JG_OWN_URL, JG_SHARED_URL, JG_LOGIN_URL, JG_OP_ORIGIN, JG_DOMAIN, JG_SPKI,
 // JG_NODE_PREFIX, JG_CHROMIUM [/usr/bin/chromium].
 
-import { createRequire } from 'node:module';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { env, launchChromium, step } from './browser.mjs';
 
-const require = createRequire(join(process.env.JG_NODE_PREFIX || process.cwd(), 'noop.js'));
-const { chromium } = require('playwright-core');
-
-const env = (name, fallback) => {
-  const value = process.env[name] ?? fallback;
-  if (value === undefined) throw new Error(`${name} is not set`);
-  return value;
-};
 const OWN_URL = env('JG_OWN_URL');
 const SHARED_URL = env('JG_SHARED_URL');
 const LOGIN_URL = env('JG_LOGIN_URL');
 const OP_ORIGIN = env('JG_OP_ORIGIN');
 const DOMAIN = env('JG_DOMAIN');
 const SPKI = env('JG_SPKI');
-const CHROMIUM = env('JG_CHROMIUM', '/usr/bin/chromium');
 
-const step = async (name, fn) => {
-  const start = Date.now();
-  process.stderr.write(`[browser] ${name} ...\n`);
-  try {
-    const result = await fn();
-    process.stderr.write(`[browser] ${name}: ok in ${((Date.now() - start) / 1000).toFixed(1)} s\n`);
-    return result;
-  } catch (e) {
-    process.stderr.write(`[browser] ${name}: FAILED after ${((Date.now() - start) / 1000).toFixed(1)} s\n`);
-    throw e;
-  }
-};
 const check = (ok, what) => { if (!ok) throw new Error(what); };
 
-const browser = await chromium.launch({
-  executablePath: CHROMIUM,
-  headless: process.env.JG_HEADED !== '1',
-  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync',
-    `--host-resolver-rules=MAP *.${DOMAIN} 127.0.0.1`,
-    `--ignore-certificate-errors-spki-list=${SPKI}`],
-});
+const browser = await launchChromium({ domain: DOMAIN, spki: SPKI });
 let exitCode = 1;
 try {
   const person = async () => {
