@@ -164,27 +164,10 @@ impl EtcdClient {
         value: &[u8],
         lease: LeaseId,
     ) -> Result<Claim, EtcdError> {
-        let k = B64.encode(key);
-        let request = json!({
-            "compare": [{ "key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
-            "success": [{ "request_put": put_request(key, value, Some(lease)) }],
-            "failure": [{ "request_range": { "key": k } }],
-        });
-        let answer = self.call("/v3/kv/txn", &request).await?;
-        if answer
-            .get("succeeded")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-        {
+        let compare = json!({ "target": "CREATE", "result": "EQUAL", "create_revision": "0" });
+        let Some(held) = self.put_if(key, compare, value, lease).await? else {
             return Ok(Claim::Won);
-        }
-        let held = answer
-            .get("responses")
-            .and_then(|r| r.get(0))
-            .and_then(|r| r.get("response_range"))
-            .map(decode_kvs)
-            .transpose()?
-            .and_then(|kvs| kvs.into_iter().next());
+        };
         match held {
             // Ours already (a resume on the relay that held it): renew it under our lease.
             Some(kv) if kv.value == value => self.move_if_value(key, value, value, lease).await,
@@ -203,19 +186,37 @@ impl EtcdClient {
         to: &[u8],
         lease: LeaseId,
     ) -> Result<Claim, EtcdError> {
+        let compare = json!({ "target": "VALUE", "result": "EQUAL", "value": B64.encode(from) });
+        let Some(held) = self.put_if(key, compare, to, lease).await? else {
+            return Ok(Claim::Won);
+        };
+        match held {
+            Some(kv) => Ok(Claim::Held(kv.value)),
+            // Gone meanwhile (its owner's lease expired): a fresh claim decides.
+            None => Box::pin(self.claim(key, to, lease)).await,
+        }
+    }
+
+    /// One transaction: puts `value` at `key` under `lease` if `compare` (an etcd compare
+    /// without its key) holds. `None`: written; `Some(current)`: not written, and what the
+    /// key holds now (`None` if it is absent).
+    async fn put_if(
+        &self,
+        key: &[u8],
+        mut compare: Value,
+        value: &[u8],
+        lease: LeaseId,
+    ) -> Result<Option<Option<KeyValue>>, EtcdError> {
         let k = B64.encode(key);
+        compare["key"] = Value::from(k.clone());
         let request = json!({
-            "compare": [{ "key": k, "target": "VALUE", "result": "EQUAL", "value": B64.encode(from) }],
-            "success": [{ "request_put": put_request(key, to, Some(lease)) }],
+            "compare": [compare],
+            "success": [{ "request_put": put_request(key, value, Some(lease)) }],
             "failure": [{ "request_range": { "key": k } }],
         });
         let answer = self.call("/v3/kv/txn", &request).await?;
-        if answer
-            .get("succeeded")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-        {
-            return Ok(Claim::Won);
+        if succeeded(&answer) {
+            return Ok(None);
         }
         let held = answer
             .get("responses")
@@ -224,11 +225,7 @@ impl EtcdClient {
             .map(decode_kvs)
             .transpose()?
             .and_then(|kvs| kvs.into_iter().next());
-        match held {
-            Some(kv) => Ok(Claim::Held(kv.value)),
-            // Gone meanwhile (its owner's lease expired): a fresh claim decides.
-            None => Box::pin(self.claim(key, to, lease)).await,
-        }
+        Ok(Some(held))
     }
 
     /// Deletes `key` only while it holds `value` (a relay releasing its own claim never
@@ -240,10 +237,7 @@ impl EtcdClient {
             "success": [{ "request_delete_range": { "key": k } }],
         });
         let answer = self.call("/v3/kv/txn", &request).await?;
-        Ok(answer
-            .get("succeeded")
-            .and_then(Value::as_bool)
-            .unwrap_or(false))
+        Ok(succeeded(&answer))
     }
 
     /// POSTs `body` to `path` on the first endpoint that answers.
@@ -482,6 +476,14 @@ fn int_field(object: &Value, name: &str) -> Result<i64, EtcdError> {
 }
 
 /// The `kvs` of a range answer, decoded (absent when there are none).
+/// Whether a transaction's compare held.
+fn succeeded(answer: &Value) -> bool {
+    answer
+        .get("succeeded")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
 fn decode_kvs(answer: &Value) -> Result<Vec<KeyValue>, EtcdError> {
     let Some(kvs) = answer.get("kvs").and_then(Value::as_array) else {
         return Ok(Vec::new());
