@@ -228,11 +228,7 @@ impl Browser {
             if page.body.contains("document.forms[0].submit()") {
                 // The provider's self-submitting form (it ends its previous session when
                 // the account changes): post its hidden fields, as the page's script does.
-                let action = page
-                    .body
-                    .split("action=\"")
-                    .nth(1)
-                    .and_then(|a| a.split('"').next())
+                let action = quoted_after(&page.body, "action=\"")
                     .expect("form action")
                     .to_owned();
                 let fields: Vec<String> = page
@@ -250,11 +246,7 @@ impl Browser {
                 continue;
             }
             if page.body.contains("data-jobgate-confirm") {
-                let code = page
-                    .body
-                    .split("name=\"code\" value=\"")
-                    .nth(1)
-                    .and_then(|v| v.split('"').next())
+                let code = quoted_after(&page.body, "name=\"code\" value=\"")
                     .expect("code in the form")
                     .to_owned();
                 let target = absolute(&page.url, "/device");
@@ -264,11 +256,7 @@ impl Browser {
                 continue;
             }
             if page.body.contains("Test OP sign-in") {
-                let action = page
-                    .body
-                    .split("action=\"")
-                    .nth(1)
-                    .and_then(|a| a.split('"').next())
+                let action = quoted_after(&page.body, "action=\"")
                     .expect("form action")
                     .to_owned();
                 let target = absolute(&page.url, &action);
@@ -784,4 +772,10 @@ async fn an_idp_that_is_not_the_configured_issuer_starts_no_login() {
         !logged.contains(CLIENT_SECRET),
         "the client secret in the log"
     );
+}
+
+/// The text after the first `marker` in `body`, up to the next double quote (an HTML
+/// attribute's value, where `marker` ends with its opening quote).
+fn quoted_after<'a>(body: &'a str, marker: &str) -> Option<&'a str> {
+    body.split(marker).nth(1)?.split('"').next()
 }
