@@ -168,6 +168,15 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
                 .map(Duration::from_secs)
                 .unwrap_or(jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT)
                 .max(Duration::from_secs(2)),
+            transport: args.settings.transport.unwrap_or_default(),
+            relay_tcp: args.settings.relay_tcp,
+            proxy: args.settings.proxy,
+            quic_reprobe: args
+                .settings
+                .quic_reprobe
+                .map(Duration::from_secs)
+                .unwrap_or(jobgate_agent::dial::DEFAULT_QUIC_REPROBE)
+                .max(Duration::from_secs(1)),
         },
         token,
         reservation,

@@ -262,6 +262,22 @@ pub struct ClientConfig {
     /// Seconds of silence before the relay counts as gone [default: 30].
     #[arg(long)]
     pub idle_timeout: Option<u64>,
+    /// How to reach the relay: quic, tcp (TLS over TCP to the relay's HTTPS port, through
+    /// an HTTP proxy where HTTPS_PROXY/ALL_PROXY or --proxy names one), or auto (QUIC,
+    /// and TCP when no QUIC answer comes within 3 s: UDP blocked) [default: auto].
+    #[arg(long, value_name = "auto|quic|tcp", value_parser = parse_transport)]
+    pub transport: Option<jobgate_agent::dial::TransportChoice>,
+    /// The relay's TLS endpoint for the TCP transport, HOST:PORT [default: the --relay
+    /// host, port 443].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub relay_tcp: Option<String>,
+    /// HTTP proxy for the TCP transport, http://[user:password@]host:port [default:
+    /// HTTPS_PROXY, ALL_PROXY and NO_PROXY from the environment, as curl reads them].
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
+    /// Seconds between tries of QUIC while on TCP under --transport auto [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub quic_reprobe: Option<u64>,
     /// The `jupyter` program for --jupyter [default: `jupyter` on PATH].
     #[arg(long, env = "JOBGATE_JUPYTER", value_name = "PATH")]
     pub jupyter_program: Option<String>,
@@ -269,6 +285,11 @@ pub struct ClientConfig {
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "LaunchDefaults::is_empty")]
     pub launch: LaunchDefaults,
+}
+
+/// `--transport`: auto, quic or tcp.
+fn parse_transport(text: &str) -> Result<jobgate_agent::dial::TransportChoice, String> {
+    text.parse()
 }
 
 /// `--access`: the same words as the wire and the config files.

@@ -58,11 +58,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let url_file = dir.join("url");
     let _ = std::fs::remove_file(&url_file);
     let options = AgentOptions {
-        dial: DialConfig {
-            relay: format!("127.0.0.1:{}", relay.quic_addr.port()),
-            relay_ca: Some(pki.ca.clone()),
-            idle_timeout: jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT,
-        },
+        dial: DialConfig::new(
+            format!("127.0.0.1:{}", relay.quic_addr.port()),
+            Some(pki.ca.clone()),
+        ),
         token: jobgate_protocol::Token(token),
         reservation: None,
         reserved_url: None,

@@ -21,9 +21,12 @@ fn read_token(path: &Path) -> String {
 
 fn dial_config(env: &TestEnv, relay: &RelayProc) -> DialConfig {
     DialConfig {
-        relay: format!("127.0.0.1:{}", relay.quic_port),
-        relay_ca: Some(env.ca.clone()),
         idle_timeout: Duration::from_secs(30),
+        transport: jobgate_agent::dial::TransportChoice::Quic,
+        ..DialConfig::new(
+            format!("127.0.0.1:{}", relay.quic_port),
+            Some(env.ca.clone()),
+        )
     }
 }
 

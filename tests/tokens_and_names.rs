@@ -27,9 +27,12 @@ fn read_token(path: &Path) -> String {
 
 fn dial_config(env: &TestEnv, relay: &RelayProc) -> DialConfig {
     DialConfig {
-        relay: format!("127.0.0.1:{}", relay.quic_port),
-        relay_ca: Some(env.ca.clone()),
         idle_timeout: Duration::from_secs(30),
+        transport: jobgate_agent::dial::TransportChoice::Quic,
+        ..DialConfig::new(
+            format!("127.0.0.1:{}", relay.quic_port),
+            Some(env.ca.clone()),
+        )
     }
 }
 
@@ -228,7 +231,7 @@ async fn a_relay_killed_right_after_bye_does_not_give_the_ended_name_back() {
     write_frame(&mut session.control, &bye.to_payload())
         .await
         .expect("bye");
-    let _ = session.control.finish();
+    let _ = session.control.finish().await;
     let host = format!("{name}.{DOMAIN}");
     let ended = eventually(Duration::from_secs(10), || async {
         get(&env, https, &host, "/").await.0 == StatusCode::NOT_FOUND

@@ -1,12 +1,20 @@
-//! Dialing out to the relay: resolve, QUIC connect with the relay's certificate checked,
-//! then `Hello` on the control stream and `Welcome` (or `Refused`) back.
+//! Dialing out to the relay: resolve, connect with the relay's certificate checked, then
+//! `Hello` on the control stream and `Welcome` (or `Refused`) back.
+//!
+//! The connection is QUIC where UDP passes. Where it does not (`--transport auto`, the
+//! default, waits [`QUIC_FALLBACK_AFTER`] for a QUIC answer), the agent connects over
+//! TLS on TCP to the relay's HTTPS port instead, through an HTTP proxy if the environment
+//! or `--proxy` names one; the streams above are the same on both.
 
 use jobgate_protocol::quic::{transport_config, UDP_SOCKET_BUFFER};
 use jobgate_protocol::{
     read_frame, write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, RefusalCode,
     SessionLimits, Shares, Token, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
 };
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use jobgate_transport::proxy::{Proxy, ProxyError};
+use jobgate_transport::tcp::TcpDialError;
+use jobgate_transport::{Connection, RecvStream, SendStream, TransportKind};
+use quinn::Endpoint;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +34,40 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Requests the relay may have in flight on our connection (the relay opens the streams).
 pub const MAX_INCOMING_STREAMS: u32 = 16_384;
+/// How long `--transport auto` waits for a QUIC handshake before it connects over TCP.
+pub const QUIC_FALLBACK_AFTER: Duration = jobgate_transport::tcp::QUIC_FALLBACK_AFTER;
+/// While on TCP, how often `auto` tries QUIC again (and moves back when it answers).
+pub const DEFAULT_QUIC_REPROBE: Duration = Duration::from_secs(30);
+/// The relay's HTTPS port, where the TCP transport goes unless `--relay-tcp` says.
+pub const DEFAULT_RELAY_TCP_PORT: u16 = 443;
+
+/// Which transport carries the session (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// QUIC, or TLS over TCP when no QUIC handshake completes in 3 s (UDP blocked).
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TLS over TCP only (through a proxy where one is set).
+    Tcp,
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "quic" => Ok(Self::Quic),
+            "tcp" => Ok(Self::Tcp),
+            other => Err(format!(
+                "unknown transport {other:?}: use auto, quic or tcp"
+            )),
+        }
+    }
+}
 
 /// How to reach the relay.
 #[derive(Debug, Clone)]
@@ -36,6 +78,47 @@ pub struct DialConfig {
     pub relay_ca: Option<PathBuf>,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
+    /// Which transport to use.
+    pub transport: TransportChoice,
+    /// `HOST:PORT` of the relay's TLS endpoint for the TCP transport; default: the
+    /// `relay` host on port 443.
+    pub relay_tcp: Option<String>,
+    /// Proxy URL for the TCP transport; default: `HTTPS_PROXY`/`ALL_PROXY` and
+    /// `NO_PROXY` from the environment, as curl reads them.
+    pub proxy: Option<String>,
+    /// While on TCP under `auto`, how often QUIC is tried again.
+    pub quic_reprobe: Duration,
+}
+
+impl DialConfig {
+    /// The relay at `relay` (`HOST:PORT` of its QUIC endpoint), every other setting at its
+    /// default.
+    pub fn new(relay: impl Into<String>, relay_ca: Option<PathBuf>) -> Self {
+        Self {
+            relay: relay.into(),
+            relay_ca,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            transport: TransportChoice::Auto,
+            relay_tcp: None,
+            proxy: None,
+            quic_reprobe: DEFAULT_QUIC_REPROBE,
+        }
+    }
+}
+
+/// Which transport a connection uses and why, for the job's output.
+#[derive(Debug, Clone)]
+pub struct Via {
+    /// The transport.
+    pub kind: TransportKind,
+    /// The endpoint and, on TCP, why (`TCP/TLS to relay:443: no QUIC answer …`).
+    pub detail: String,
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
 }
 
 /// Why no session could be opened.
@@ -57,10 +140,9 @@ pub enum DialError {
     },
     /// No answer at all over UDP.
     #[error(
-        "no answer from the relay at {0} over UDP within {secs} s: is UDP to that port blocked by a firewall?",
-        secs = CONNECT_TIMEOUT.as_secs()
+        "no answer from the relay at {0} over UDP within {1} s: is UDP to that port blocked by a firewall?"
     )]
-    Unreachable(SocketAddr),
+    Unreachable(SocketAddr, u64),
     /// The relay refused the session.
     #[error("the relay refused this agent: {message}")]
     Refused {
@@ -72,6 +154,23 @@ pub enum DialError {
     /// The control stream broke or carried nonsense.
     #[error("handshake with the relay failed: {0}")]
     Protocol(String),
+    /// The TCP transport could not be set up (relay or proxy unreachable, proxy refused).
+    #[error(transparent)]
+    Tcp(#[from] TcpDialError),
+    /// `auto`: QUIC did not answer and TCP failed too.
+    #[error("{quic}; over TCP/TLS: {tcp}")]
+    BothFailed {
+        /// Why QUIC failed.
+        quic: Box<DialError>,
+        /// Why TCP failed.
+        tcp: Box<DialError>,
+    },
+}
+
+impl From<ProxyError> for DialError {
+    fn from(error: ProxyError) -> Self {
+        DialError::Tcp(TcpDialError::Proxy(error))
+    }
 }
 
 /// What `Welcome` granted.
@@ -91,10 +190,13 @@ pub struct Welcome {
 
 /// A live session with the relay.
 pub struct RelaySession {
-    /// The QUIC endpoint (kept so its socket lives as long as the connection).
-    pub endpoint: Endpoint,
+    /// The QUIC endpoint (kept so its socket lives as long as the connection); `None` on
+    /// the TCP transport.
+    pub endpoint: Option<Endpoint>,
     /// The connection.
     pub connection: Connection,
+    /// Which transport it uses, and why.
+    pub via: Via,
     /// Control stream, send half (for `Bye`).
     pub control: SendStream,
     /// Control stream, receive half (for `Ticket` and `Drain`); taken by its reader.
@@ -118,13 +220,22 @@ impl RelaySession {
         // Bye goes ahead of any response data still queued, and the relay gets a moment to
         // take it and close: closing at once could lose both Bye and our close while a full
         // congestion window holds them back (then the name would wait out the resume grace).
-        let _ = self.control.set_priority(i32::MAX);
-        let _ = write_frame(&mut self.control, &bye.to_payload()).await;
-        let _ = self.control.finish();
-        let _ = tokio::time::timeout(BYE_LINGER, self.connection.closed()).await;
-        self.connection
-            .close(quinn::VarInt::from_u32(CloseCode::Normal.as_u32()), b"bye");
-        let _ = tokio::time::timeout(CLOSE_LINGER, self.endpoint.wait_idle()).await;
+        self.control.set_priority(i32::MAX);
+        let said = async {
+            let _ = write_frame(&mut self.control, &bye.to_payload()).await;
+            let _ = self.control.finish().await;
+            self.connection.closed().await
+        };
+        let _ = tokio::time::timeout(BYE_LINGER, said).await;
+        self.connection.close(CloseCode::Normal, b"bye");
+        match &self.endpoint {
+            Some(endpoint) => {
+                let _ = tokio::time::timeout(CLOSE_LINGER, endpoint.wait_idle()).await;
+            }
+            None => {
+                let _ = tokio::time::timeout(CLOSE_LINGER, self.connection.closed()).await;
+            }
+        }
     }
 }
 
@@ -216,16 +327,119 @@ pub async fn open_session(
     say_hello(dialed, hello).await
 }
 
-/// A QUIC connection to the relay on which no session was asked for yet.
+/// A connection to the relay on which no session was asked for yet.
 pub struct Dialed {
-    endpoint: Endpoint,
+    endpoint: Option<Endpoint>,
     connection: Connection,
+    via: Via,
 }
 
-/// Connects to the relay (QUIC and TLS, certificate checked) without asking for a
-/// session: the agent does this while the app starts, so a relay problem shows at once.
+impl Dialed {
+    /// Which transport it uses, and why.
+    pub fn via(&self) -> &Via {
+        &self.via
+    }
+}
+
+/// Connects to the relay (certificate checked) without asking for a session: the agent
+/// does this while the app starts, so a relay problem shows at once. `auto` tries QUIC
+/// first and falls back to TLS over TCP.
 pub async fn connect(config: &DialConfig) -> Result<Dialed, DialError> {
     let crypto = client_crypto(config)?;
+    match config.transport {
+        TransportChoice::Quic => connect_quic(config, crypto, CONNECT_TIMEOUT).await,
+        TransportChoice::Tcp => connect_tcp(config, &crypto, "").await,
+        TransportChoice::Auto => {
+            match connect_quic(config, crypto.clone(), QUIC_FALLBACK_AFTER).await {
+                Err(quic @ (DialError::Unreachable(..) | DialError::Connect { .. })) => {
+                    let why = match &quic {
+                        DialError::Unreachable(..) => format!(
+                            "no QUIC answer from {} in {} s",
+                            config.relay,
+                            QUIC_FALLBACK_AFTER.as_secs()
+                        ),
+                        other => other.to_string(),
+                    };
+                    connect_tcp(config, &crypto, &why)
+                        .await
+                        .map_err(|tcp| match tcp {
+                            // A proxy's answer is what the user must act on.
+                            proxy @ DialError::Tcp(TcpDialError::Proxy(_)) => proxy,
+                            tcp => DialError::BothFailed {
+                                quic: Box::new(quic),
+                                tcp: Box::new(tcp),
+                            },
+                        })
+                }
+                other => other,
+            }
+        }
+    }
+}
+
+/// Tries QUIC once, waiting at most [`QUIC_FALLBACK_AFTER`]: what `auto` does now and
+/// then while on TCP.
+pub async fn probe_quic(config: &DialConfig) -> Result<Dialed, DialError> {
+    let crypto = client_crypto(config)?;
+    connect_quic(config, crypto, QUIC_FALLBACK_AFTER).await
+}
+
+/// The relay's TLS endpoint for the TCP transport: `--relay-tcp`, or the relay's host on
+/// port 443.
+fn tcp_endpoint(config: &DialConfig) -> Result<(String, u16), DialError> {
+    let given = config.relay_tcp.as_deref();
+    let text = given.unwrap_or(&config.relay);
+    let bad = |why: &str| DialError::Resolve(text.to_owned(), why.to_owned());
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected HOST:PORT"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let port = match given {
+        Some(_) => port.parse().map_err(|_| bad("bad port"))?,
+        None => DEFAULT_RELAY_TCP_PORT,
+    };
+    Ok((host.to_owned(), port))
+}
+
+/// Connects over TLS on TCP (through the proxy, if any); `why` says why not QUIC.
+async fn connect_tcp(
+    config: &DialConfig,
+    crypto: &rustls::ClientConfig,
+    why: &str,
+) -> Result<Dialed, DialError> {
+    let (host, port) = tcp_endpoint(config)?;
+    let proxy = match &config.proxy {
+        Some(url) => Some(Proxy::parse(url)?),
+        None => Proxy::from_env(&host)?,
+    };
+    let connection = jobgate_transport::tcp::dial(&host, port, proxy.as_ref(), crypto).await?;
+    let through = proxy
+        .map(|p| format!(" through proxy {p}"))
+        .unwrap_or_default();
+    let why = if why.is_empty() {
+        String::new()
+    } else {
+        format!(": {why}")
+    };
+    Ok(Dialed {
+        endpoint: None,
+        connection,
+        via: Via {
+            kind: TransportKind::Tcp,
+            detail: format!("TCP/TLS to {host}:{port}{through}{why}"),
+        },
+    })
+}
+
+/// Connects over QUIC, giving up after `timeout` without an answer.
+async fn connect_quic(
+    config: &DialConfig,
+    crypto: rustls::ClientConfig,
+    timeout: Duration,
+) -> Result<Dialed, DialError> {
     let (server_name, addrs) = resolve(&config.relay).await?;
     let addr = addrs[0];
     let quic_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
@@ -268,10 +482,10 @@ pub async fn connect(config: &DialConfig) -> Result<Dialed, DialError> {
             addr,
             reason: e.to_string(),
         })?;
-    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+    let connection = match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(quinn::ConnectionError::TimedOut)) | Err(_) => {
-            return Err(DialError::Unreachable(addr))
+            return Err(DialError::Unreachable(addr, timeout.as_secs()))
         }
         Ok(Err(e)) => {
             return Err(DialError::Connect {
@@ -282,8 +496,12 @@ pub async fn connect(config: &DialConfig) -> Result<Dialed, DialError> {
     };
 
     Ok(Dialed {
-        endpoint,
-        connection,
+        endpoint: Some(endpoint),
+        connection: Connection::Quic(connection),
+        via: Via {
+            kind: TransportKind::Quic,
+            detail: format!("QUIC to {}", config.relay),
+        },
     })
 }
 
@@ -292,6 +510,7 @@ pub async fn say_hello(dialed: Dialed, hello: &HelloParams) -> Result<RelaySessi
     let Dialed {
         endpoint,
         connection,
+        via,
     } = dialed;
     let (control, control_recv, welcome) =
         tokio::time::timeout(HELLO_TIMEOUT, hello_exchange(&connection, hello))
@@ -300,6 +519,7 @@ pub async fn say_hello(dialed: Dialed, hello: &HelloParams) -> Result<RelaySessi
     Ok(RelaySession {
         endpoint,
         connection,
+        via,
         control,
         control_recv: Some(control_recv),
         welcome,
@@ -420,7 +640,12 @@ pub async fn reserve(
     let answer = tokio::time::timeout(HELLO_TIMEOUT, exchange)
         .await
         .map_err(|_| DialError::Protocol("no answer to Reserve in time".into()))?;
-    connection.close(0u32.into(), b"reserved");
-    dialed.endpoint.wait_idle().await;
+    connection.close(CloseCode::Normal, b"reserved");
+    match &dialed.endpoint {
+        Some(endpoint) => endpoint.wait_idle().await,
+        None => {
+            let _ = tokio::time::timeout(CLOSE_LINGER, connection.closed()).await;
+        }
+    }
     answer
 }

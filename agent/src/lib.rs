@@ -329,6 +329,7 @@ pub(crate) fn announce(
         Some(path) => app_url(access_url, path),
         None => access_url.clone(),
     };
+    say!("connected over {}", session.via);
     say!("your app is at {url}");
     tracing::info!(name = %session.welcome.name, "session open");
     if let Some(path) = url_file {

@@ -4,12 +4,13 @@
 use crate::target::TargetPool;
 use http::{header, HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use jobgate_protocol::quic::{abandon, pipe, pump_body, QuicBody};
 use jobgate_protocol::upgrade;
 use jobgate_protocol::{read_frame, RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME};
-use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
+use jobgate_transport::body::{abandon, pipe, pump_body, StreamBody};
+use jobgate_transport::{Connection, ConnectionError, RecvStream, SendStream};
 use std::sync::Arc;
 use thiserror::Error;
+use tokio::io::AsyncWriteExt;
 
 /// Serves every stream the relay opens until the connection ends, and says why it ended.
 pub async fn serve_streams(connection: Connection, pool: Arc<TargetPool>) -> ConnectionError {
@@ -48,9 +49,9 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, pool: Arc<Targ
     };
     // An upgrade keeps the receive half for the pipe; otherwise it is the request body.
     let (body, kept_recv) = if upgrade {
-        (QuicBody::empty(), Some(recv))
+        (StreamBody::empty(), Some(recv))
     } else {
-        (QuicBody::new(recv), None)
+        (StreamBody::new(recv), None)
     };
     let mut request = Request::new(body);
     *request.method_mut() = head.method;
@@ -61,9 +62,9 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, pool: Arc<Targ
         Ok(response) => response,
         Err(e) => {
             tracing::debug!("app did not answer: {e}");
-            let _ = send.reset(VarInt::from(StreamCode::BadResponse));
+            send.reset(StreamCode::BadResponse);
             if let Some(mut recv) = kept_recv {
-                let _ = recv.stop(VarInt::from(StreamCode::BadResponse));
+                recv.stop(StreamCode::BadResponse);
             }
             return;
         }
@@ -80,7 +81,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, pool: Arc<Targ
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let Some(recv) = kept_recv else {
-            let _ = send.reset(VarInt::from(StreamCode::BadResponse));
+            send.reset(StreamCode::BadResponse);
             return;
         };
         match hyper::upgrade::on(response).await {
@@ -97,7 +98,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, pool: Arc<Targ
 
     match pump_body(response.into_body(), &mut send).await {
         Ok(_) => {
-            let _ = send.finish();
+            let _ = send.finish().await;
             // A connection on which an upgrade was asked for and refused goes no further:
             // the app may have switched state for it, or still wait for a body it was
             // told of, and the next request would be read as that body (smuggling).
@@ -115,7 +116,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, pool: Arc<Targ
         }
         Err(e) => {
             tracing::debug!("response body ended early: {e}");
-            let _ = send.reset(VarInt::from(StreamCode::Cancelled));
+            send.reset(StreamCode::Cancelled);
         }
     }
 }
@@ -149,7 +150,7 @@ fn prepare_upgrade(headers: &mut HeaderMap) -> Result<bool, UpgradeRefusal> {
     Ok(true)
 }
 
-async fn write_head(send: &mut SendStream, head: &ResponseHead) -> Result<(), quinn::WriteError> {
+async fn write_head(send: &mut SendStream, head: &ResponseHead) -> std::io::Result<()> {
     send.write_all(&head.to_frame()).await
 }
 

@@ -3,7 +3,7 @@
 //! the connection is lost; stop for good when the relay ends the session.
 
 use crate::child::{self, App};
-use crate::dial::{self, DialError, HelloParams, RelaySession};
+use crate::dial::{self, DialError, Dialed, HelloParams, RelaySession, TransportChoice};
 use crate::serve;
 use crate::target::TargetPool;
 use crate::{announce, jobfile, AgentError, AgentOptions};
@@ -11,6 +11,8 @@ use jobgate_protocol::{CloseCode, ControlMessage};
 use nix::sys::signal::Signal;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// First wait before reconnecting; doubled after each failed attempt.
 const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
@@ -22,7 +24,7 @@ const CONTROL_QUEUE: usize = 8;
 /// One live connection: the session plus the tasks serving it.
 pub(crate) struct Live {
     session: RelaySession,
-    serving: tokio::task::JoinHandle<quinn::ConnectionError>,
+    serving: tokio::task::JoinHandle<jobgate_transport::ConnectionError>,
     control: tokio::sync::mpsc::Receiver<ControlMessage>,
 }
 
@@ -41,7 +43,7 @@ impl Live {
 }
 
 async fn read_control(
-    mut recv: Option<quinn::RecvStream>,
+    mut recv: Option<jobgate_transport::RecvStream>,
     tx: tokio::sync::mpsc::Sender<ControlMessage>,
 ) {
     let Some(recv) = recv.as_mut() else { return };
@@ -69,6 +71,24 @@ enum Event {
     /// for good (no reconnect).
     Lost(String, Option<CloseCode>),
     Control(Option<ControlMessage>),
+    /// Time to try QUIC again (on TCP under `--transport auto`).
+    ProbeDue,
+    /// A QUIC probe ended.
+    Probed(Result<Dialed, DialError>),
+}
+
+/// Waits for a running QUIC probe, if any.
+async fn probe_done(
+    probe: &mut Option<JoinHandle<Result<Dialed, DialError>>>,
+) -> Result<Dialed, DialError> {
+    let Some(running) = probe.as_mut() else {
+        return std::future::pending().await;
+    };
+    let result = running
+        .await
+        .unwrap_or_else(|e| Err(DialError::Protocol(format!("probe task failed: {e}"))));
+    *probe = None;
+    result
 }
 
 /// Watches the app, the signals and the relay connection; reconnects when it is lost.
@@ -92,7 +112,13 @@ impl Supervisor<'_> {
         let mut name = session.welcome.name.clone();
         let mut live = Live::start(session, self.pool.clone());
         let mut control_open = true;
+        // While on TCP under `auto`, QUIC is tried now and then: UDP may pass again.
+        let reprobe = self.options.dial.quic_reprobe;
+        let mut next_probe = Instant::now() + reprobe;
+        let mut probe: Option<JoinHandle<Result<Dialed, DialError>>> = None;
         loop {
+            let may_probe = self.options.dial.transport == TransportChoice::Auto
+                && live.session.via.kind == jobgate_transport::TransportKind::Tcp;
             let event = tokio::select! {
                 status = wait_app(&mut self.app) => Event::AppExited(status),
                 _ = self.terminate.recv() => Event::Signal(Signal::SIGTERM),
@@ -100,15 +126,16 @@ impl Supervisor<'_> {
                 error = &mut live.serving => {
                     let error = error.map_err(|e| e.to_string());
                     let ended = match &error {
-                        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-                            CloseCode::from_u64(c.error_code.into_inner())
-                                .filter(|code| matches!(code, CloseCode::Revoked | CloseCode::ClosedByAdmin))
-                        }
+                        Ok(error) => error
+                            .peer_close_code()
+                            .filter(|code| matches!(code, CloseCode::Revoked | CloseCode::ClosedByAdmin)),
                         _ => None,
                     };
                     Event::Lost(error.map(|e| e.to_string()).unwrap_or_else(|e| e), ended)
                 }
                 message = live.control.recv(), if control_open => Event::Control(message),
+                _ = tokio::time::sleep_until(next_probe), if may_probe && probe.is_none() => Event::ProbeDue,
+                probed = probe_done(&mut probe) => Event::Probed(probed),
             };
             match event {
                 Event::AppExited(status) => {
@@ -136,6 +163,41 @@ impl Supervisor<'_> {
                     tracing::debug!("ignoring control message {other:?}")
                 }
                 Event::Control(None) => control_open = false,
+                Event::ProbeDue => {
+                    let config = self.options.dial.clone();
+                    probe = Some(tokio::spawn(async move { dial::probe_quic(&config).await }));
+                }
+                Event::Probed(Err(e)) => {
+                    tracing::debug!("QUIC still not answering: {e}");
+                    next_probe = Instant::now() + reprobe;
+                }
+                Event::Probed(Ok(dialed)) => {
+                    // The resume ticket moves the name to the QUIC connection; the relay
+                    // closes the TCP one (`Replaced`), and open WebSockets reconnect as
+                    // after a blip.
+                    match dial::say_hello(dialed, &self.hello).await {
+                        Ok(session) if session.welcome.name == name => {
+                            say!(
+                                "QUIC answers again: moved to {}; the URL is unchanged",
+                                session.via
+                            );
+                            if let Some(ticket) = &session.welcome.resume_ticket {
+                                self.hello.resume = Some(ticket.clone());
+                            }
+                            live = Live::start(session, self.pool.clone());
+                            control_open = true;
+                        }
+                        Ok(mut session) => {
+                            // Not our name (it cannot move): keep TCP, give the new one back.
+                            session.bye("moved back to the first connection").await;
+                            next_probe = Instant::now() + reprobe;
+                        }
+                        Err(e) => {
+                            tracing::debug!("QUIC answered but the session did not move: {e}");
+                            next_probe = Instant::now() + reprobe;
+                        }
+                    }
+                }
                 Event::Lost(reason, Some(CloseCode::ClosedByAdmin)) => {
                     say!("the relay's admin closed this session ({reason}); stopping the app");
                     self.stop_app(Signal::SIGTERM).await;
@@ -160,8 +222,9 @@ impl Supervisor<'_> {
                     }
                     match self.reconnect("reconnect failed").await? {
                         Reconnect::Connected(session) => {
+                            next_probe = Instant::now() + reprobe;
                             if session.welcome.name == name {
-                                say!("reconnected; the URL is unchanged");
+                                say!("reconnected over {}; the URL is unchanged", session.via);
                                 if let Some(job_file) = self.job_file {
                                     job_file.record(jobfile::SessionState::Connected, |_| {});
                                 }

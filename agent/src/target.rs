@@ -3,7 +3,7 @@
 
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use jobgate_protocol::quic::QuicBody;
+use jobgate_transport::body::StreamBody;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -143,7 +143,7 @@ pub enum TargetError {
 /// exchange and given back once its response body has been fully forwarded.
 pub struct TargetPool {
     target: Target,
-    idle: Mutex<Vec<SendRequest<QuicBody>>>,
+    idle: Mutex<Vec<SendRequest<StreamBody>>>,
 }
 
 impl TargetPool {
@@ -161,7 +161,7 @@ impl TargetPool {
     }
 
     /// An idle, ready connection, or a new one.
-    pub async fn checkout(&self) -> Result<SendRequest<QuicBody>, TargetError> {
+    pub async fn checkout(&self) -> Result<SendRequest<StreamBody>, TargetError> {
         loop {
             let candidate = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match candidate {
@@ -197,7 +197,7 @@ impl TargetPool {
     }
 
     /// Returns a connection whose exchange is complete.
-    pub fn checkin(&self, sender: SendRequest<QuicBody>) {
+    pub fn checkin(&self, sender: SendRequest<StreamBody>) {
         if sender.is_closed() {
             return;
         }

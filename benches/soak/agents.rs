@@ -98,9 +98,9 @@ pub fn main(opts: Opts) -> Result<()> {
     let stable = var(ENV_KIND)? == "stable";
     let token = std::fs::read_to_string(var(ENV_TOKEN)?)?.trim().to_owned();
     let dial = DialConfig {
-        relay: var(ENV_RELAY)?,
-        relay_ca: Some(PathBuf::from(var(ENV_CA)?)),
         idle_timeout: Duration::from_secs(15),
+        transport: jobgate_agent::dial::TransportChoice::Quic,
+        ..DialConfig::new(var(ENV_RELAY)?, Some(PathBuf::from(var(ENV_CA)?)))
     };
     // This process holds thousands of sockets: lift the soft descriptor limit.
     jobgate_harness::process::raise_nofile()?;
@@ -226,10 +226,13 @@ fn key_of(access_url: &str) -> String {
 }
 
 async fn crash(session: &RelaySession) {
-    session
-        .connection
-        .close(quinn::VarInt::from_u32(CRASH_CODE), b"crash");
-    let _ = tokio::time::timeout(Duration::from_millis(500), session.endpoint.wait_idle()).await;
+    // A code the relay does not know: a connection lost, not a job's end.
+    if let Some(quic) = session.connection.as_quic() {
+        quic.close(quinn::VarInt::from_u32(CRASH_CODE), b"crash");
+    }
+    if let Some(endpoint) = &session.endpoint {
+        let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    }
 }
 
 fn serve(session: &RelaySession, pool: &Arc<TargetPool>) -> JoinHandle<()> {

@@ -58,9 +58,12 @@ fn scenario_scale_agents(
         ],
     )?;
     let dial = jobgate_agent::dial::DialConfig {
-        relay: format!("127.0.0.1:{}", relay.quic_port),
-        relay_ca: Some(setup.env.ca.clone()),
         idle_timeout: Duration::from_secs(30),
+        transport: jobgate_agent::dial::TransportChoice::Quic,
+        ..jobgate_agent::dial::DialConfig::new(
+            format!("127.0.0.1:{}", relay.quic_port),
+            Some(setup.env.ca.clone()),
+        )
     };
     let hello = jobgate_agent::dial::HelloParams {
         token: jobgate_protocol::Token(setup.token.clone()),
@@ -89,9 +92,9 @@ fn scenario_scale_agents(
         let after = relay.proc.rss_kib()?;
         let per = (after.saturating_sub(before)) as f64 / n as f64;
         eprintln!("  relay RSS {before} KiB → {after} KiB for {n} agents: {per:.1} KiB each; connected in {connect_s:.2} s");
-        let code = quinn::VarInt::from_u32(jobgate_protocol::CloseCode::Normal.as_u32());
         for s in sessions.iter().chain(&warm) {
-            s.connection.close(code, b"bench done");
+            s.connection
+                .close(jobgate_protocol::CloseCode::Normal, b"bench done");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         Ok::<_, anyhow::Error>((

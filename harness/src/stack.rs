@@ -389,11 +389,17 @@ pub fn start_agent(env: &TestEnv, relay: &RelayProc, token: &Path, args: &[&str]
     let url_file = env.dir.join(format!("url-{}", rand::random::<u64>()));
     let mut command = agent_command(env, relay, token, &url_file);
     command.args(args);
+    start_agent_command(command, &url_file)
+}
+
+/// Starts an agent command that was given `--url-file url_file` and waits for the URL
+/// it writes there.
+pub fn start_agent_command(command: Command, url_file: &Path) -> AgentProc {
     let mut proc = Proc::start("agent", command).unwrap_or_else(|e| panic!("{e}"));
     let deadline = Instant::now() + AGENT_START;
     loop {
         // The agent writes the file atomically; a final newline says it is complete.
-        if let Ok(url) = std::fs::read_to_string(&url_file) {
+        if let Ok(url) = std::fs::read_to_string(url_file) {
             if url.ends_with('\n') {
                 return AgentProc {
                     proc,

@@ -136,7 +136,7 @@ pub struct SessionInfo {
     /// The agent's address as the relay sees it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_addr: Option<String>,
-    /// How the agent is connected (`quic`).
+    /// How the agent is connected: `quic`, or `tcp` (TLS over TCP where UDP is blocked).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport: Option<&'static str>,
     /// `link` or `public`.
@@ -144,7 +144,7 @@ pub struct SessionInfo {
     pub access: Option<&'static str>,
     /// Seconds since the session opened (for a parked one: seconds left of its grace).
     pub seconds: u64,
-    /// Bytes received from the agent (QUIC, on the wire).
+    /// Bytes received from the agent (on the wire: UDP payloads, or TLS bytes on TCP).
     pub bytes_in: u64,
     /// Bytes sent to the agent.
     pub bytes_out: u64,
@@ -158,7 +158,7 @@ pub struct SessionInfo {
 
 impl SessionInfo {
     fn live(shared: &Shared, session: &Session) -> Self {
-        let stats = session.connection.stats();
+        let (bytes_in, bytes_out) = session.connection.bytes();
         Self {
             name: session.name.to_string(),
             url: shared.config.session_url(session.name.as_str()),
@@ -167,11 +167,11 @@ impl SessionInfo {
             job_id: session.job.id.clone(),
             node: session.job.host.clone(),
             agent_addr: Some(session.agent_addr.to_string()),
-            transport: Some("quic"),
+            transport: Some(session.connection.kind().as_str()),
             access: Some(crate::agents::access_word(session.access)),
             seconds: session.opened.elapsed().as_secs(),
-            bytes_in: stats.udp_rx.bytes,
-            bytes_out: stats.udp_tx.bytes,
+            bytes_in,
+            bytes_out,
             requests: session.requests.load(Ordering::Relaxed),
             in_flight: session.in_flight.load(Ordering::Relaxed),
             websockets: session.websockets.load(Ordering::Relaxed),
@@ -328,10 +328,9 @@ fn close_session(shared: &Arc<Shared>, name: &SessionName) -> AdminResponse {
     if let Some(session) = shared.routes.get(name) {
         tracing::info!(name = %session.name, user = %session.user, "closed by an admin");
         session.revoked.store(true, Ordering::Relaxed);
-        session.connection.close(
-            quinn::VarInt::from(CloseCode::ClosedByAdmin),
-            b"closed by the relay's admin",
-        );
+        session
+            .connection
+            .close(CloseCode::ClosedByAdmin, b"closed by the relay's admin");
         return json(
             StatusCode::OK,
             &serde_json::json!({ "closed": name.as_str() }),

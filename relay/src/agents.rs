@@ -18,7 +18,7 @@ use jobgate_protocol::{
     read_frame, write_frame, AccessMode, CloseCode, ControlMessage, JobInfo, RefusalCode,
     SessionLimits, Token, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
 };
-use quinn::{Connection, RecvStream, SendStream, VarInt};
+use jobgate_transport::{Connection, ConnectionError, RecvStream, SendStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -138,7 +138,7 @@ pub(crate) async fn accept_agents(
                 Err(e) => Err(e),
             };
             match connection {
-                Ok(connection) => serve_agent(connection, shared, pending).await,
+                Ok(connection) => serve_agent(Connection::Quic(connection), shared, pending).await,
                 Err(e) => {
                     shared
                         .metrics
@@ -151,8 +151,27 @@ pub(crate) async fn accept_agents(
     }
 }
 
+/// Serves an agent that connected over TLS/TCP to the HTTPS listener (ALPN `jobgate/1`,
+/// where UDP is blocked): the same session as over QUIC, under the same handshake cap.
+pub(crate) async fn serve_tcp_agent<T>(tls: T, peer: std::net::SocketAddr, shared: Arc<Shared>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let pending_now = usize::try_from(shared.metrics.pending_handshakes.get()).unwrap_or(0);
+    if pending_now >= shared.config.max_pending_handshakes {
+        shared
+            .metrics
+            .agent_handshakes_over_cap
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, "too many pending agent handshakes: TCP agent refused");
+        return;
+    }
+    let pending = OwnedGaugeGuard::enter(shared.clone(), |m| &m.pending_handshakes);
+    serve_agent(jobgate_transport::tcp::accept(tls, peer), shared, pending).await
+}
+
 fn close(connection: &Connection, code: CloseCode, reason: &str) {
-    connection.close(VarInt::from(code), reason.as_bytes());
+    connection.close(code, reason.as_bytes());
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -246,7 +265,7 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>, pending: Owned
     // The session's receive window, out of the relay-wide budget while it lasts; held
     // (and counted) until the session ends.
     let window = shared.window_budget.grant();
-    connection.set_receive_window(VarInt::from_u32(window.window()));
+    connection.set_receive_window(window.window());
     let _full_window = window
         .is_full()
         .then(|| shared.metrics.sessions_full_window.enter());
@@ -286,6 +305,7 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>, pending: Owned
         host = session.job.host.as_deref().unwrap_or("-"),
         agent = %remote,
         resumed = admitted.resumed,
+        transport = %connection.kind(),
         "session opened"
     );
     let opened = if admitted.resumed {
@@ -301,7 +321,12 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>, pending: Owned
         host: session.job.host.as_deref(),
         agent_addr: remote,
         access: access_word(session.access),
+        transport: connection.kind().as_str(),
     });
+    let _by_transport = shared
+        .metrics
+        .sessions_by_transport(connection.kind())
+        .enter();
 
     let end = watch_session(&shared, &session, send, recv).await;
     let is_final = end.is_final() || session.revoked.load(Ordering::Relaxed);
@@ -310,14 +335,14 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>, pending: Owned
         .sessions_closed
         .fetch_add(1, Ordering::Relaxed);
     let reason = end.describe();
-    let stats = connection.stats();
+    let (bytes_in, bytes_out) = connection.bytes();
     shared.audit.record(&AuditEvent::Closed {
         user: &session.user,
         name: session.name.as_str(),
         reason: &reason,
         duration_s: session.opened.elapsed().as_secs(),
-        bytes_in: stats.udp_rx.bytes,
-        bytes_out: stats.udp_tx.bytes,
+        bytes_in,
+        bytes_out,
         requests: session.requests.load(Ordering::Relaxed),
     });
     tracing::info!(name = %session.name, user = %session.user, "session closed: {reason}");
@@ -352,8 +377,11 @@ async fn refuse(shared: &Shared, connection: &Connection, mut send: SendStream, 
         message: refusal.message,
     };
     let _ = write_frame(&mut send, &refused.to_payload()).await;
-    let _ = send.finish();
-    let _ = tokio::time::timeout(REFUSED_LINGER, send.stopped()).await;
+    let _ = tokio::time::timeout(REFUSED_LINGER, async {
+        let _ = send.finish().await;
+        send.stopped().await;
+    })
+    .await;
     close(connection, close_code, "refused");
 }
 
@@ -591,8 +619,11 @@ async fn answer_reserve(
     match answer {
         Ok(reserved) => {
             let _ = write_frame(&mut send, &reserved.to_payload()).await;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(REFUSED_LINGER, send.stopped()).await;
+            let _ = tokio::time::timeout(REFUSED_LINGER, async {
+                let _ = send.finish().await;
+                send.stopped().await;
+            })
+            .await;
             close(connection, CloseCode::Normal, "reserved");
         }
         Err(refusal) => refuse(shared, connection, send, refusal).await,
@@ -775,13 +806,9 @@ async fn watch_session(
 /// How a connection's end counts: an agent that closed with code Normal ended its job
 /// (its `Bye` may still be in flight behind the close), so the name dies now; anything
 /// else may be a network blip, so the name waits for a resume.
-fn connection_ended(error: &quinn::ConnectionError) -> End {
-    match error {
-        quinn::ConnectionError::ApplicationClosed(close)
-            if close.error_code == VarInt::from(CloseCode::Normal) =>
-        {
-            End::Bye("agent closed the connection".into())
-        }
+fn connection_ended(error: &ConnectionError) -> End {
+    match error.peer_close_code() {
+        Some(CloseCode::Normal) => End::Bye("agent closed the connection".into()),
         _ => End::Lost(error.to_string()),
     }
 }

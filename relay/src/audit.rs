@@ -25,6 +25,8 @@ pub enum AuditEvent<'a> {
         agent_addr: SocketAddr,
         /// `link` or `public`.
         access: &'a str,
+        /// `quic`, or `tcp` (TLS over TCP, where UDP is blocked).
+        transport: &'a str,
     },
     /// A session ended.
     Closed {
@@ -36,9 +38,9 @@ pub enum AuditEvent<'a> {
         reason: &'a str,
         /// Seconds it lived.
         duration_s: u64,
-        /// UDP payload bytes received from the agent.
+        /// Bytes received from the agent (UDP payloads; TLS bytes on the TCP transport).
         bytes_in: u64,
-        /// UDP payload bytes sent to the agent.
+        /// Bytes sent to the agent.
         bytes_out: u64,
         /// Requests forwarded.
         requests: u64,

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use jobgate_protocol::quic::QuicBody;
+use jobgate_transport::body::StreamBody;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -11,7 +11,7 @@ pub enum RelayBody {
     /// A complete small body (error pages, redirects); `None` once sent.
     Full(Option<Bytes>),
     /// The app's response body, streamed from the agent.
-    Stream(QuicBody),
+    Stream(StreamBody),
 }
 
 impl RelayBody {

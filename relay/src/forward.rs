@@ -1,4 +1,4 @@
-//! One request's trip: find the session by host, open a QUIC stream to its agent, send
+//! One request's trip: find the session by host, open a stream to its agent, send
 //! the head and stream the body, then stream the answer back. A `101` answer splices the
 //! upgraded client connection to the stream.
 
@@ -12,14 +12,16 @@ use crate::Shared;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use jobgate_protocol::quic::{abandon, pipe, pump_body, QuicBody};
 use jobgate_protocol::{
     read_frame, ReadFrameError, RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME,
 };
+use jobgate_transport::body::{abandon, pipe, pump_body, StreamBody};
+use jobgate_transport::{RecvStream, SendStream};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
 
 /// The hyper service of the front door: every request, on every connection.
 pub(crate) async fn handle(
@@ -212,16 +214,16 @@ async fn forward(
     } else {
         use http_body::Body;
         if body.is_end_stream() {
-            let _ = send.finish();
+            let _ = send.finish().await;
         } else {
             tokio::spawn(async move {
                 match pump_body(body, &mut send).await {
                     Ok(_) => {
-                        let _ = send.finish();
+                        let _ = send.finish().await;
                     }
                     Err(e) => {
                         tracing::debug!("request body ended early: {e}");
-                        let _ = send.reset(quinn::VarInt::from(StreamCode::Cancelled));
+                        send.reset(StreamCode::Cancelled);
                     }
                 }
             });
@@ -245,7 +247,7 @@ async fn forward(
         {
             Some(Ok(Some(payload))) => ResponseHead::decode(&payload).map_err(|_| Page::BadGateway),
             Some(Ok(None)) => Err(Page::BadGateway),
-            Some(Err(e)) => Err(page_for_failed_answer(&e)),
+            Some(Err(e)) => Err(page_for_failed_answer(session, &e)),
             // Not answered: the guard stops the stream with `Cancelled` as it drops.
             None => return answer_timed_out(send, &page_headers),
         };
@@ -255,7 +257,7 @@ async fn forward(
     let response_head = match response_head {
         Ok(head) => head,
         Err(page) => {
-            let _ = recv.stop(quinn::VarInt::from(StreamCode::MalformedHead));
+            recv.stop(StreamCode::MalformedHead);
             return page.render(&page_headers);
         }
     };
@@ -290,9 +292,9 @@ async fn forward(
             if let Some(mut send) = send {
                 // Upgrade refused by the app: an upgrade request has no body (checked in
                 // `route`), so the request is complete.
-                let _ = send.finish();
+                let _ = send.finish().await;
             }
-            Response::new(RelayBody::Stream(QuicBody::new(recv)))
+            Response::new(RelayBody::Stream(StreamBody::new(recv)))
         }
     };
     *response.status_mut() = response_head.status;
@@ -304,7 +306,7 @@ async fn forward(
 
 /// Reads the response head, giving up (`None`) after `limit`.
 async fn read_head_in_time(
-    recv: &mut quinn::RecvStream,
+    recv: &mut RecvStream,
     limit: Option<std::time::Duration>,
 ) -> Option<Result<Option<Vec<u8>>, ReadFrameError>> {
     let read = read_frame(recv, MAX_HEAD_FRAME);
@@ -318,19 +320,23 @@ async fn read_head_in_time(
 /// request stream is reset both ways with `Cancelled` (its receive half by the caller's
 /// guard) so the agent stops waiting for the app.
 fn answer_timed_out(
-    send: Option<quinn::SendStream>,
+    send: Option<SendStream>,
     page_headers: &http::HeaderMap,
 ) -> Response<RelayBody> {
     if let Some(mut send) = send {
-        let _ = send.reset(quinn::VarInt::from(StreamCode::Cancelled));
+        send.reset(StreamCode::Cancelled);
     }
     Page::GatewayTimeout.render(page_headers)
 }
 
 /// The page for a request whose stream failed before the response head: the agent could
 /// not reach its app, or the agent's connection is gone (it may come back), or anything
-/// else the agent or app did wrong.
-fn page_for_failed_answer(error: &ReadFrameError) -> Page {
+/// else the agent or app did wrong. (On the TCP transport a stream reset carries no
+/// code: an unreachable app shows as a bad gateway there.)
+fn page_for_failed_answer(session: &Session, error: &ReadFrameError) -> Page {
+    if session.connection.close_reason().is_some() {
+        return Page::Reconnecting;
+    }
     let ReadFrameError::Io(io) = error else {
         return Page::BadGateway;
     };
@@ -351,14 +357,14 @@ fn page_for_failed_answer(error: &ReadFrameError) -> Page {
 /// A request stream waiting for its response head; stopped with `Cancelled` if the wait
 /// is dropped (the client went away) before the head arrived.
 struct PendingAnswer<'a> {
-    recv: &'a mut quinn::RecvStream,
+    recv: &'a mut RecvStream,
     answered: bool,
 }
 
 impl Drop for PendingAnswer<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            let _ = self.recv.stop(quinn::VarInt::from(StreamCode::Cancelled));
+            self.recv.stop(StreamCode::Cancelled);
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The front door: accept TCP, terminate TLS (ALPN h2 / http/1.1), and serve each
-//! connection with hyper, every request going to [`crate::forward`].
+//! connection with hyper, every request going to [`crate::forward`]. A connection that
+//! negotiated ALPN `jobgate/1` is an agent on the TCP transport (UDP blocked where it
+//! runs): it goes to [`crate::agents`] instead.
 
 use crate::body::RelayBody;
 use crate::limits::{AcceptBackoff, ClientPermit};
@@ -37,6 +39,18 @@ pub(crate) async fn serve_https(
         let shared = shared.clone();
         async move {
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls))
+                    if jobgate_transport::tcp::is_agent(tls.get_ref().1.alpn_protocol()) =>
+                {
+                    // Agents are capped by the agent limits, not by the per-address client
+                    // caps: many jobs may share one proxy's or one NAT's address.
+                    drop(permit);
+                    shared
+                        .metrics
+                        .agent_tcp_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    crate::agents::serve_tcp_agent(tls, peer, shared).await
+                }
                 Ok(Ok(tls)) => serve_connection(tls, peer, shared, permit).await,
                 Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

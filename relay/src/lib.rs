@@ -292,6 +292,15 @@ impl Relay {
             quinn::VarInt::from(jobgate_protocol::CloseCode::Draining),
             b"relay shutting down",
         );
+        // Agents on the TCP transport are not the QUIC endpoint's: close each one.
+        for session in self.shared.routes.all() {
+            if session.connection.kind() == jobgate_transport::TransportKind::Tcp {
+                session.connection.close(
+                    jobgate_protocol::CloseCode::Draining,
+                    b"relay shutting down",
+                );
+            }
+        }
         self.front.abort_all();
         self.tasks.abort_all();
         while self.front.join_next().await.is_some() {}
@@ -371,7 +380,7 @@ fn close_sessions_of_stale_tokens(shared: &Arc<Shared>) {
         state::save_now(&shared).await;
         for session in stale {
             session.connection.close(
-                quinn::VarInt::from(jobgate_protocol::CloseCode::Revoked),
+                jobgate_protocol::CloseCode::Revoked,
                 b"token revoked or replaced",
             );
         }

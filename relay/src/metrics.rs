@@ -107,9 +107,21 @@ pub struct Metrics {
     pub sessions_full_window: Gauge,
     /// Sessions admitted with the small window because the memory budget was spent.
     pub sessions_small_window: AtomicU64,
+    /// Live sessions by transport: [QUIC, TCP/TLS].
+    pub sessions_transport: [Gauge; 2],
+    /// Agent connections accepted over TLS/TCP on the HTTPS listener (UDP blocked).
+    pub agent_tcp_connections: AtomicU64,
 }
 
 impl Metrics {
+    /// The gauge of live sessions over `kind`.
+    pub(crate) fn sessions_by_transport(&self, kind: jobgate_transport::TransportKind) -> &Gauge {
+        match kind {
+            jobgate_transport::TransportKind::Quic => &self.sessions_transport[0],
+            jobgate_transport::TransportKind::Tcp => &self.sessions_transport[1],
+        }
+    }
+
     /// Counts a client connection closed at once because of `over`.
     pub(crate) fn count_client_refused(&self, over: crate::limits::OverCap) {
         let index = match over {
@@ -159,6 +171,21 @@ pub(crate) fn render(shared: &Shared) -> String {
             ("{state=\"live\"}", live as f64),
             ("{state=\"parked\"}", parked as f64),
         ],
+    );
+    family(
+        "sessions_by_transport",
+        "gauge",
+        "Live sessions by the transport their agent uses: quic, or tcp (TLS over TCP where UDP is blocked).",
+        &[
+            ("{transport=\"quic\"}", m.sessions_transport[0].get() as f64),
+            ("{transport=\"tcp\"}", m.sessions_transport[1].get() as f64),
+        ],
+    );
+    family(
+        "agent_tcp_connections_total",
+        "counter",
+        "Agent connections accepted over TLS/TCP on the HTTPS listener.",
+        &[("", n(&m.agent_tcp_connections))],
     );
     family(
         "sessions_opened_total",

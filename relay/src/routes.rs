@@ -29,8 +29,9 @@ pub struct Session {
     /// The session's web origin, `https://<name>.<domain>[:port]`: computed once here so
     /// the per-request origin check only compares bytes.
     pub origin: Box<str>,
-    /// The agent's QUIC connection: every request becomes a stream on it.
-    pub connection: quinn::Connection,
+    /// The agent's connection (QUIC, or TLS/TCP where UDP is blocked): every request
+    /// becomes a stream on it.
+    pub connection: jobgate_transport::Connection,
     /// The agent's address as seen by the relay.
     pub agent_addr: SocketAddr,
     /// When the session opened.

@@ -149,7 +149,13 @@ pub fn front_server_config(certs: Arc<CertStore>) -> Result<Arc<rustls::ServerCo
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(certs);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Browsers offer h2/http/1.1; agents that cannot use UDP offer only `jobgate/1`
+    // (the TCP transport), so one port serves both and no new port must be opened.
+    config.alpn_protocols = vec![
+        b"h2".to_vec(),
+        b"http/1.1".to_vec(),
+        jobgate_transport::ALPN_TCP.to_vec(),
+    ];
     Ok(Arc::new(config))
 }
 

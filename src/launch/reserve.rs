@@ -9,7 +9,7 @@
 
 use super::slurm::slurm;
 use super::{LaunchArgs, LaunchError};
-use jobgate_agent::dial::{reserve, DialConfig, Reserved, DEFAULT_IDLE_TIMEOUT};
+use jobgate_agent::dial::{reserve, DialConfig, Reserved};
 use jobgate_protocol::AccessMode;
 use std::path::{Path, PathBuf};
 
@@ -34,11 +34,7 @@ pub(super) async fn reserve_for_job(
             return None;
         }
     };
-    let config = DialConfig {
-        relay,
-        relay_ca: args.relay_ca.clone(),
-        idle_timeout: DEFAULT_IDLE_TIMEOUT,
-    };
+    let config = DialConfig::new(relay, args.relay_ca.clone());
     let reserved = match reserve(&config, token, AccessMode::Link, job_id).await {
         Ok(reserved) => reserved,
         Err(e) => {

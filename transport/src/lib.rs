@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod body;
 mod mux;
 pub mod proxy;
 mod split;
@@ -62,6 +63,30 @@ pub enum ConnectionError {
     Tcp(#[from] MuxError),
 }
 
+impl ConnectionError {
+    /// The jobgate close code the peer closed with, if it closed on purpose.
+    pub fn peer_close_code(&self) -> Option<jobgate_protocol::CloseCode> {
+        match self {
+            ConnectionError::Quic(quinn::ConnectionError::ApplicationClosed(close)) => {
+                jobgate_protocol::CloseCode::from_u64(close.error_code.into_inner())
+            }
+            ConnectionError::Tcp(MuxError::ApplicationClosed { code, .. }) => {
+                jobgate_protocol::CloseCode::from_u64(u64::from(*code))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the connection went silent (no answer within the idle timeout) rather than
+    /// being closed.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            ConnectionError::Quic(quinn::ConnectionError::TimedOut)
+        )
+    }
+}
+
 /// A session's connection: QUIC or yamux-over-TLS/TCP.
 #[derive(Clone, Debug)]
 pub enum Connection {
@@ -89,7 +114,7 @@ impl Connection {
             }
             Connection::Tcp(c) => {
                 let (s, r) = c.open_bi().await?;
-                Ok((SendStream::Tcp(s), RecvStream::Tcp(r)))
+                Ok((SendStream::Tcp(s), RecvStream::Tcp(r, Default::default())))
             }
         }
     }
@@ -103,7 +128,7 @@ impl Connection {
             }
             Connection::Tcp(c) => {
                 let (s, r) = c.accept_bi().await?;
-                Ok((SendStream::Tcp(s), RecvStream::Tcp(r)))
+                Ok((SendStream::Tcp(s), RecvStream::Tcp(r, Default::default())))
             }
         }
     }
@@ -121,6 +146,41 @@ impl Connection {
         match self {
             Connection::Quic(c) => ConnectionError::Quic(c.closed().await),
             Connection::Tcp(c) => ConnectionError::Tcp(c.closed().await),
+        }
+    }
+
+    /// Why the connection ended, if it has.
+    pub fn close_reason(&self) -> Option<ConnectionError> {
+        match self {
+            Connection::Quic(c) => c.close_reason().map(ConnectionError::Quic),
+            Connection::Tcp(c) => c.close_reason().map(ConnectionError::Tcp),
+        }
+    }
+
+    /// Sets the connection-wide receive window (QUIC; the TCP transport's windows are
+    /// fixed per stream by yamux).
+    pub fn set_receive_window(&self, bytes: u32) {
+        if let Connection::Quic(c) = self {
+            c.set_receive_window(quinn::VarInt::from_u32(bytes));
+        }
+    }
+
+    /// Bytes received and sent so far (UDP payloads on QUIC, TLS bytes on TCP).
+    pub fn bytes(&self) -> (u64, u64) {
+        match self {
+            Connection::Quic(c) => {
+                let stats = c.stats();
+                (stats.udp_rx.bytes, stats.udp_tx.bytes)
+            }
+            Connection::Tcp(c) => c.bytes(),
+        }
+    }
+
+    /// The QUIC connection underneath, if this is one (for QUIC-only tuning and stats).
+    pub fn as_quic(&self) -> Option<&quinn::Connection> {
+        match self {
+            Connection::Quic(c) => Some(c),
+            Connection::Tcp(_) => None,
         }
     }
 

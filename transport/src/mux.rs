@@ -5,13 +5,25 @@
 //! stream back-pressures only that stream. A yamux `Connection` must be polled by one task
 //! for anything to move (inbound frames, window updates, outbound opens), so a driver task
 //! owns it; [`MuxConnection`] is a cheap handle that talks to that task over channels.
+//!
+//! yamux's `GoAway` carries no application code, but jobgate's closes mean something
+//! (`Revoked`: stop; `Draining`: come back at once; `Normal`: the job is over). So the
+//! dialing end opens one stream of its own first (yamux stream id 1, never handed to the
+//! code above), and a close writes a small record on it — code and reason — before the
+//! `GoAway`; the peer reads it and reports [`MuxError::ApplicationClosed`], as quinn
+//! reports `ApplicationClosed`. yamux flushes stream data before its `GoAway`, so the
+//! record always arrives first.
 
 use crate::split::{MuxRecv, MuxSend};
 use futures_util::future::poll_fn;
+// yamux streams are futures-io readers/writers (the driver polls its own stream directly).
+use futures_util::io::{AsyncRead as _, AsyncWrite as _};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
@@ -34,6 +46,19 @@ const YAMUX_DEFAULT_WINDOW: usize = 256 * 1024;
 /// yamux requires room for every stream's initial window (it panics otherwise).
 pub const MAX_CONNECTION_RECEIVE_WINDOW: usize = YAMUX_DEFAULT_WINDOW * MAX_STREAMS;
 
+/// The yamux id of the transport's own stream (the dialing end's first; yamux gives
+/// clients odd ids from 1).
+const CLOSE_STREAM_ID: u32 = 1;
+/// First byte the dialing end writes on that stream, so that yamux sends its `SYN` at once.
+const CLOSE_STREAM_GREETING: u8 = 0;
+/// Tag of a close record: then the code (u32, big-endian), the reason's length (u16) and
+/// the reason.
+const CLOSE_RECORD_TAG: u8 = 1;
+/// Longest close reason carried (longer ones are cut).
+const MAX_CLOSE_REASON: usize = 256;
+/// Longest close record.
+const MAX_CLOSE_RECORD: usize = 1 + 4 + 2 + MAX_CLOSE_REASON;
+
 /// Which end of the TLS connection this is: yamux gives clients odd stream ids and
 /// servers even ones, so the two ends must pick different roles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +78,15 @@ pub enum MuxError {
         /// The jobgate close code given to `close`.
         code: u32,
     },
-    /// The peer closed the connection or the TCP connection ended.
+    /// The peer closed the connection with this jobgate close code and reason.
+    #[error("closed by peer (code {code}: {reason})")]
+    ApplicationClosed {
+        /// The peer's jobgate close code.
+        code: u32,
+        /// The peer's reason, lossily decoded.
+        reason: String,
+    },
+    /// The peer closed the connection without a code, or the TCP connection ended.
     #[error("connection closed by peer")]
     Closed,
     /// yamux or the socket failed.
@@ -69,9 +102,17 @@ type OpenReply = oneshot::Sender<Result<yamux::Stream, MuxError>>;
 struct Inner {
     open: mpsc::Sender<OpenReply>,
     inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
-    close: mpsc::Sender<u32>,
+    close: mpsc::Sender<(u32, Vec<u8>)>,
     ended: watch::Receiver<Option<MuxError>>,
     remote: SocketAddr,
+    bytes: Arc<ByteCounts>,
+}
+
+/// Bytes through the TLS connection (TLS records included), for the audit log.
+#[derive(Default)]
+struct ByteCounts {
+    received: AtomicU64,
+    sent: AtomicU64,
 }
 
 /// A handle on a yamux connection; clones share it. As with quinn, dropping the last
@@ -103,13 +144,29 @@ impl MuxConnection {
             Role::Client => yamux::Mode::Client,
             Role::Server => yamux::Mode::Server,
         };
-        let connection = yamux::Connection::new(io.compat(), config, mode);
+        let bytes = Arc::new(ByteCounts::default());
+        let counted = Counted {
+            io,
+            bytes: bytes.clone(),
+        };
+        let connection = yamux::Connection::new(counted.compat(), config, mode);
         let (open_tx, open_rx) = mpsc::channel(16);
         let (inbound_tx, inbound_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (close_tx, close_rx) = mpsc::channel(1);
         let (ended_tx, ended_rx) = watch::channel(None);
+        let driver = Driver {
+            connection,
+            role,
+            open_rx,
+            inbound_tx,
+            close_rx,
+            close_stream: None,
+            greeting_due: false,
+            close_stream_failed: false,
+            received_close: Vec::new(),
+        };
         tokio::spawn(async move {
-            let why = drive(connection, open_rx, inbound_tx, close_rx).await;
+            let why = driver.run().await;
             tracing::debug!(%why, "tcp transport ended");
             let _ = ended_tx.send(Some(why));
         });
@@ -120,6 +177,7 @@ impl MuxConnection {
                 close: close_tx,
                 ended: ended_rx,
                 remote,
+                bytes,
             }),
         }
     }
@@ -140,10 +198,24 @@ impl MuxConnection {
         stream.map(split).ok_or_else(|| self.ended_reason())
     }
 
-    /// Closes the connection (all streams end); `code` is reported locally as the reason.
-    /// yamux's GoAway cannot carry jobgate close codes, so the peer sees [`MuxError::Closed`].
-    pub fn close(&self, code: u32, _reason: &[u8]) {
-        let _ = self.inner.close.try_send(code);
+    /// Closes the connection (all streams end); the peer sees
+    /// [`MuxError::ApplicationClosed`] with `code` and `reason` (cut to 256 bytes).
+    pub fn close(&self, code: u32, reason: &[u8]) {
+        let reason = reason[..reason.len().min(MAX_CLOSE_REASON)].to_vec();
+        let _ = self.inner.close.try_send((code, reason));
+    }
+
+    /// Why the connection ended, if it has.
+    pub fn close_reason(&self) -> Option<MuxError> {
+        self.inner.ended.borrow().clone()
+    }
+
+    /// Bytes received and sent on the TLS connection so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.inner.bytes.received.load(Ordering::Relaxed),
+            self.inner.bytes.sent.load(Ordering::Relaxed),
+        )
     }
 
     /// Waits until the connection has ended.
@@ -174,63 +246,242 @@ fn split(stream: yamux::Stream) -> (MuxSend, MuxRecv) {
     crate::split::split(stream.compat())
 }
 
-/// Owns the yamux connection: serves open requests, queues inbound streams, closes on
-/// request. Returns why the connection ended.
-async fn drive<T>(
-    mut connection: yamux::Connection<T>,
-    mut open_rx: mpsc::Receiver<OpenReply>,
+/// Owns the yamux connection: serves open requests, queues inbound streams, carries
+/// close records, closes on request.
+struct Driver<T> {
+    connection: yamux::Connection<T>,
+    role: Role,
+    open_rx: mpsc::Receiver<OpenReply>,
     inbound_tx: mpsc::Sender<yamux::Stream>,
-    mut close_rx: mpsc::Receiver<u32>,
-) -> MuxError
+    close_rx: mpsc::Receiver<(u32, Vec<u8>)>,
+    /// The transport's own stream (see the module docs), once open.
+    close_stream: Option<yamux::Stream>,
+    /// The dialing end still has to write its greeting.
+    greeting_due: bool,
+    /// The dialing end could not open its stream: closes go without a record.
+    close_stream_failed: bool,
+    /// Bytes read from the peer on the transport's stream (at most one record).
+    received_close: Vec<u8>,
+}
+
+impl<T> Driver<T>
 where
     T: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin,
 {
-    let mut waiting_open: Option<OpenReply> = None;
-    let mut closing: Option<u32> = None;
-    poll_fn(|cx| loop {
-        if let Some(code) = closing {
-            return match connection.poll_close(cx) {
-                Poll::Ready(_) => Poll::Ready(MuxError::LocallyClosed { code }),
-                Poll::Pending => Poll::Pending,
-            };
-        }
-        if let Poll::Ready(Some(code)) = close_rx.poll_recv(cx) {
-            closing = Some(code);
-            continue;
-        }
-        if waiting_open.is_none() {
-            match open_rx.poll_recv(cx) {
-                Poll::Ready(Some(reply)) => waiting_open = Some(reply),
-                // Every handle is gone: nobody can use the connection any more.
-                Poll::Ready(None) => {
-                    closing = Some(DROPPED);
-                    continue;
+    /// Runs until the connection ends; returns why.
+    async fn run(mut self) -> MuxError {
+        let mut waiting_open: Option<OpenReply> = None;
+        let mut closing: Option<(u32, Vec<u8>, usize)> = None;
+        poll_fn(|cx| loop {
+            if let Some((code, record, written)) = closing.as_mut() {
+                // Our record first (best effort), then yamux's close, which flushes it.
+                if let Some(stream) = self.close_stream.as_mut() {
+                    while *written < record.len() {
+                        match Pin::new(&mut *stream).poll_write(cx, &record[*written..]) {
+                            Poll::Ready(Ok(n)) if n > 0 => *written += n,
+                            Poll::Ready(_) => *written = record.len(),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
                 }
-                Poll::Pending => {}
+                return match self.connection.poll_close(cx) {
+                    Poll::Ready(_) => Poll::Ready(MuxError::LocallyClosed { code: *code }),
+                    Poll::Pending => Poll::Pending,
+                };
             }
-        }
-        if waiting_open.is_some() {
-            if let Poll::Ready(opened) = connection.poll_new_outbound(cx) {
-                let opened = opened.map_err(|e| MuxError::Failed(e.to_string()));
-                if let Some(reply) = waiting_open.take() {
-                    let _ = reply.send(opened);
-                }
+            if let Poll::Ready(Some((code, reason))) = self.close_rx.poll_recv(cx) {
+                closing = Some((code, close_record(code, &reason), 0));
                 continue;
             }
-        }
-        match connection.poll_next_inbound(cx) {
-            Poll::Ready(Some(Ok(stream))) => {
-                // Dropping a refused stream resets it: the peer sees the open fail.
-                if inbound_tx.try_send(stream).is_err() {
-                    tracing::warn!("tcp transport: accept queue full, stream refused");
+            if self.role == Role::Client && self.close_stream.is_none() && !self.close_stream_failed
+            {
+                match self.connection.poll_new_outbound(cx) {
+                    Poll::Ready(Ok(stream)) => {
+                        self.close_stream = Some(stream);
+                        self.greeting_due = true;
+                    }
+                    Poll::Ready(Err(_)) => self.close_stream_failed = true,
+                    Poll::Pending => {}
                 }
             }
-            Poll::Ready(Some(Err(yamux::ConnectionError::Closed))) | Poll::Ready(None) => {
-                return Poll::Ready(MuxError::Closed)
+            if self.greeting_due {
+                if let Some(stream) = self.close_stream.as_mut() {
+                    match Pin::new(stream).poll_write(cx, &[CLOSE_STREAM_GREETING]) {
+                        Poll::Ready(_) => self.greeting_due = false,
+                        Poll::Pending => {}
+                    }
+                }
             }
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(MuxError::Failed(e.to_string())),
-            Poll::Pending => return Poll::Pending,
+            self.read_close_record(cx);
+            if waiting_open.is_none() {
+                match self.open_rx.poll_recv(cx) {
+                    Poll::Ready(Some(reply)) => waiting_open = Some(reply),
+                    // Every handle is gone: nobody can use the connection any more.
+                    Poll::Ready(None) => {
+                        closing = Some((DROPPED, close_record(DROPPED, b""), 0));
+                        continue;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            // The dialing end's own stream must get id 1: user streams wait for it.
+            let own_stream_first = self.role == Role::Server
+                || self.close_stream.is_some()
+                || self.close_stream_failed;
+            if waiting_open.is_some() && own_stream_first {
+                if let Poll::Ready(opened) = self.connection.poll_new_outbound(cx) {
+                    let opened = opened.map_err(|e| MuxError::Failed(e.to_string()));
+                    if let Some(reply) = waiting_open.take() {
+                        let _ = reply.send(opened);
+                    }
+                    continue;
+                }
+            }
+            match self.connection.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    if self.role == Role::Server
+                        && self.close_stream.is_none()
+                        && stream.id().val() == CLOSE_STREAM_ID
+                    {
+                        self.close_stream = Some(stream);
+                        continue;
+                    }
+                    // Dropping a refused stream resets it: the peer sees the open fail.
+                    if self.inbound_tx.try_send(stream).is_err() {
+                        tracing::warn!("tcp transport: accept queue full, stream refused");
+                    }
+                }
+                Poll::Ready(Some(Err(yamux::ConnectionError::Closed))) | Poll::Ready(None) => {
+                    return Poll::Ready(self.peer_closed(cx))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(match self.peer_closed(cx) {
+                        MuxError::Closed => MuxError::Failed(e.to_string()),
+                        closed => closed,
+                    })
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Reads what the peer wrote on the transport's stream so far (a greeting, then at
+    /// most one close record).
+    fn read_close_record(&mut self, cx: &mut Context<'_>) {
+        let Some(stream) = self.close_stream.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; MAX_CLOSE_RECORD];
+        loop {
+            match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    let room = (MAX_CLOSE_RECORD + 1).saturating_sub(self.received_close.len());
+                    self.received_close.extend_from_slice(&buf[..n.min(room)]);
+                }
+                Poll::Ready(_) | Poll::Pending => return,
+            }
         }
+    }
+
+    /// Why the connection ended on the peer's side: its close record if it sent one.
+    fn peer_closed(&mut self, cx: &mut Context<'_>) -> MuxError {
+        // The record may sit in the stream's buffer, read with the connection's end.
+        self.read_close_record(cx);
+        parse_close_record(&self.received_close).unwrap_or(MuxError::Closed)
+    }
+}
+
+/// The bytes of a close record.
+fn close_record(code: u32, reason: &[u8]) -> Vec<u8> {
+    let reason = &reason[..reason.len().min(MAX_CLOSE_REASON)];
+    let mut record = Vec::with_capacity(7 + reason.len());
+    record.push(CLOSE_RECORD_TAG);
+    record.extend_from_slice(&code.to_be_bytes());
+    record.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    record.extend_from_slice(reason);
+    record
+}
+
+/// The close record in what the peer wrote on the transport's stream, if complete.
+fn parse_close_record(bytes: &[u8]) -> Option<MuxError> {
+    let start = bytes.iter().position(|b| *b != CLOSE_STREAM_GREETING)?;
+    let record = &bytes[start..];
+    if record.first() != Some(&CLOSE_RECORD_TAG) || record.len() < 7 {
+        return None;
+    }
+    let code = u32::from_be_bytes([record[1], record[2], record[3], record[4]]);
+    let len = usize::from(u16::from_be_bytes([record[5], record[6]]));
+    let reason = record.get(7..7 + len.min(MAX_CLOSE_REASON))?;
+    Some(MuxError::ApplicationClosed {
+        code,
+        reason: String::from_utf8_lossy(reason).into_owned(),
     })
-    .await
+}
+
+/// Counts the bytes of the TLS connection under yamux.
+struct Counted<T> {
+    io: T,
+    bytes: Arc<ByteCounts>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len().saturating_sub(before);
+        self.bytes
+            .received
+            .fetch_add(read as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.bytes.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_records_round_trip_and_cut_long_reasons() {
+        let mut bytes = vec![CLOSE_STREAM_GREETING];
+        bytes.extend(close_record(7, b"revoked"));
+        assert_eq!(
+            parse_close_record(&bytes),
+            Some(MuxError::ApplicationClosed {
+                code: 7,
+                reason: "revoked".into()
+            })
+        );
+        let long = close_record(1, &[b'x'; 1000]);
+        assert_eq!(long.len(), MAX_CLOSE_RECORD);
+        assert!(parse_close_record(&long[..long.len() - 1]).is_none());
+        assert!(parse_close_record(&[CLOSE_STREAM_GREETING]).is_none());
+        assert!(parse_close_record(&[9, 9, 9, 9, 9, 9, 9, 9]).is_none());
+    }
 }

@@ -1,11 +1,19 @@
 //! A stream's two halves over either transport, as tokio readers/writers.
 
 use crate::split::{MuxRecv, MuxSend};
+use bytes::{BufMut, Bytes, BytesMut};
 use jobgate_protocol::StreamCode;
+use std::future::Future;
 use std::io;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// Buffer kept per TCP-transport receive half for chunked reads: yamux hands data over
+/// by copy, so a reused buffer avoids an allocation per chunk.
+const TCP_READ_BUFFER: usize = 64 * 1024;
+/// Below this much room left in that buffer, a fresh one is taken.
+const TCP_READ_MIN_ROOM: usize = 4 * 1024;
 
 /// The sending half of a bidirectional stream.
 #[derive(Debug)]
@@ -21,11 +29,44 @@ pub enum SendStream {
 pub enum RecvStream {
     /// A QUIC stream.
     Quic(quinn::RecvStream),
-    /// A yamux stream.
-    Tcp(MuxRecv),
+    /// A yamux stream, with the buffer its chunked reads fill.
+    Tcp(MuxRecv, BytesMut),
 }
 
 impl SendStream {
+    /// Writes `data` (without a copy on QUIC), waiting for flow-control credit.
+    pub async fn write_chunk(&mut self, data: Bytes) -> io::Result<()> {
+        match self {
+            SendStream::Quic(s) => s.write_chunk(data).await.map_err(io::Error::from),
+            SendStream::Tcp(s) => s.write_all(&data).await,
+        }
+    }
+
+    /// Ends the stream cleanly once what was written is sent (QUIC `FIN`, yamux close).
+    pub async fn finish(&mut self) -> io::Result<()> {
+        match self {
+            SendStream::Quic(s) => s.finish().map_err(io::Error::other),
+            SendStream::Tcp(s) => s.shutdown().await,
+        }
+    }
+
+    /// Waits until the peer has everything written (QUIC) — for a last frame that must
+    /// arrive before the connection closes. TCP delivers in order and yamux flushes
+    /// stream data before it closes, so there it returns at once.
+    pub async fn stopped(&mut self) {
+        if let SendStream::Quic(s) = self {
+            let _ = s.stopped().await;
+        }
+    }
+
+    /// Sends this stream's data ahead of others' (QUIC only; a TCP connection has one
+    /// byte order).
+    pub fn set_priority(&self, priority: i32) {
+        if let SendStream::Quic(s) = self {
+            let _ = s.set_priority(priority);
+        }
+    }
+
     /// Ends the stream abruptly. QUIC carries `code` to the peer; yamux resets carry no
     /// code, so on TCP the peer's read ends and the stream is dropped when both halves are.
     pub fn reset(&mut self, code: StreamCode) {
@@ -41,6 +82,61 @@ impl SendStream {
 }
 
 impl RecvStream {
+    /// Reads the next chunk of at most `max` bytes; `None` at the end of the stream.
+    pub async fn read_chunk(&mut self, max: usize) -> io::Result<Option<Bytes>> {
+        std::future::poll_fn(|cx| self.poll_read_chunk(cx, max)).await
+    }
+
+    /// Polls for the next chunk of at most `max` bytes; `None` at the end of the stream.
+    pub fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        match self {
+            RecvStream::Quic(r) => {
+                // `read_chunk` is cancel-safe: a fresh future per poll loses nothing and
+                // keeps the waker registration of the last poll.
+                let read = pin!(r.read_chunk(max, true));
+                match std::task::ready!(read.poll(cx)) {
+                    Ok(chunk) => Poll::Ready(Ok(chunk.map(|c| c.bytes))),
+                    Err(e) => Poll::Ready(Err(io::Error::from(e))),
+                }
+            }
+            RecvStream::Tcp(r, buf) => {
+                // Chunks are split off one buffer; a fresh one only when little room is left.
+                if buf.capacity() < TCP_READ_MIN_ROOM {
+                    buf.reserve(TCP_READ_BUFFER);
+                }
+                let room = buf.capacity().min(max);
+                let mut limited = (&mut *buf).limit(room);
+                let n = std::task::ready!(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut *r),
+                    cx,
+                    &mut limited
+                ))?;
+                if n == 0 {
+                    return Poll::Ready(Ok(None));
+                }
+                Poll::Ready(Ok(Some(buf.split().freeze())))
+            }
+        }
+    }
+
+    /// Whether the stream's end has arrived with nothing left to read (checked without
+    /// waiting).
+    pub fn is_at_end(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self {
+            RecvStream::Quic(r) => matches!(
+                pin!(r.read_chunk(usize::MAX, true)).poll(&mut cx),
+                Poll::Ready(Ok(None))
+            ),
+            // A yamux stream has no stop to save: nothing to check.
+            RecvStream::Tcp(..) => false,
+        }
+    }
+
     /// Tells the peer to stop sending. QUIC sends `STOP_SENDING` with `code`; yamux has no
     /// such frame: the stream is reset when both halves are dropped.
     pub fn stop(&mut self, code: StreamCode) {
@@ -85,7 +181,7 @@ impl AsyncRead for RecvStream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             RecvStream::Quic(r) => AsyncRead::poll_read(Pin::new(r), cx, buf),
-            RecvStream::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            RecvStream::Tcp(r, _) => Pin::new(r).poll_read(cx, buf),
         }
     }
 }

@@ -149,6 +149,36 @@ async fn close_ends_the_peer_and_its_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_learns_the_close_code_and_reason_from_either_end() {
+    for (closer_is_client, code) in [(true, CloseCode::Normal), (false, CloseCode::Revoked)] {
+        let (client, server) = pair().await;
+        // Streams in use first, as in a session: the close record must not disturb them.
+        echo(server.clone());
+        assert_eq!(
+            round_trip(&client, pattern(4096, 3)).await,
+            pattern(4096, 3)
+        );
+        let (closer, peer) = if closer_is_client {
+            (&client, &server)
+        } else {
+            (&server, &client)
+        };
+        closer.close(code, b"token revoked");
+        let why = tokio::time::timeout(PATIENCE, peer.closed())
+            .await
+            .expect("peer sees the close");
+        assert_eq!(why.peer_close_code(), Some(code), "{why}");
+        assert!(why.to_string().contains("token revoked"), "{why}");
+        assert!(peer.close_reason().is_some());
+        let (received, sent) = peer.bytes();
+        assert!(
+            received > 4096 && sent > 4096,
+            "byte counts {received}/{sent}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_every_handle_closes_the_connection() {
     let (client, server) = pair().await;
     drop(client);

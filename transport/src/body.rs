@@ -1,0 +1,158 @@
+//! What both ends do with a request stream, over either transport: read it as a
+//! streaming HTTP body, pump an HTTP body into it, and, after a `101`, splice it to an
+//! upgraded connection.
+
+use crate::{RecvStream, SendStream};
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use jobgate_protocol::StreamCode;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest chunk handed out by one read of a stream body. Matches the flow-control
+/// granularity we want on bulk transfers without holding big buffers.
+pub const MAX_CHUNK: usize = jobgate_protocol::quic::MAX_CHUNK;
+
+/// A request or response stream's receive half as a streaming HTTP body, chunk by chunk
+/// (without copying on QUIC).
+pub struct StreamBody {
+    recv: Option<RecvStream>,
+}
+
+impl StreamBody {
+    /// Wraps the receive half of a stream whose head frame was already read.
+    pub fn new(recv: RecvStream) -> Self {
+        Self { recv: Some(recv) }
+    }
+
+    /// A body with no data (a request whose stream is kept for an upgrade).
+    pub fn empty() -> Self {
+        Self { recv: None }
+    }
+}
+
+impl Body for StreamBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let Some(recv) = self.recv.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match std::task::ready!(recv.poll_read_chunk(cx, MAX_CHUNK)) {
+            Ok(Some(chunk)) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            Ok(None) => {
+                self.recv = None;
+                Poll::Ready(None)
+            }
+            Err(e) => {
+                self.recv = None;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl Drop for StreamBody {
+    /// A body dropped before its end (the HTTP client went away) tells the sender why.
+    /// A body whose end already arrived but was never read (hyper does not read a GET's
+    /// empty body) is left alone: a `STOP_SENDING` there would cost a packet per request.
+    fn drop(&mut self) {
+        let Some(recv) = self.recv.as_mut() else {
+            return;
+        };
+        if !recv.is_at_end() {
+            recv.stop(StreamCode::Cancelled);
+        }
+    }
+}
+
+/// How a body pump ended.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    /// The HTTP side failed (client or app went away mid-body).
+    #[error("body source failed: {0}")]
+    Source(String),
+    /// The stream failed (peer stopped or reset it, connection lost).
+    #[error("stream write failed: {0}")]
+    Stream(#[from] std::io::Error),
+}
+
+/// Streams `body` into `send` with back-pressure (each chunk waits for flow-control
+/// credit) and returns the byte count. Does not finish the stream: the caller decides
+/// (a request that may be upgraded keeps it open).
+pub async fn pump_body<B>(body: B, send: &mut SendStream) -> Result<u64, PumpError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut body = pin!(body);
+    let mut total = 0u64;
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = frame.map_err(|e| PumpError::Source(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len() as u64;
+            send.write_chunk(data).await?;
+        }
+    }
+    Ok(total)
+}
+
+/// Resets `send` and stops `recv` with `code`: the request is abandoned both ways.
+pub fn abandon(send: &mut SendStream, recv: &mut RecvStream, code: StreamCode) {
+    send.reset(code);
+    recv.stop(code);
+}
+
+/// Smallest buffer for the upgraded → stream direction of a pipe: what an idle WebSocket
+/// holds for hours. Stream → upgraded reads need none on QUIC (chunks are handed over).
+const PIPE_BUFFER_MIN: usize = 1024;
+/// Largest buffer that direction grows to while data streams.
+const PIPE_BUFFER_MAX: usize = 64 * 1024;
+
+/// Splices an upgraded connection (WebSocket) to a stream pair until both directions
+/// are closed. Each direction ends on EOF, which is passed on as a FIN/shutdown.
+pub async fn pipe<T>(upgraded: T, mut send: SendStream, mut recv: RecvStream) -> std::io::Result<()>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut up_read, mut up_write) = tokio::io::split(upgraded);
+    let stream_to_up = async {
+        while let Some(chunk) = recv.read_chunk(MAX_CHUNK).await? {
+            up_write.write_all(&chunk).await?;
+        }
+        up_write.shutdown().await
+    };
+    let up_to_stream = async {
+        // Adaptive: doubles while reads fill it, falls back to the minimum once traffic
+        // turns sparse, so bulk transfers get big reads and idle sockets cost little.
+        let mut buf = vec![0u8; PIPE_BUFFER_MIN];
+        loop {
+            let n = up_read.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            send.write_all(&buf[..n]).await?;
+            if n == buf.len() && buf.len() < PIPE_BUFFER_MAX {
+                buf = vec![0u8; buf.len() * 2];
+            } else if n < PIPE_BUFFER_MIN && buf.len() > PIPE_BUFFER_MIN {
+                buf = vec![0u8; PIPE_BUFFER_MIN];
+            }
+        }
+        send.finish().await
+    };
+    // The first error ends both directions; dropping the streams stops/finishes them.
+    tokio::try_join!(stream_to_up, up_to_stream).map(|_| ())
+}
