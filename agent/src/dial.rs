@@ -415,7 +415,12 @@ async fn connect_tcp(
         Some(url) => Some(Proxy::parse(url)?),
         None => Proxy::from_env(&host)?,
     };
-    let connection = jobgate_transport::tcp::dial(&host, port, proxy.as_ref(), crypto).await?;
+    let liveness = jobgate_transport::Liveness {
+        keep_alive: KEEP_ALIVE,
+        idle_timeout: config.idle_timeout,
+    };
+    let connection =
+        jobgate_transport::tcp::dial(&host, port, proxy.as_ref(), crypto, liveness).await?;
     let through = proxy
         .map(|p| format!(" through proxy {p}"))
         .unwrap_or_default();

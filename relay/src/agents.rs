@@ -167,7 +167,16 @@ where
         return;
     }
     let pending = OwnedGaugeGuard::enter(shared.clone(), |m| &m.pending_handshakes);
-    serve_agent(jobgate_transport::tcp::accept(tls, peer), shared, pending).await
+    let liveness = jobgate_transport::Liveness {
+        keep_alive: shared.config.keep_alive(),
+        idle_timeout: shared.config.idle_timeout(),
+    };
+    serve_agent(
+        jobgate_transport::tcp::accept(tls, peer, liveness),
+        shared,
+        pending,
+    )
+    .await
 }
 
 fn close(connection: &Connection, code: CloseCode, reason: &str) {

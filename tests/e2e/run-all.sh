@@ -3,7 +3,8 @@
 # each other), then the Slurm tests and the portal tests (Open OnDemand app, JupyterHub) on
 # that Slurm (Slurm is started
 # first and stopped after; E2E_SLURM_KEEP=1 leaves it running), then the network fault
-# tests (netns.sh: namespaces, delay, loss, link cuts, relay kill and drain). Each prints PASS or FAIL
+# tests (netns.sh: namespaces, delay, loss, link cuts, relay kill and drain; fallback.sh:
+# UDP dropped by nftables, only an HTTP proxy out, back to QUIC). Each prints PASS or FAIL
 # and its seconds; the exit status is non-zero if any failed. Full logs go to
 # target/e2e/<test>.log, the notebook screenshot to target/e2e/jupyter-notebook.png.
 #
@@ -78,6 +79,8 @@ fi
 
 # Fault tests in network namespaces (delay, loss, link cuts, relay kill/drain): ~2.5 min.
 tally run netns bash "$E2E_DIR/netns.sh"
+# The TCP transport under real nftables rules: UDP dropped, back to QUIC, proxy only (~20 s).
+tally run fallback bash "$E2E_DIR/fallback.sh"
 
 echo "e2e: $passed passed, $failed failed ($(seconds "$T0") s)"
 [ "$failed" = 0 ]

@@ -13,6 +13,12 @@
 //! `GoAway`; the peer reads it and reports [`MuxError::ApplicationClosed`], as quinn
 //! reports `ApplicationClosed`. yamux flushes stream data before its `GoAway`, so the
 //! record always arrives first.
+//!
+//! TCP alone notices a dead peer late or never (a silent network, a proxy that keeps its
+//! half open), so each end also writes a one-byte heartbeat on that stream every
+//! [`Liveness::keep_alive`], and a connection that received nothing for
+//! [`Liveness::idle_timeout`] ends with [`MuxError::TimedOut`] — QUIC's keep-alive and idle
+//! timeout, on TCP.
 
 use crate::split::{MuxRecv, MuxSend};
 use futures_util::future::poll_fn;
@@ -23,8 +29,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 /// A yamux stream as a tokio reader/writer.
@@ -51,6 +59,8 @@ pub const MAX_CONNECTION_RECEIVE_WINDOW: usize = YAMUX_DEFAULT_WINDOW * MAX_STRE
 const CLOSE_STREAM_ID: u32 = 1;
 /// First byte the dialing end writes on that stream, so that yamux sends its `SYN` at once.
 const CLOSE_STREAM_GREETING: u8 = 0;
+/// A heartbeat byte on that stream (see [`Liveness`]).
+const HEARTBEAT: u8 = 2;
 /// Tag of a close record: then the code (u32, big-endian), the reason's length (u16) and
 /// the reason.
 const CLOSE_RECORD_TAG: u8 = 1;
@@ -58,6 +68,25 @@ const CLOSE_RECORD_TAG: u8 = 1;
 const MAX_CLOSE_REASON: usize = 256;
 /// Longest close record.
 const MAX_CLOSE_RECORD: usize = 1 + 4 + 2 + MAX_CLOSE_REASON;
+
+/// How a connection notices that its peer is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Liveness {
+    /// How often this end sends a heartbeat.
+    pub keep_alive: Duration,
+    /// Silence (nothing received) after which the connection counts as dead.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Liveness {
+    /// 2 s heartbeats, 30 s of silence: the agent's QUIC defaults.
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Which end of the TLS connection this is: yamux gives clients odd stream ids and
 /// servers even ones, so the two ends must pick different roles.
@@ -92,6 +121,12 @@ pub enum MuxError {
     /// yamux or the socket failed.
     #[error("connection failed: {0}")]
     Failed(String),
+    /// Nothing arrived from the peer for the idle timeout.
+    #[error("timed out: nothing from the peer for {seconds} s")]
+    TimedOut {
+        /// The idle timeout.
+        seconds: u64,
+    },
 }
 
 /// The close code recorded when the connection closes because every handle was dropped.
@@ -131,9 +166,17 @@ impl std::fmt::Debug for MuxConnection {
 }
 
 impl MuxConnection {
-    /// Starts the multiplexer on an established (TLS) byte stream and spawns its driver.
-    /// `remote` is the peer address to report.
+    /// Starts the multiplexer on an established (TLS) byte stream and spawns its driver,
+    /// with the default [`Liveness`]. `remote` is the peer address to report.
     pub fn new<T>(io: T, role: Role, remote: SocketAddr) -> Self
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::with_liveness(io, role, remote, Liveness::default())
+    }
+
+    /// [`MuxConnection::new`] with heartbeats and idle timeout of `liveness`.
+    pub fn with_liveness<T>(io: T, role: Role, remote: SocketAddr, liveness: Liveness) -> Self
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -154,9 +197,17 @@ impl MuxConnection {
         let (inbound_tx, inbound_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (close_tx, close_rx) = mpsc::channel(1);
         let (ended_tx, ended_rx) = watch::channel(None);
+        let mut heartbeat = tokio::time::interval(liveness.keep_alive);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let driver = Driver {
             connection,
             role,
+            heartbeat,
+            heartbeat_due: false,
+            idle_timeout: liveness.idle_timeout,
+            bytes: bytes.clone(),
+            last_received: 0,
+            last_heard: Instant::now(),
             open_rx,
             inbound_tx,
             close_rx,
@@ -251,6 +302,14 @@ fn split(stream: yamux::Stream) -> (MuxSend, MuxRecv) {
 struct Driver<T> {
     connection: yamux::Connection<T>,
     role: Role,
+    heartbeat: Interval,
+    /// A heartbeat is to be written.
+    heartbeat_due: bool,
+    idle_timeout: Duration,
+    bytes: Arc<ByteCounts>,
+    /// Bytes received at the last heartbeat tick, and when that count last moved.
+    last_received: u64,
+    last_heard: Instant,
     open_rx: mpsc::Receiver<OpenReply>,
     inbound_tx: mpsc::Sender<yamux::Stream>,
     close_rx: mpsc::Receiver<(u32, Vec<u8>)>,
@@ -309,6 +368,26 @@ where
                     match Pin::new(stream).poll_write(cx, &[CLOSE_STREAM_GREETING]) {
                         Poll::Ready(_) => self.greeting_due = false,
                         Poll::Pending => {}
+                    }
+                }
+            }
+            if self.heartbeat.poll_tick(cx).is_ready() {
+                let received = self.bytes.received.load(Ordering::Relaxed);
+                let now = Instant::now();
+                if received != self.last_received {
+                    self.last_received = received;
+                    self.last_heard = now;
+                } else if now.duration_since(self.last_heard) >= self.idle_timeout {
+                    return Poll::Ready(MuxError::TimedOut {
+                        seconds: self.idle_timeout.as_secs(),
+                    });
+                }
+                self.heartbeat_due = true;
+            }
+            if self.heartbeat_due && !self.greeting_due {
+                if let Some(stream) = self.close_stream.as_mut() {
+                    if Pin::new(stream).poll_write(cx, &[HEARTBEAT]).is_ready() {
+                        self.heartbeat_due = false;
                     }
                 }
             }
@@ -376,8 +455,18 @@ where
         loop {
             match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
                 Poll::Ready(Ok(n)) if n > 0 => {
-                    let room = (MAX_CLOSE_RECORD + 1).saturating_sub(self.received_close.len());
-                    self.received_close.extend_from_slice(&buf[..n.min(room)]);
+                    let mut read = &buf[..n];
+                    // Greeting and heartbeats come before a record: drop them.
+                    if self.received_close.is_empty() {
+                        let start = read
+                            .iter()
+                            .position(|b| *b != CLOSE_STREAM_GREETING && *b != HEARTBEAT)
+                            .unwrap_or(read.len());
+                        read = &read[start..];
+                    }
+                    let room = MAX_CLOSE_RECORD.saturating_sub(self.received_close.len());
+                    self.received_close
+                        .extend_from_slice(&read[..read.len().min(room)]);
                 }
                 Poll::Ready(_) | Poll::Pending => return,
             }
@@ -405,7 +494,9 @@ fn close_record(code: u32, reason: &[u8]) -> Vec<u8> {
 
 /// The close record in what the peer wrote on the transport's stream, if complete.
 fn parse_close_record(bytes: &[u8]) -> Option<MuxError> {
-    let start = bytes.iter().position(|b| *b != CLOSE_STREAM_GREETING)?;
+    let start = bytes
+        .iter()
+        .position(|b| *b != CLOSE_STREAM_GREETING && *b != HEARTBEAT)?;
     let record = &bytes[start..];
     if record.first() != Some(&CLOSE_RECORD_TAG) || record.len() < 7 {
         return None;

@@ -186,3 +186,52 @@ async fn dropping_every_handle_closes_the_connection() {
         .await
         .expect("peer sees the close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_times_out_while_a_live_one_does_not() {
+    use jobgate_transport::{ConnectionError, Liveness, MuxError};
+    let liveness = Liveness {
+        keep_alive: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(600),
+    };
+    // A peer that accepts TCP and reads, but never says anything (a frozen relay, or a
+    // proxy holding its half open after the far end vanished).
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let (mut silent, _) = accepted.expect("accept");
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = silent.read_to_end(&mut sink).await;
+    });
+    let client = Connection::Tcp(MuxConnection::with_liveness(
+        dialed.expect("connect"),
+        Role::Client,
+        addr,
+        liveness,
+    ));
+    let why = tokio::time::timeout(PATIENCE, client.closed())
+        .await
+        .expect("the silent peer is noticed");
+    assert!(
+        matches!(why, ConnectionError::Tcp(MuxError::TimedOut { .. })),
+        "{why}"
+    );
+
+    // Two live ends keep each other alive through many idle timeouts.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let (accepted, peer) = accepted.expect("accept");
+    let client =
+        MuxConnection::with_liveness(dialed.expect("connect"), Role::Client, addr, liveness);
+    let server = MuxConnection::with_liveness(accepted, Role::Server, peer, liveness);
+    let (client, server) = (Connection::Tcp(client), Connection::Tcp(server));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(client.close_reason().is_none() && server.close_reason().is_none());
+    echo(server.clone());
+    assert_eq!(
+        round_trip(&client, pattern(1000, 9)).await,
+        pattern(1000, 9)
+    );
+}

@@ -57,7 +57,7 @@ async fn listener(server: Arc<rustls::ServerConfig>) -> u16 {
                 if !tcp::is_agent(stream.get_ref().1.alpn_protocol()) {
                     return;
                 }
-                support::echo(tcp::accept(stream, peer)).await;
+                support::echo(tcp::accept(stream, peer, Default::default())).await;
             });
         }
     });
@@ -82,7 +82,7 @@ async fn round_trip(connection: &Connection, len: usize) {
 async fn agent_alpn_on_the_https_listener_gets_the_multiplexer() {
     let tls = tls(&[b"jobgate/1", b"h2", b"http/1.1"]);
     let port = listener(tls.server.clone()).await;
-    let connection = tcp::dial("localhost", port, None, &tls.client)
+    let connection = tcp::dial("localhost", port, None, &tls.client, Default::default())
         .await
         .expect("dial");
     round_trip(&connection, 8 * 1024 * 1024).await;
@@ -94,7 +94,7 @@ async fn agent_dials_through_tinyproxy() {
     let tls = tls(&[b"jobgate/1", b"h2", b"http/1.1"]);
     let port = listener(tls.server.clone()).await;
     let p = Proxy::parse(&format!("http://127.0.0.1:{}", proxy.port)).expect("url");
-    let connection = tcp::dial("localhost", port, Some(&p), &tls.client)
+    let connection = tcp::dial("localhost", port, Some(&p), &tls.client, Default::default())
         .await
         .expect("dial via proxy");
     round_trip(&connection, 8 * 1024 * 1024).await;
@@ -104,7 +104,7 @@ async fn agent_dials_through_tinyproxy() {
 async fn a_server_without_jobgate_alpn_is_named_clearly() {
     let tls = tls(&[]);
     let port = listener(tls.server.clone()).await;
-    match tcp::dial("localhost", port, None, &tls.client).await {
+    match tcp::dial("localhost", port, None, &tls.client, Default::default()).await {
         Err(e @ TcpDialError::NoAlpn { .. }) => assert!(e.to_string().contains("jobgate/1")),
         other => panic!("expected NoAlpn, got {:?}", other.map(|c| c.kind())),
     }
