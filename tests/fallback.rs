@@ -227,6 +227,19 @@ async fn where_udp_is_dropped_the_agent_serves_everything_over_tcp() {
     );
 
     assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+    // Far more requests than the relay lets a TCP session have open at once: each
+    // request's stream must be gone once it is answered.
+    let host = agent.host();
+    let mut sender = h1(&env, relay.https_port, &host).await;
+    for i in 0..600 {
+        sender.ready().await.expect("connection ready");
+        let request = Request::get(agent.path(&format!("/echo?i={i}")))
+            .header("host", &host)
+            .body(empty())
+            .expect("request");
+        let (status, _, _) = collect(sender.send_request(request).await.expect("response")).await;
+        assert_eq!(status, StatusCode::OK, "request {i}");
+    }
     download_exact(&env, &relay, &agent, BULK).await;
     upload_exact(&env, &relay, &agent, BULK).await;
     websocket_echo(&env, &relay, &agent, 50).await;
@@ -391,4 +404,43 @@ async fn a_revoked_token_stops_an_agent_on_tcp_as_on_quic() {
         "{}",
         agent.proc.stderr()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_requests_at_once_than_a_tcp_session_carries_get_503_and_the_session_lives_on() {
+    let env = TestEnv::new("tcpcap");
+    let relay = start_relay(&env, &[]);
+    let token = env.token_file("alice");
+    let agent = start_agent_via(&env, &relay, relay.quic_port, &token, &["--transport", "tcp"], &[]);
+    let host = agent.host();
+    // Two HTTP/2 connections (the front door allows 256 streams each): 300 slow requests.
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let sender = h2(&env, relay.https_port, &host).await;
+        for _ in 0..150 {
+            let mut sender = sender.clone();
+            let uri = agent.uri("/slow?ms=3000");
+            waiting.push(tokio::spawn(async move {
+                let request = Request::get(uri).body(empty()).expect("request");
+                match sender.send_request(request).await {
+                    Ok(response) => response.status(),
+                    Err(_) => StatusCode::BAD_GATEWAY,
+                }
+            }));
+        }
+    }
+    let mut by_status = std::collections::BTreeMap::new();
+    for answer in waiting {
+        *by_status.entry(answer.await.expect("task")).or_insert(0) += 1;
+    }
+    assert_eq!(
+        by_status.keys().copied().collect::<Vec<_>>(),
+        vec![StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE],
+        "{by_status:?}"
+    );
+    assert!(by_status[&StatusCode::OK] >= 200, "{by_status:?}");
+    // The session lives on and serves again once the slow requests are done.
+    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+    assert!(agent.proc.stderr().contains("connected over TCP/TLS"));
+    assert!(!agent.proc.stderr().contains("lost the connection"));
 }

@@ -415,12 +415,13 @@ async fn connect_tcp(
         Some(url) => Some(Proxy::parse(url)?),
         None => Proxy::from_env(&host)?,
     };
-    let liveness = jobgate_transport::Liveness {
+    let settings = jobgate_transport::MuxSettings {
         keep_alive: KEEP_ALIVE,
         idle_timeout: config.idle_timeout,
+        ..Default::default()
     };
     let connection =
-        jobgate_transport::tcp::dial(&host, port, proxy.as_ref(), crypto, liveness).await?;
+        jobgate_transport::tcp::dial(&host, port, proxy.as_ref(), crypto, settings).await?;
     let through = proxy
         .map(|p| format!(" through proxy {p}"))
         .unwrap_or_default();

@@ -25,6 +25,11 @@ use std::time::{Duration, Instant};
 
 /// Streams an agent may open towards the relay: only its control stream.
 const AGENT_OPENED_STREAMS: u32 = 1;
+/// Streams open at once on an agent's TCP-transport connection (requests in flight plus
+/// WebSockets): yamux guarantees each 256 KiB of receive window, so this caps what one
+/// TCP agent can make the relay buffer at 72 MiB ((256 + 32) × 256 KiB; QUIC sessions:
+/// the memory budget's window). Requests beyond it get 503 until streams end.
+const TCP_AGENT_STREAMS: usize = 256;
 /// How long a `Refused` frame gets to reach the agent before the connection closes.
 const REFUSED_LINGER: Duration = Duration::from_secs(1);
 /// From this share (in percent) of `max_pending_handshakes` on, a new connection from
@@ -167,12 +172,13 @@ where
         return;
     }
     let pending = OwnedGaugeGuard::enter(shared.clone(), |m| &m.pending_handshakes);
-    let liveness = jobgate_transport::Liveness {
+    let settings = jobgate_transport::MuxSettings {
         keep_alive: shared.config.keep_alive(),
         idle_timeout: shared.config.idle_timeout(),
+        max_streams: TCP_AGENT_STREAMS,
     };
     serve_agent(
-        jobgate_transport::tcp::accept(tls, peer, liveness),
+        jobgate_transport::tcp::accept(tls, peer, settings),
         shared,
         pending,
     )

@@ -201,6 +201,10 @@ async fn forward(
     // A connection that fails here is an agent that just went away: its name is parked
     // (or ended) a moment later, so the client is told to retry rather than given a 502.
     let Ok((mut send, recv)) = session.connection.open_bi().await else {
+        // A live TCP-transport connection refuses opens beyond its stream cap.
+        if session.connection.close_reason().is_none() {
+            return Page::Busy.render(&page_headers);
+        }
         return Page::Reconnecting.render(&page_headers);
     };
     if send.write_all(&head.to_frame()).await.is_err() {

@@ -16,7 +16,7 @@ mod split;
 mod stream;
 pub mod tcp;
 
-pub use mux::{Liveness, MuxConnection, MuxError, Role};
+pub use mux::{MuxConnection, MuxError, MuxSettings, Role};
 pub use split::{MuxRecv, MuxSend};
 pub use stream::{RecvStream, SendStream};
 

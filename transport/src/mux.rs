@@ -16,17 +16,17 @@
 //!
 //! TCP alone notices a dead peer late or never (a silent network, a proxy that keeps its
 //! half open), so each end also writes a one-byte heartbeat on that stream every
-//! [`Liveness::keep_alive`], and a connection that received nothing for
-//! [`Liveness::idle_timeout`] ends with [`MuxError::TimedOut`] — QUIC's keep-alive and idle
+//! [`MuxSettings::keep_alive`], and a connection that received nothing for
+//! [`MuxSettings::idle_timeout`] ends with [`MuxError::TimedOut`] — QUIC's keep-alive and idle
 //! timeout, on TCP.
 
-use crate::split::{MuxRecv, MuxSend};
+use crate::split::{MuxRecv, MuxSend, StreamSlot};
 use futures_util::future::poll_fn;
 // yamux streams are futures-io readers/writers (the driver polls its own stream directly).
 use futures_util::io::{AsyncRead as _, AsyncWrite as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -46,20 +46,18 @@ pub const ACCEPT_QUEUE: usize = 256;
 /// Streams the peer may have open at once; the relay opens one per browser request.
 pub const MAX_STREAMS: usize = 1024;
 
+/// Room above [`MuxSettings::max_streams`] in yamux's own stream limit (see `new`).
+const STREAM_SLACK: usize = 32;
+
 /// yamux's initial (and smallest) per-stream window.
 const YAMUX_DEFAULT_WINDOW: usize = 256 * 1024;
-
-/// Upper bound of all streams' receive windows together: yamux auto-tunes each stream's
-/// window towards the bandwidth-delay product; this caps what a peer can make us buffer.
-/// yamux requires room for every stream's initial window (it panics otherwise).
-pub const MAX_CONNECTION_RECEIVE_WINDOW: usize = YAMUX_DEFAULT_WINDOW * MAX_STREAMS;
 
 /// The yamux id of the transport's own stream (the dialing end's first; yamux gives
 /// clients odd ids from 1).
 const CLOSE_STREAM_ID: u32 = 1;
 /// First byte the dialing end writes on that stream, so that yamux sends its `SYN` at once.
 const CLOSE_STREAM_GREETING: u8 = 0;
-/// A heartbeat byte on that stream (see [`Liveness`]).
+/// A heartbeat byte on that stream (see [`MuxSettings`]).
 const HEARTBEAT: u8 = 2;
 /// Tag of a close record: then the code (u32, big-endian), the reason's length (u16) and
 /// the reason.
@@ -69,21 +67,27 @@ const MAX_CLOSE_REASON: usize = 256;
 /// Longest close record.
 const MAX_CLOSE_RECORD: usize = 1 + 4 + 2 + MAX_CLOSE_REASON;
 
-/// How a connection notices that its peer is gone.
+/// How a connection notices that its peer is gone, and how much it may be made to buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Liveness {
+pub struct MuxSettings {
     /// How often this end sends a heartbeat.
     pub keep_alive: Duration,
     /// Silence (nothing received) after which the connection counts as dead.
     pub idle_timeout: Duration,
+    /// Streams open at once (both directions); an open beyond fails with
+    /// [`MuxError::TooManyStreams`] and the connection lives on. Each stream may hold
+    /// 256 KiB unread (yamux's fixed initial window), so this also bounds what the peer
+    /// can make this end buffer: (`max_streams` + 32) × 256 KiB in all.
+    pub max_streams: usize,
 }
 
-impl Default for Liveness {
-    /// 2 s heartbeats, 30 s of silence: the agent's QUIC defaults.
+impl Default for MuxSettings {
+    /// 2 s heartbeats, 30 s of silence (the agent's QUIC defaults), [`MAX_STREAMS`].
     fn default() -> Self {
         Self {
             keep_alive: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(30),
+            max_streams: MAX_STREAMS,
         }
     }
 }
@@ -121,6 +125,12 @@ pub enum MuxError {
     /// yamux or the socket failed.
     #[error("connection failed: {0}")]
     Failed(String),
+    /// As many streams as allowed are open; the connection lives on.
+    #[error("{max} streams open already")]
+    TooManyStreams {
+        /// The cap.
+        max: usize,
+    },
     /// Nothing arrived from the peer for the idle timeout.
     #[error("timed out: nothing from the peer for {seconds} s")]
     TimedOut {
@@ -136,7 +146,10 @@ type OpenReply = oneshot::Sender<Result<yamux::Stream, MuxError>>;
 
 struct Inner {
     open: mpsc::Sender<OpenReply>,
-    inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
+    inbound: Mutex<mpsc::Receiver<(yamux::Stream, StreamSlot)>>,
+    /// Streams open now, both directions (see [`MuxSettings::max_streams`]).
+    open_streams: Arc<AtomicUsize>,
+    max_streams: usize,
     close: mpsc::Sender<(u32, Vec<u8>)>,
     ended: watch::Receiver<Option<MuxError>>,
     remote: SocketAddr,
@@ -167,22 +180,28 @@ impl std::fmt::Debug for MuxConnection {
 
 impl MuxConnection {
     /// Starts the multiplexer on an established (TLS) byte stream and spawns its driver,
-    /// with the default [`Liveness`]. `remote` is the peer address to report.
+    /// with the default [`MuxSettings`]. `remote` is the peer address to report.
     pub fn new<T>(io: T, role: Role, remote: SocketAddr) -> Self
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        Self::with_liveness(io, role, remote, Liveness::default())
+        Self::with_settings(io, role, remote, MuxSettings::default())
     }
 
-    /// [`MuxConnection::new`] with heartbeats and idle timeout of `liveness`.
-    pub fn with_liveness<T>(io: T, role: Role, remote: SocketAddr, liveness: Liveness) -> Self
+    /// [`MuxConnection::new`] with heartbeats and idle timeout of `settings`.
+    pub fn with_settings<T>(io: T, role: Role, remote: SocketAddr, settings: MuxSettings) -> Self
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut config = yamux::Config::default();
-        config.set_max_num_streams(MAX_STREAMS);
-        config.set_max_connection_receive_window(Some(MAX_CONNECTION_RECEIVE_WINDOW));
+        let max_streams = settings.max_streams.max(1);
+        // yamux ends the whole connection when an open goes over its own limit, so ours
+        // is checked first and yamux's sits above it: streams just dropped, whose end
+        // yamux has not processed yet, and the transport's own stream fit in between.
+        let yamux_streams = max_streams + STREAM_SLACK;
+        config.set_max_num_streams(yamux_streams);
+        config.set_max_connection_receive_window(Some(yamux_streams * YAMUX_DEFAULT_WINDOW));
+        let open_streams = Arc::new(AtomicUsize::new(0));
         let mode = match role {
             Role::Client => yamux::Mode::Client,
             Role::Server => yamux::Mode::Server,
@@ -197,19 +216,20 @@ impl MuxConnection {
         let (inbound_tx, inbound_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (close_tx, close_rx) = mpsc::channel(1);
         let (ended_tx, ended_rx) = watch::channel(None);
-        let mut heartbeat = tokio::time::interval(liveness.keep_alive);
+        let mut heartbeat = tokio::time::interval(settings.keep_alive);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let driver = Driver {
             connection,
             role,
             heartbeat,
             heartbeat_due: false,
-            idle_timeout: liveness.idle_timeout,
+            idle_timeout: settings.idle_timeout,
             bytes: bytes.clone(),
             last_received: 0,
             last_heard: Instant::now(),
             open_rx,
             inbound_tx,
+            open_streams: open_streams.clone(),
             close_rx,
             close_stream: None,
             greeting_due: false,
@@ -225,6 +245,8 @@ impl MuxConnection {
             inner: Arc::new(Inner {
                 open: open_tx,
                 inbound: Mutex::new(inbound_rx),
+                open_streams,
+                max_streams,
                 close: close_tx,
                 ended: ended_rx,
                 remote,
@@ -235,18 +257,26 @@ impl MuxConnection {
 
     /// Opens a stream.
     pub(crate) async fn open_bi(&self) -> Result<(MuxSend, MuxRecv), MuxError> {
+        let slot = StreamSlot::take(&self.inner.open_streams);
+        if self.inner.open_streams.load(Ordering::Acquire) > self.inner.max_streams {
+            return Err(MuxError::TooManyStreams {
+                max: self.inner.max_streams,
+            });
+        }
         let (reply, answer) = oneshot::channel();
         if self.inner.open.send(reply).await.is_err() {
             return Err(self.ended_reason());
         }
         let stream = answer.await.map_err(|_| self.ended_reason())??;
-        Ok(split(stream))
+        Ok(split(stream, slot))
     }
 
     /// Waits for the peer's next stream.
     pub(crate) async fn accept_bi(&self) -> Result<(MuxSend, MuxRecv), MuxError> {
         let stream = self.inner.inbound.lock().await.recv().await;
-        stream.map(split).ok_or_else(|| self.ended_reason())
+        stream
+            .map(|(stream, slot)| split(stream, slot))
+            .ok_or_else(|| self.ended_reason())
     }
 
     /// Closes the connection (all streams end); the peer sees
@@ -293,8 +323,8 @@ impl MuxConnection {
     }
 }
 
-fn split(stream: yamux::Stream) -> (MuxSend, MuxRecv) {
-    crate::split::split(stream.compat())
+fn split(stream: yamux::Stream, slot: StreamSlot) -> (MuxSend, MuxRecv) {
+    crate::split::split(stream.compat(), slot)
 }
 
 /// Owns the yamux connection: serves open requests, queues inbound streams, carries
@@ -311,7 +341,8 @@ struct Driver<T> {
     last_received: u64,
     last_heard: Instant,
     open_rx: mpsc::Receiver<OpenReply>,
-    inbound_tx: mpsc::Sender<yamux::Stream>,
+    inbound_tx: mpsc::Sender<(yamux::Stream, StreamSlot)>,
+    open_streams: Arc<AtomicUsize>,
     close_rx: mpsc::Receiver<(u32, Vec<u8>)>,
     /// The transport's own stream (see the module docs), once open.
     close_stream: Option<yamux::Stream>,
@@ -426,7 +457,8 @@ where
                         continue;
                     }
                     // Dropping a refused stream resets it: the peer sees the open fail.
-                    if self.inbound_tx.try_send(stream).is_err() {
+                    let slot = StreamSlot::take(&self.open_streams);
+                    if self.inbound_tx.try_send((stream, slot)).is_err() {
                         tracing::warn!("tcp transport: accept queue full, stream refused");
                     }
                 }

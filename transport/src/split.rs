@@ -32,8 +32,28 @@ impl ArcWake for Waiters {
     }
 }
 
+/// Counts one open stream of its connection until dropped (with the stream's last half).
+pub(crate) struct StreamSlot(pub(crate) Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamSlot {
+    /// Counts one more stream on `open`.
+    pub(crate) fn take(open: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(open.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 struct Shared {
+    /// Dropped after the stream (fields drop in order): the count falls once yamux
+    /// has been told.
     stream: Mutex<MuxStream>,
+    _slot: StreamSlot,
     waiters: Arc<Waiters>,
     both: Waker,
 }
@@ -57,10 +77,11 @@ impl std::fmt::Debug for MuxSend {
 }
 
 /// Splits a stream into halves; the stream ends (reset unless closed) when both drop.
-pub(crate) fn split(stream: MuxStream) -> (MuxSend, MuxRecv) {
+pub(crate) fn split(stream: MuxStream, slot: StreamSlot) -> (MuxSend, MuxRecv) {
     let waiters = Arc::new(Waiters::default());
     let shared = Arc::new(Shared {
         stream: Mutex::new(stream),
+        _slot: slot,
         both: waker(waiters.clone()),
         waiters,
     });

@@ -5,7 +5,7 @@
 //! offer only `jobgate/1`, and rustls picks the protocol at the handshake, so no new port
 //! is needed (443 in production, which firewalls and proxies let through).
 
-use crate::mux::{Liveness, MuxConnection, Role};
+use crate::mux::{MuxConnection, MuxSettings, Role};
 use crate::proxy::{Proxy, ProxyError};
 use crate::{Connection, ALPN_TCP};
 use rustls::pki_types::ServerName;
@@ -68,7 +68,7 @@ pub async fn dial(
     port: u16,
     proxy: Option<&Proxy>,
     tls: &rustls::ClientConfig,
-    liveness: Liveness,
+    settings: MuxSettings,
 ) -> Result<Connection, TcpDialError> {
     let target = format!("{host}:{port}");
     let tcp = match proxy {
@@ -102,11 +102,11 @@ pub async fn dial(
     if stream.get_ref().1.alpn_protocol() != Some(ALPN_TCP) {
         return Err(TcpDialError::NoAlpn { target });
     }
-    Ok(Connection::Tcp(MuxConnection::with_liveness(
+    Ok(Connection::Tcp(MuxConnection::with_settings(
         stream,
         Role::Client,
         peer,
-        liveness,
+        settings,
     )))
 }
 
@@ -129,14 +129,14 @@ pub fn is_agent(alpn: Option<&[u8]>) -> bool {
 }
 
 /// The relay's side: starts the multiplexer on an accepted agent TLS connection.
-pub fn accept<T>(tls: T, peer: std::net::SocketAddr, liveness: Liveness) -> Connection
+pub fn accept<T>(tls: T, peer: std::net::SocketAddr, settings: MuxSettings) -> Connection
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    Connection::Tcp(MuxConnection::with_liveness(
+    Connection::Tcp(MuxConnection::with_settings(
         tls,
         Role::Server,
         peer,
-        liveness,
+        settings,
     ))
 }

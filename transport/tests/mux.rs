@@ -189,10 +189,11 @@ async fn dropping_every_handle_closes_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_times_out_while_a_live_one_does_not() {
-    use jobgate_transport::{ConnectionError, Liveness, MuxError};
-    let liveness = Liveness {
+    use jobgate_transport::{ConnectionError, MuxError, MuxSettings};
+    let settings = MuxSettings {
         keep_alive: Duration::from_millis(100),
         idle_timeout: Duration::from_millis(600),
+        ..Default::default()
     };
     // A peer that accepts TCP and reads, but never says anything (a frozen relay, or a
     // proxy holding its half open after the far end vanished).
@@ -204,11 +205,11 @@ async fn a_silent_peer_times_out_while_a_live_one_does_not() {
         let mut sink = Vec::new();
         let _ = silent.read_to_end(&mut sink).await;
     });
-    let client = Connection::Tcp(MuxConnection::with_liveness(
+    let client = Connection::Tcp(MuxConnection::with_settings(
         dialed.expect("connect"),
         Role::Client,
         addr,
-        liveness,
+        settings,
     ));
     let why = tokio::time::timeout(PATIENCE, client.closed())
         .await
@@ -224,8 +225,8 @@ async fn a_silent_peer_times_out_while_a_live_one_does_not() {
     let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
     let (accepted, peer) = accepted.expect("accept");
     let client =
-        MuxConnection::with_liveness(dialed.expect("connect"), Role::Client, addr, liveness);
-    let server = MuxConnection::with_liveness(accepted, Role::Server, peer, liveness);
+        MuxConnection::with_settings(dialed.expect("connect"), Role::Client, addr, settings);
+    let server = MuxConnection::with_settings(accepted, Role::Server, peer, settings);
     let (client, server) = (Connection::Tcp(client), Connection::Tcp(server));
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(client.close_reason().is_none() && server.close_reason().is_none());
@@ -234,4 +235,52 @@ async fn a_silent_peer_times_out_while_a_live_one_does_not() {
         round_trip(&client, pattern(1000, 9)).await,
         pattern(1000, 9)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_beyond_the_stream_cap_fail_and_the_connection_lives_on() {
+    use jobgate_transport::MuxSettings;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let (accepted, peer) = accepted.expect("accept");
+    let capped = MuxSettings {
+        max_streams: 4,
+        ..Default::default()
+    };
+    let client = Connection::Tcp(MuxConnection::new(
+        dialed.expect("connect"),
+        Role::Client,
+        addr,
+    ));
+    let server = Connection::Tcp(MuxConnection::with_settings(
+        accepted,
+        Role::Server,
+        peer,
+        capped,
+    ));
+    echo(client.clone());
+    // The server opens (as the relay does).
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (mut send, recv) = server.open_bi().await.expect("open under the cap");
+        send.write_all(b"x").await.expect("write");
+        held.push((send, recv));
+    }
+    assert!(
+        server.open_bi().await.is_err(),
+        "an open over the cap must fail"
+    );
+    assert!(server.close_reason().is_none(), "the connection lives on");
+    drop(held);
+    let opened = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Ok(pair) = server.open_bi().await {
+                return pair;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(opened.is_ok(), "streams free up once they end");
 }
