@@ -411,7 +411,14 @@ async fn more_requests_at_once_than_a_tcp_session_carries_get_503_and_the_sessio
     let env = TestEnv::new("tcpcap");
     let relay = start_relay(&env, &[]);
     let token = env.token_file("alice");
-    let agent = start_agent_via(&env, &relay, relay.quic_port, &token, &["--transport", "tcp"], &[]);
+    let agent = start_agent_via(
+        &env,
+        &relay,
+        relay.quic_port,
+        &token,
+        &["--transport", "tcp"],
+        &[],
+    );
     let host = agent.host();
     // Two HTTP/2 connections (the front door allows 256 streams each): 300 slow requests.
     let mut waiting = Vec::new();

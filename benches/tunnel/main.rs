@@ -26,7 +26,9 @@
 //! arguments after `--` work too), `JOBGATE_BENCH_WITHOUT` (e.g. `nginx,wrk`: behave as if
 //! missing), `JOBGATE_BENCH_BIN` (benchmark another jobgate binary),
 //! `JOBGATE_BENCH_COMPARE` (a second jobgate binary run side by side as variant `cmp-wN`,
-//! for before/after numbers), `JOBGATE_BENCH_JSON` (output path).
+//! for before/after numbers), `JOBGATE_BENCH_TCP=0` (leave out variant `tcp-wN`: the same
+//! binary with its agents on the TCP transport, measured beside QUIC),
+//! `JOBGATE_BENCH_JSON` (output path).
 
 mod bulk;
 mod ceiling;
@@ -86,6 +88,8 @@ pub struct Opts {
     pub only: Option<Vec<String>>,
     /// Another jobgate binary to run side by side (`cmp-wN` variant): before/after numbers.
     pub compare: Option<PathBuf>,
+    /// Also run variant `tcp-wN` (agents on the TCP transport).
+    pub tcp: bool,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -136,6 +140,7 @@ impl Opts {
             workers,
             only: (!only.is_empty()).then_some(only),
             compare: std::env::var_os("JOBGATE_BENCH_COMPARE").map(PathBuf::from),
+            tcp: std::env::var("JOBGATE_BENCH_TCP").map_or(true, |v| v != "0"),
         }
     }
 
@@ -167,22 +172,31 @@ impl Servers {
             None => None,
         };
         let static_port = nginx.as_ref().map_or(backend_port, |n| n.h1);
-        let mut builds: Vec<(String, PathBuf, usize)> = opts
+        let mut builds: Vec<(String, PathBuf, usize, bool)> = opts
             .workers
             .iter()
-            .map(|&w| (setup::variant_name(w), setup.bin.clone(), w))
+            .map(|&w| (setup::variant_name(w), setup.bin.clone(), w, false))
             .collect();
         if let Some(other) = &opts.compare {
             builds.push((
                 format!("cmp-w{}", opts.workers[0]),
                 other.clone(),
                 opts.workers[0],
+                false,
+            ));
+        }
+        if opts.tcp {
+            builds.push((
+                format!("tcp-w{}", opts.workers[0]),
+                setup.bin.clone(),
+                opts.workers[0],
+                true,
             ));
         }
         let stacks = builds
             .into_iter()
-            .map(|(name, bin, workers)| {
-                JobgateStack::start(setup, name, &bin, workers, (static_port, backend_port))
+            .map(|(name, bin, workers, tcp)| {
+                JobgateStack::start(setup, name, &bin, workers, (static_port, backend_port), tcp)
             })
             .collect::<Result<_>>()?;
         Ok(Self {

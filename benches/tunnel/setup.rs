@@ -320,17 +320,25 @@ pub struct JobgateStack {
 }
 
 impl JobgateStack {
-    /// A relay of `bin` and its two agents, to `static_port` and to `backend_port`.
+    /// A relay of `bin` and its two agents, to `static_port` and to `backend_port`; with
+    /// `tcp`, the agents use the TCP transport (TLS to the relay's HTTPS port, yamux)
+    /// instead of QUIC.
     pub fn start(
         setup: &Setup,
         name: String,
         bin: &Path,
         workers: usize,
         (static_port, backend_port): (u16, u16),
+        tcp: bool,
     ) -> Result<Self> {
         let relay = setup.start_relay_of(bin, workers, &[])?;
         let agent_to = |port: u16| -> Result<AgentProc> {
             let mut command = setup.agent_command_of(bin, &relay, workers);
+            if tcp {
+                command
+                    .args(["--transport", "tcp", "--relay-tcp"])
+                    .arg(format!("127.0.0.1:{}", relay.https_port));
+            }
             command.arg("--to").arg(format!("127.0.0.1:{port}"));
             Ok(launch_agent(command)?)
         };
