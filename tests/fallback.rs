@@ -451,3 +451,43 @@ async fn more_requests_at_once_than_a_tcp_session_carries_get_503_and_the_sessio
     assert!(agent.proc.stderr().contains("connected over TCP/TLS"));
     assert!(!agent.proc.stderr().contains("lost the connection"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restart_sends_tcp_agents_away_and_they_come_back_over_tcp_at_once() {
+    let env = TestEnv::new("tcpdrain");
+    let relay = start_relay(&env, &["--drain-grace", "1"]);
+    let (https, quic) = (relay.https_port, relay.quic_port);
+    let gate = UdpGate::closed_in_front_of(quic).await;
+    let token = env.token_file("alice");
+    let agent = start_agent_via(&env, &relay, gate.port, &token, &[], &[]);
+    assert!(agent.proc.stderr().contains("connected over TCP/TLS"));
+    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+
+    let mut relay = relay;
+    relay.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        relay.proc.wait_exit(Duration::from_secs(15)),
+        0,
+        "{}",
+        relay.proc.stderr()
+    );
+    agent
+        .proc
+        .wait_for_stderr("the relay is going away", Duration::from_secs(5));
+
+    let relay = start_relay_at(&env, https, quic, &[]);
+    let back = eventually(Duration::from_secs(30), || async {
+        status_of(&env, &relay, &agent).await == StatusCode::OK
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the old URL did not come back:\n{}",
+        agent.proc.stderr()
+    );
+    let said = agent.proc.stderr();
+    assert!(
+        said.contains("reconnected over TCP/TLS") && said.contains("the URL is unchanged"),
+        "{said}"
+    );
+}

@@ -274,6 +274,7 @@ async fn run_session(
         pool: Arc::new(TargetPool::new(target)),
         hello,
         options: &options,
+        tcp_first: false,
         app_path: app_path.as_deref(),
         job_file,
         terminate,

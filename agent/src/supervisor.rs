@@ -97,6 +97,8 @@ pub(crate) struct Supervisor<'a> {
     pub(crate) pool: Arc<TargetPool>,
     pub(crate) hello: HelloParams,
     pub(crate) options: &'a AgentOptions,
+    /// Reconnect over TCP directly (the session was on TCP under `--transport auto`).
+    pub(crate) tcp_first: bool,
     pub(crate) app_path: Option<&'a str>,
     pub(crate) job_file: Option<&'a jobfile::AgentJobFile>,
     pub(crate) terminate: tokio::signal::unix::Signal,
@@ -220,7 +222,12 @@ impl Supervisor<'_> {
                     if let Some(job_file) = self.job_file {
                         job_file.record(jobfile::SessionState::Reconnecting, |_| {});
                     }
-                    match self.reconnect("reconnect failed").await? {
+                    // Where QUIC did not get through, the reconnect goes straight to TCP
+                    // (no 3 s wait each time); the probes bring QUIC back when it works.
+                    self.tcp_first = may_probe;
+                    let reconnected = self.reconnect("reconnect failed").await;
+                    self.tcp_first = false;
+                    match reconnected? {
                         Reconnect::Connected(session) => {
                             next_probe = Instant::now() + reprobe;
                             if session.welcome.name == name {
@@ -262,7 +269,15 @@ impl Supervisor<'_> {
         loop {
             let attempt = async {
                 tokio::time::sleep(pause).await;
-                dial::open_session(&self.options.dial, &self.hello).await
+                if self.tcp_first {
+                    let tcp = dial::DialConfig {
+                        transport: TransportChoice::Tcp,
+                        ..self.options.dial.clone()
+                    };
+                    dial::open_session(&tcp, &self.hello).await
+                } else {
+                    dial::open_session(&self.options.dial, &self.hello).await
+                }
             };
             let result = tokio::select! {
                 result = attempt => Some(result),
