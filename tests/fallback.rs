@@ -182,16 +182,34 @@ async fn upload_exact(env: &TestEnv, relay: &RelayProc, agent: &AgentProc, n: u6
     assert_eq!(json(&body)["body_bytes"], n, "upload length");
 }
 
-async fn websocket_echo(env: &TestEnv, relay: &RelayProc, agent: &AgentProc, messages: usize) {
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+async fn open_websocket(env: &TestEnv, relay: &RelayProc, agent: &AgentProc) -> Ws {
     let host = agent.host();
     let tls = tls_connect(env, relay.https_port, &host, &[b"http/1.1"]).await;
     let request = format!("wss://{host}:{}{}", relay.https_port, agent.path("/ws"))
         .into_client_request()
         .expect("request");
-    let (mut ws, response) = tokio_tungstenite::client_async(request, tls)
+    let (ws, response) = tokio_tungstenite::client_async(request, tls)
         .await
         .expect("websocket handshake");
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws
+}
+
+async fn echo_on(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(text.to_owned())).await.expect("send");
+    let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("echo in time")
+        .expect("message")
+        .expect("ok");
+    assert_eq!(echoed, Message::Text(text.to_owned()));
+}
+
+async fn websocket_echo(env: &TestEnv, relay: &RelayProc, agent: &AgentProc, messages: usize) {
+    let mut ws = open_websocket(env, relay, agent).await;
     for i in 0..messages {
         let text = format!("over tcp {i}");
         ws.send(Message::Text(text.clone())).await.expect("send");
@@ -264,6 +282,9 @@ async fn when_udp_passes_again_the_session_moves_back_to_quic_under_the_same_url
     );
     assert!(agent.proc.stderr().contains("connected over TCP/TLS"));
     assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+    // A notebook's kernel WebSocket, open over TCP across the move.
+    let mut kernel = open_websocket(&env, &relay, &agent).await;
+    echo_on(&mut kernel, "before the move").await;
 
     gate.open();
     let moved = eventually(MOVE_BACK, || async {
@@ -289,13 +310,21 @@ async fn when_udp_passes_again_the_session_moves_back_to_quic_under_the_same_url
     })
     .await;
     assert!(serving.is_some(), "the URL stopped serving after the move");
+    websocket_echo(&env, &relay, &agent, 10).await;
+    // The WebSocket opened before the move still works: the old connection carries it.
+    echo_on(&mut kernel, "after the move").await;
+    assert_eq!(sessions_by_transport(metrics, "quic").await, 1.0);
+    // Once it closes, the relay closes the connection the session moved away from.
+    kernel.close(None).await.expect("close");
+    while let Some(Ok(_)) = kernel.next().await {}
+    drop(kernel);
     let counted = eventually(Duration::from_secs(10), || async {
         sessions_by_transport(metrics, "quic").await == 1.0
             && sessions_by_transport(metrics, "tcp").await == 0.0
     })
     .await;
-    assert!(counted.is_some(), "metrics still count a TCP session");
-    websocket_echo(&env, &relay, &agent, 10).await;
+    assert!(counted.is_some(), "the old TCP connection was never closed");
+    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -331,6 +331,7 @@ async fn evil_session(env: &TestEnv, relay: &RelayProc, token: &str) -> EvilSess
         job: JobInfo::default(),
         resume: None,
         reservation: None,
+        moving: false,
     };
     let session = hand_made_session(&connection, &hello)
         .await

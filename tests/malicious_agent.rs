@@ -91,6 +91,7 @@ fn hello(token: &str) -> ControlMessage {
         },
         resume: None,
         reservation: None,
+        moving: false,
     }
 }
 

@@ -41,6 +41,7 @@ fn hello(token: &str, job: &str, reservation: &Token) -> HelloParams {
         },
         resume: None,
         reservation: Some(reservation.clone()),
+        moving: false,
     }
 }
 

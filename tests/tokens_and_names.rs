@@ -44,6 +44,7 @@ fn hello(token: &str, resume: Option<Token>) -> HelloParams {
         job: JobInfo::default(),
         resume,
         reservation: None,
+        moving: false,
     }
 }
 

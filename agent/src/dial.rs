@@ -255,6 +255,9 @@ pub struct HelloParams {
     /// The reservation `jobgate launch` got for this job, presented on the first `Hello`
     /// so that the session gets the name the user was given at submit time.
     pub reservation: Option<Token>,
+    /// This connection takes over the session from the agent's other, still live one
+    /// (back to QUIC after TCP): its open streams are left to finish there.
+    pub moving: bool,
 }
 
 fn client_crypto(config: &DialConfig) -> Result<rustls::ClientConfig, DialError> {
@@ -546,6 +549,7 @@ async fn hello_exchange(
         job: params.job.clone(),
         resume: params.resume.clone(),
         reservation: params.reservation.clone(),
+        moving: params.moving,
     };
     write_frame(&mut send, &hello.to_payload())
         .await

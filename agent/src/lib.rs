@@ -255,6 +255,7 @@ async fn run_session(
         job: job_info(),
         resume: None,
         reservation: options.reservation.clone(),
+        moving: false,
     };
     let dialed = match dial_result {
         Some(result) => result,

@@ -29,6 +29,20 @@ pub(crate) struct Live {
 }
 
 impl Live {
+    /// Keeps serving the streams this connection still carries (open WebSockets) until
+    /// the relay closes it: the session has moved to another connection.
+    fn retire(self) {
+        let Live {
+            session,
+            serving,
+            control,
+        } = self;
+        tokio::spawn(async move {
+            let _ = serving.await;
+            drop((session, control));
+        });
+    }
+
     fn start(mut session: RelaySession, pool: Arc<TargetPool>) -> Self {
         let serving = tokio::spawn(serve::serve_streams(session.connection.clone(), pool));
         let (tx, control) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
@@ -174,10 +188,13 @@ impl Supervisor<'_> {
                     next_probe = Instant::now() + reprobe;
                 }
                 Event::Probed(Ok(dialed)) => {
-                    // The resume ticket moves the name to the QUIC connection; the relay
-                    // closes the TCP one (`Replaced`), and open WebSockets reconnect as
-                    // after a blip.
-                    match dial::say_hello(dialed, &self.hello).await {
+                    // The resume ticket moves the name to the QUIC connection; new requests
+                    // go there at once, while the TCP one keeps carrying its open
+                    // WebSockets until they end (the relay then closes it, `Replaced`).
+                    self.hello.moving = true;
+                    let moved = dial::say_hello(dialed, &self.hello).await;
+                    self.hello.moving = false;
+                    match moved {
                         Ok(session) if session.welcome.name == name => {
                             say!(
                                 "QUIC answers again: moved to {}; the URL is unchanged",
@@ -186,7 +203,11 @@ impl Supervisor<'_> {
                             if let Some(ticket) = &session.welcome.resume_ticket {
                                 self.hello.resume = Some(ticket.clone());
                             }
-                            live = Live::start(session, self.pool.clone());
+                            let old = std::mem::replace(
+                                &mut live,
+                                Live::start(session, self.pool.clone()),
+                            );
+                            old.retire();
                             control_open = true;
                         }
                         Ok(mut session) => {

@@ -210,6 +210,7 @@ async fn open(agents: &Agents, resume: Option<Token>) -> Result<RelaySession> {
         job: JobInfo::default(),
         resume,
         reservation: None,
+        moving: false,
     };
     Ok(dial::open_session(&agents.dial, &hello).await?)
 }

@@ -72,6 +72,7 @@ fn scenario_scale_agents(
         job: jobgate_protocol::JobInfo::default(),
         resume: None,
         reservation: None,
+        moving: false,
     };
     let (per_agent, detail) = runtime.block_on(async {
         let connect = |count: usize| {

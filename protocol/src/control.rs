@@ -123,6 +123,12 @@ pub enum ControlMessage {
         /// when the job was submitted. Old agents never send it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reservation: Option<Token>,
+        /// The agent moves its live session here from its other connection (QUIC works
+        /// again after a time on TCP): the relay lets the old connection finish the
+        /// streams it carries (open WebSockets) instead of closing it at once. Only with
+        /// `resume`; old agents never send it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        moving: bool,
     },
     /// Client → relay, first frame of a connection that only asks for a name for a job
     /// that is queued (`jobgate launch`); answered with `Reserved` or `Refused`, then closed.
@@ -214,6 +220,7 @@ mod tests {
             job: JobInfo::default(),
             resume: Some(Token("ticket".into())),
             reservation: Some(Token("reserved-secret".into())),
+            moving: false,
         };
         let shown = format!("{hello:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
@@ -235,6 +242,7 @@ mod tests {
             },
             resume: None,
             reservation: None,
+            moving: false,
         };
         let back = ControlMessage::from_payload(&hello.to_payload()).expect("decodes");
         assert_eq!(back, hello);
@@ -295,6 +303,7 @@ mod tests {
             job: JobInfo::default(),
             resume: None,
             reservation: None,
+            moving: false,
         };
         let payload = hello.to_payload();
         assert!(!String::from_utf8_lossy(&payload).contains("access"));

@@ -30,6 +30,11 @@ const AGENT_OPENED_STREAMS: u32 = 1;
 /// TCP agent can make the relay buffer at 72 MiB ((256 + 32) × 256 KiB; QUIC sessions:
 /// the memory budget's window). Requests beyond it get 503 until streams end.
 const TCP_AGENT_STREAMS: usize = 256;
+/// How long a connection that a session moved away from may go on carrying the streams it
+/// had (WebSockets): then they are cut, and browsers reconnect over the new one.
+const MOVED_CONNECTION_GRACE: Duration = Duration::from_secs(600);
+/// How often the relay checks whether such a connection has finished its streams.
+const MOVED_CONNECTION_POLL: Duration = Duration::from_secs(1);
 /// How long a `Refused` frame gets to reach the agent before the connection closes.
 const REFUSED_LINGER: Duration = Duration::from_secs(1);
 /// From this share (in percent) of `max_pending_handshakes` on, a new connection from
@@ -474,6 +479,7 @@ fn admit(
         job,
         resume,
         reservation,
+        moving,
     }) = hello
     else {
         return Err(Refusal::new(
@@ -579,18 +585,44 @@ fn admit(
             .for_user(&identity.user)
         })?;
     if let Some(old) = replaced {
-        tracing::info!(name = %old.name, "a reconnected agent replaces a stale connection");
-        close(
-            &old.connection,
-            CloseCode::Replaced,
-            "replaced by a newer connection",
-        );
+        if moving && was_resumed {
+            tracing::info!(name = %old.name, from = %old.connection.kind(), to = %connection.kind(), "the agent moves its session to a new connection");
+            retire_moved(old);
+        } else {
+            tracing::info!(name = %old.name, "a reconnected agent replaces a stale connection");
+            close(
+                &old.connection,
+                CloseCode::Replaced,
+                "replaced by a newer connection",
+            );
+        }
     }
     Ok(Admitted {
         session,
         key,
         resumed: was_resumed,
     })
+}
+
+/// Closes the connection a session moved away from once the streams it still carries
+/// (open WebSockets, requests waiting for their answer) have ended, or after
+/// [`MOVED_CONNECTION_GRACE`]: a move to QUIC does not cut a notebook's kernel WebSocket.
+fn retire_moved(old: Arc<Session>) {
+    tokio::spawn(async move {
+        let until = Instant::now() + MOVED_CONNECTION_GRACE;
+        while Instant::now() < until
+            && (old.websockets.load(Ordering::Relaxed) > 0
+                || old.in_flight.load(Ordering::Relaxed) > 0)
+            && old.connection.close_reason().is_none()
+        {
+            tokio::time::sleep(MOVED_CONNECTION_POLL).await;
+        }
+        close(
+            &old.connection,
+            CloseCode::Replaced,
+            "the session moved to a new connection",
+        );
+    });
 }
 
 /// Refuses a protocol version this relay does not speak.
