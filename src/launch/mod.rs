@@ -173,6 +173,14 @@ pub struct LaunchArgs {
     /// Token file for the agent [default: ~/.config/jobgate/token].
     #[arg(long, env = "JOBGATE_TOKEN_FILE")]
     pub(crate) token_file: Option<PathBuf>,
+    /// How `launch` reaches the relay to reserve the URL (the config files' `transport`,
+    /// `relay_tcp` and `proxy`, as the agent's): login nodes may block UDP too.
+    #[arg(skip)]
+    pub(crate) transport: Option<jobgate_agent::dial::TransportChoice>,
+    #[arg(skip)]
+    pub(crate) relay_tcp: Option<String>,
+    #[arg(skip)]
+    pub(crate) proxy: Option<String>,
     /// Run JupyterLab (arguments after `--` go to `jupyter lab`).
     #[arg(long)]
     pub(crate) jupyter: bool,
@@ -205,6 +213,9 @@ impl LaunchArgs {
         self.relay = self.relay.or_else(|| config.relay.clone());
         self.relay_ca = self.relay_ca.or_else(|| config.relay_ca.clone());
         self.token_file = self.token_file.or_else(|| config.token_file.clone());
+        self.transport = config.transport;
+        self.relay_tcp = config.relay_tcp.clone();
+        self.proxy = config.proxy.clone();
         self.ready_timeout = self.ready_timeout.or(config.ready_timeout);
         self
     }

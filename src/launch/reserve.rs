@@ -34,7 +34,12 @@ pub(super) async fn reserve_for_job(
             return None;
         }
     };
-    let config = DialConfig::new(relay, args.relay_ca.clone());
+    let config = DialConfig {
+        transport: args.transport.unwrap_or_default(),
+        relay_tcp: args.relay_tcp.clone(),
+        proxy: args.proxy.clone(),
+        ..DialConfig::new(relay, args.relay_ca.clone())
+    };
     let reserved = match reserve(&config, token, AccessMode::Link, job_id).await {
         Ok(reserved) => reserved,
         Err(e) => {
