@@ -241,7 +241,9 @@ pub fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
 #[derive(Debug, Clone, Default, PartialEq, clap::Args, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Relay QUIC address, HOST:PORT [default: `relay` in the site's or your jobgate.toml].
+    /// Relay QUIC address, HOST:PORT; a cluster's relays separated by commas (the agent
+    /// takes whichever answers, and another when its relay dies) [default: `relay` in the
+    /// site's or your jobgate.toml].
     #[arg(long, env = "JOBGATE_RELAY")]
     pub relay: Option<String>,
     /// CA certificate (PEM) to trust for the relay instead of the system roots.

@@ -350,10 +350,10 @@ impl Dialed {
 pub async fn connect(config: &DialConfig) -> Result<Dialed, DialError> {
     let crypto = client_crypto(config)?;
     match config.transport {
-        TransportChoice::Quic => connect_quic(config, crypto, CONNECT_TIMEOUT).await,
-        TransportChoice::Tcp => connect_tcp(config, &crypto, "").await,
+        TransportChoice::Quic => connect_quic_any(config, crypto, CONNECT_TIMEOUT).await,
+        TransportChoice::Tcp => connect_tcp_any(config, &crypto, "").await,
         TransportChoice::Auto => {
-            match connect_quic(config, crypto.clone(), QUIC_FALLBACK_AFTER).await {
+            match connect_quic_any(config, crypto.clone(), QUIC_FALLBACK_AFTER).await {
                 Err(quic @ (DialError::Unreachable(..) | DialError::Connect { .. })) => {
                     let why = match &quic {
                         DialError::Unreachable(..) => format!(
@@ -363,7 +363,7 @@ pub async fn connect(config: &DialConfig) -> Result<Dialed, DialError> {
                         ),
                         other => other.to_string(),
                     };
-                    connect_tcp(config, &crypto, &why)
+                    connect_tcp_any(config, &crypto, &why)
                         .await
                         .map_err(|tcp| match tcp {
                             // A proxy's answer is what the user must act on.
@@ -384,39 +384,61 @@ pub async fn connect(config: &DialConfig) -> Result<Dialed, DialError> {
 /// then while on TCP.
 pub async fn probe_quic(config: &DialConfig) -> Result<Dialed, DialError> {
     let crypto = client_crypto(config)?;
-    connect_quic(config, crypto, QUIC_FALLBACK_AFTER).await
+    connect_quic_any(config, crypto, QUIC_FALLBACK_AFTER).await
 }
 
-/// The relay's TLS endpoint for the TCP transport: `--relay-tcp`, or the relay's host on
-/// port 443.
-fn tcp_endpoint(config: &DialConfig) -> Result<(String, u16), DialError> {
+/// The relays' TLS endpoints for the TCP transport: `--relay-tcp` (a list, as
+/// `--relay`), or each relay's host on port 443.
+fn tcp_endpoints(config: &DialConfig) -> Result<Vec<(String, u16)>, DialError> {
     let given = config.relay_tcp.as_deref();
-    let text = given.unwrap_or(&config.relay);
-    let bad = |why: &str| DialError::Resolve(text.to_owned(), why.to_owned());
-    let (host, port) = text
-        .rsplit_once(':')
-        .ok_or_else(|| bad("expected HOST:PORT"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(bad("no host"));
-    }
-    let port = match given {
-        Some(_) => port.parse().map_err(|_| bad("bad port"))?,
-        None => DEFAULT_RELAY_TCP_PORT,
-    };
-    Ok((host.to_owned(), port))
+    relay_list(given.unwrap_or(&config.relay))
+        .into_iter()
+        .map(|text| {
+            let bad = |why: &str| DialError::Resolve(text.to_owned(), why.to_owned());
+            let (host, port) = text
+                .rsplit_once(':')
+                .ok_or_else(|| bad("expected HOST:PORT"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() {
+                return Err(bad("no host"));
+            }
+            let port = match given {
+                Some(_) => port.parse().map_err(|_| bad("bad port"))?,
+                None => DEFAULT_RELAY_TCP_PORT,
+            };
+            Ok((host.to_owned(), port))
+        })
+        .collect()
 }
 
-/// Connects over TLS on TCP (through the proxy, if any); `why` says why not QUIC.
-async fn connect_tcp(
+/// Connects over TLS on TCP to the first relay that answers, in order; `why` says why
+/// not QUIC.
+async fn connect_tcp_any(
     config: &DialConfig,
     crypto: &rustls::ClientConfig,
     why: &str,
 ) -> Result<Dialed, DialError> {
-    let (host, port) = tcp_endpoint(config)?;
+    let mut last_error = DialError::Resolve(config.relay.clone(), "no relay given".into());
+    for (host, port) in tcp_endpoints(config)? {
+        match connect_tcp(config, crypto, &host, port, why).await {
+            Ok(dialed) => return Ok(dialed),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(last_error)
+}
+
+/// Connects over TLS on TCP to `host:port` (through the proxy, if any).
+async fn connect_tcp(
+    config: &DialConfig,
+    crypto: &rustls::ClientConfig,
+    host: &str,
+    port: u16,
+    why: &str,
+) -> Result<Dialed, DialError> {
     let proxy = match &config.proxy {
         Some(url) => Some(Proxy::parse(url)?),
-        None => Proxy::from_env(&host)?,
+        None => Proxy::from_env(host)?,
     };
     let settings = jobgate_transport::MuxSettings {
         keep_alive: KEEP_ALIVE,
@@ -424,7 +446,7 @@ async fn connect_tcp(
         ..Default::default()
     };
     let connection =
-        jobgate_transport::tcp::dial(&host, port, proxy.as_ref(), crypto, settings).await?;
+        jobgate_transport::tcp::dial(host, port, proxy.as_ref(), crypto, settings).await?;
     let through = proxy
         .map(|p| format!(" through proxy {p}"))
         .unwrap_or_default();
@@ -443,14 +465,67 @@ async fn connect_tcp(
     })
 }
 
-/// Connects over QUIC, giving up after `timeout` without an answer.
-async fn connect_quic(
+/// The relays of a list (`r1:7443,r2:7443`): a cluster's, in the order given.
+fn relay_list(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// Connects over QUIC to whichever of the relays (and of each relay's addresses) answers
+/// first, giving up after `timeout` without an answer: a dead relay of a cluster costs
+/// nothing while another answers.
+async fn connect_quic_any(
     config: &DialConfig,
     crypto: rustls::ClientConfig,
     timeout: Duration,
 ) -> Result<Dialed, DialError> {
-    let (server_name, addrs) = resolve(&config.relay).await?;
-    let addr = addrs[0];
+    let relays = relay_list(&config.relay);
+    let mut candidates = Vec::new();
+    let mut last_error = None;
+    for relay in relays.iter().copied() {
+        match resolve(relay).await {
+            Ok((server_name, addrs)) => candidates.extend(
+                addrs
+                    .into_iter()
+                    .map(|addr| (relay, server_name.clone(), addr)),
+            ),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    let attempts: Vec<_> = candidates
+        .into_iter()
+        .map(|(relay, server_name, addr)| {
+            Box::pin(connect_quic(
+                config,
+                relay,
+                server_name,
+                addr,
+                crypto.clone(),
+                timeout,
+            ))
+        })
+        .collect();
+    if attempts.is_empty() {
+        return Err(last_error
+            .unwrap_or_else(|| DialError::Resolve(config.relay.clone(), "no relay given".into())));
+    }
+    // The others are dropped (and with them their half-open connections).
+    futures_util::future::select_ok(attempts)
+        .await
+        .map(|(dialed, _others)| dialed)
+}
+
+/// Connects over QUIC to `relay` at `addr`, giving up after `timeout` without an answer.
+async fn connect_quic(
+    config: &DialConfig,
+    relay: &str,
+    server_name: String,
+    addr: SocketAddr,
+    crypto: rustls::ClientConfig,
+    timeout: Duration,
+) -> Result<Dialed, DialError> {
     let quic_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
         .map_err(|e| DialError::Ca(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic_crypto));
@@ -509,7 +584,7 @@ async fn connect_quic(
         connection: Connection::Quic(connection),
         via: Via {
             kind: TransportKind::Quic,
-            detail: format!("QUIC to {}", config.relay),
+            detail: format!("QUIC to {relay}"),
         },
     })
 }
