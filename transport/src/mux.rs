@@ -207,11 +207,15 @@ impl MuxConnection {
             Role::Server => yamux::Mode::Server,
         };
         let bytes = Arc::new(ByteCounts::default());
-        let counted = Counted {
+        let outgoing = Arc::new(std::sync::Mutex::new(Outgoing {
             io,
+            held: Vec::with_capacity(COALESCE_LIMIT),
+        }));
+        let coalesced = Coalesced {
+            outgoing: outgoing.clone(),
             bytes: bytes.clone(),
         };
-        let connection = yamux::Connection::new(counted.compat(), config, mode);
+        let connection = yamux::Connection::new(coalesced.compat(), config, mode);
         let (open_tx, open_rx) = mpsc::channel(16);
         let (inbound_tx, inbound_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (close_tx, close_rx) = mpsc::channel(1);
@@ -220,6 +224,7 @@ impl MuxConnection {
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let driver = Driver {
             connection,
+            outgoing,
             role,
             heartbeat,
             heartbeat_due: false,
@@ -331,6 +336,8 @@ fn split(stream: yamux::Stream, slot: StreamSlot) -> (MuxSend, MuxRecv) {
 /// close records, closes on request.
 struct Driver<T> {
     connection: yamux::Connection<T>,
+    /// Where the frames of a round wait (see [`Coalesced`]).
+    outgoing: Arc<dyn RoundFlush>,
     role: Role,
     heartbeat: Interval,
     /// A heartbeat is to be written.
@@ -362,7 +369,27 @@ where
     async fn run(mut self) -> MuxError {
         let mut waiting_open: Option<OpenReply> = None;
         let mut closing: Option<(u32, Vec<u8>, usize)> = None;
-        poll_fn(|cx| loop {
+        poll_fn(|cx| {
+            let round = self.round(cx, &mut waiting_open, &mut closing);
+            if round.is_pending() {
+                // Nothing more to do now: what this round wrote leaves in one go.
+                if let Poll::Ready(Err(e)) = self.outgoing.poll_flush_round(cx) {
+                    return Poll::Ready(MuxError::Failed(e.to_string()));
+                }
+            }
+            round
+        })
+        .await
+    }
+
+    /// One round of work: runs until nothing is ready (`Pending`) or the connection ended.
+    fn round(
+        &mut self,
+        cx: &mut Context<'_>,
+        waiting_open: &mut Option<OpenReply>,
+        closing: &mut Option<(u32, Vec<u8>, usize)>,
+    ) -> Poll<MuxError> {
+        loop {
             if let Some((code, record, written)) = closing.as_mut() {
                 // Our record first (best effort), then yamux's close, which flushes it.
                 if let Some(stream) = self.close_stream.as_mut() {
@@ -380,7 +407,7 @@ where
                 };
             }
             if let Poll::Ready(Some((code, reason))) = self.close_rx.poll_recv(cx) {
-                closing = Some((code, close_record(code, &reason), 0));
+                *closing = Some((code, close_record(code, &reason), 0));
                 continue;
             }
             if self.role == Role::Client && self.close_stream.is_none() && !self.close_stream_failed
@@ -425,10 +452,10 @@ where
             self.read_close_record(cx);
             if waiting_open.is_none() {
                 match self.open_rx.poll_recv(cx) {
-                    Poll::Ready(Some(reply)) => waiting_open = Some(reply),
+                    Poll::Ready(Some(reply)) => *waiting_open = Some(reply),
                     // Every handle is gone: nobody can use the connection any more.
                     Poll::Ready(None) => {
-                        closing = Some((DROPPED, close_record(DROPPED, b""), 0));
+                        *closing = Some((DROPPED, close_record(DROPPED, b""), 0));
                         continue;
                     }
                     Poll::Pending => {}
@@ -473,8 +500,7 @@ where
                 }
                 Poll::Pending => return Poll::Pending,
             }
-        })
-        .await
+        }
     }
 
     /// Reads what the peer wrote on the transport's stream so far (a greeting, then at
@@ -542,20 +568,74 @@ fn parse_close_record(bytes: &[u8]) -> Option<MuxError> {
     })
 }
 
-/// Counts the bytes of the TLS connection under yamux.
-struct Counted<T> {
+/// Most bytes of frames held back within one driver round before they are written.
+const COALESCE_LIMIT: usize = 64 * 1024;
+
+/// What the driver flushes at the end of each round.
+trait RoundFlush: Send + Sync {
+    /// Writes the frames held back this round and flushes the TLS connection.
+    fn poll_flush_round(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+}
+
+/// The TLS connection and the frames held back for it.
+struct Outgoing<T> {
     io: T,
+    held: Vec<u8>,
+}
+
+impl<T: AsyncWrite + Unpin> Outgoing<T> {
+    /// Writes every held byte, then flushes.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.held.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.held) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.held.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+}
+
+fn poisoned() -> std::io::Error {
+    std::io::Error::other("tcp transport: connection lock poisoned")
+}
+
+impl<T: AsyncWrite + Unpin + Send> RoundFlush for std::sync::Mutex<Outgoing<T>> {
+    fn poll_flush_round(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.lock() {
+            Ok(mut outgoing) => outgoing.poll_drain(cx),
+            Err(_) => Poll::Ready(Err(poisoned())),
+        }
+    }
+}
+
+/// The TLS connection under yamux. It counts bytes, and holds back yamux's frames until the
+/// driver has nothing more to do this round: yamux writes and flushes every frame on its
+/// own (a stream's open, its head, its FIN, window updates), which on TLS costs a record
+/// and a syscall each; held back, one round's frames leave in one write. Only the driver
+/// task touches it, so the lock is never contended.
+struct Coalesced<T> {
+    outgoing: Arc<std::sync::Mutex<Outgoing<T>>>,
     bytes: Arc<ByteCounts>,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Coalesced<T> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let Ok(mut outgoing) = self.outgoing.lock() else {
+            return Poll::Ready(Err(poisoned()));
+        };
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let polled = Pin::new(&mut outgoing.io).poll_read(cx, buf);
         let read = buf.filled().len().saturating_sub(before);
         self.bytes
             .received
@@ -564,25 +644,37 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &polled {
-            self.bytes.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        let Ok(mut outgoing) = self.outgoing.lock() else {
+            return Poll::Ready(Err(poisoned()));
+        };
+        // Back-pressure: past the limit, what is held must leave first.
+        if !outgoing.held.is_empty() && outgoing.held.len() + buf.len() > COALESCE_LIMIT {
+            std::task::ready!(outgoing.poll_drain(cx))?;
         }
-        polled
+        outgoing.held.extend_from_slice(buf);
+        self.bytes
+            .sent
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    /// Deferred to the end of the driver's round ([`RoundFlush`]).
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let Ok(mut outgoing) = self.outgoing.lock() else {
+            return Poll::Ready(Err(poisoned()));
+        };
+        std::task::ready!(outgoing.poll_drain(cx))?;
+        Pin::new(&mut outgoing.io).poll_shutdown(cx)
     }
 }
 
