@@ -34,6 +34,7 @@ mod bulk;
 mod ceiling;
 mod latency;
 mod lifecycle;
+mod rathole;
 mod report;
 mod rps;
 mod scale;
@@ -161,6 +162,10 @@ struct Servers {
     backend: jobgate_harness::Proc,
     backend_port: u16,
     nginx: Option<setup::Nginx>,
+    /// rathole with its TLS transport in front of nginx (variant `rathole-tls`).
+    rathole: Option<rathole::Rathole>,
+    /// Why a variant is missing, for the report.
+    notes: Vec<String>,
     stacks: Vec<JobgateStack>,
 }
 
@@ -170,6 +175,25 @@ impl Servers {
         let nginx = match &tools.nginx {
             Some(path) => Some(setup::start_nginx(setup, path)?),
             None => None,
+        };
+        let mut notes = Vec::new();
+        // Outside every timed part: built once, then started.
+        let rathole = match (&nginx, rathole::find_or_build()) {
+            (Some(n), Ok(bin)) => match rathole::start(setup, &bin, (n.h1, n.h2c)) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    notes.push(format!("rathole-tls: did not start: {e}"));
+                    None
+                }
+            },
+            (None, _) => {
+                notes.push("rathole-tls: needs nginx as its backend".into());
+                None
+            }
+            (_, Err(why)) => {
+                notes.push(why);
+                None
+            }
         };
         let static_port = nginx.as_ref().map_or(backend_port, |n| n.h1);
         let mut builds: Vec<(String, PathBuf, usize, bool)> = opts
@@ -203,6 +227,8 @@ impl Servers {
             backend,
             backend_port,
             nginx,
+            rathole,
+            notes,
             stacks,
         })
     }
@@ -238,6 +264,22 @@ impl Servers {
                 https_port: None,
                 cpu: CpuWatch {
                     pids: vec![("nginx".into(), n.proc.pid())],
+                },
+            });
+        }
+        if let Some(r) = &self.rathole {
+            variants.push(HttpVariant {
+                name: rathole::VARIANT.into(),
+                h1_base: format!("http://127.0.0.1:{}", r.h1),
+                h2_base: format!("http://127.0.0.1:{}", r.h2c),
+                session: None,
+                https_port: None,
+                cpu: CpuWatch {
+                    pids: vec![
+                        ("rathole-server".into(), r.server.pid()),
+                        ("rathole-client".into(), r.client.pid()),
+                        (static_name.into(), static_pid),
+                    ],
                 },
             });
         }
@@ -322,7 +364,7 @@ fn run(args: &[String]) -> Result<()> {
         metrics: Vec::new(),
         primary: setup::variant_name(opts.workers[0]),
         variants,
-        skipped: Vec::new(),
+        skipped: std::mem::take(&mut servers.notes),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -18,7 +18,12 @@ pub enum Target {
     RatioMin(f64),
     /// median ≥ fraction × the median of another metric's only variant
     FractionOf(&'static str, f64),
+    /// median ≥ factor × another variant's median in the same run (rathole-tls)
+    VsVariantMin(&'static str, f64),
 }
+
+/// The plain L4 tunnel every jobgate figure is also compared with (issue 18).
+pub const L4_BASELINE: &str = "rathole-tls";
 
 #[derive(Debug, Default)]
 pub struct Metric {
@@ -106,6 +111,13 @@ impl Report {
         (d != 0.0).then_some(j / d)
     }
 
+    /// The primary variant's median over `other`'s, in the same run.
+    pub fn vs(&self, m: &Metric, other: &str) -> Option<f64> {
+        let o = self.med(m, other)?;
+        let j = self.med(m, &self.primary)?;
+        (o != 0.0).then_some(j / o)
+    }
+
     /// (target text, met?) for each target of `m`.
     pub fn verdicts(&self, m: &Metric) -> Vec<(String, Option<bool>)> {
         let primary = self.med(m, &self.primary);
@@ -134,6 +146,10 @@ impl Report {
                     )
                 }
                 Target::RatioMin(v) => (format!("≥ {v}× direct"), self.ratio(m).map(|r| r >= *v)),
+                Target::VsVariantMin(other, f) => (
+                    format!("≥ {f}× {other}"),
+                    self.vs(m, other).map(|r| r >= *f),
+                ),
                 Target::FractionOf(other, f) => {
                     let ceiling = self
                         .get(other)
@@ -158,11 +174,12 @@ impl Report {
             "unit".to_owned(),
         ];
         header.extend(self.variants.iter().cloned());
-        header.extend([
-            "ratio".to_owned(),
-            "target".to_owned(),
-            "verdict".to_owned(),
-        ]);
+        let with_baseline = self.variants.iter().any(|v| v == L4_BASELINE);
+        header.push("ratio".to_owned());
+        if with_baseline {
+            header.push(format!("÷ {L4_BASELINE}"));
+        }
+        header.extend(["target".to_owned(), "verdict".to_owned()]);
         let mut rows = vec![header];
         for m in &self.metrics {
             let mut row = vec![m.scenario.clone(), m.name.clone(), m.unit.to_owned()];
@@ -176,6 +193,12 @@ impl Report {
                 });
             }
             row.push(self.ratio(m).map_or("-".into(), |r| format!("{r:.2}")));
+            if with_baseline {
+                row.push(
+                    self.vs(m, L4_BASELINE)
+                        .map_or("-".into(), |r| format!("{r:.2}")),
+                );
+            }
             let verdicts = self.verdicts(m);
             row.push(
                 verdicts
@@ -198,7 +221,7 @@ impl Report {
                 .enumerate()
                 .map(|(c, (cell, w))| {
                     let pad = w - cell.chars().count();
-                    if c >= 3 && c < 3 + self.variants.len() + 1 {
+                    if c >= 3 && c < 3 + self.variants.len() + 1 + usize::from(with_baseline) {
                         format!("{}{cell}", " ".repeat(pad))
                     } else {
                         format!("{cell}{}", " ".repeat(pad))

@@ -35,7 +35,11 @@ pub fn scenario_rps(
                     let m = report.metric("rps.h1", SC1, "req/s", "req/s", true);
                     m.samples.entry(v.name.clone()).or_default().push(r.rps);
                     if m.targets.is_empty() {
-                        m.targets = vec![Target::Min(20_000.0), Target::RatioMin(0.6)];
+                        m.targets = vec![
+                            Target::Min(20_000.0),
+                            Target::RatioMin(0.6),
+                            Target::VsVariantMin(crate::report::L4_BASELINE, 1.25),
+                        ];
                     }
                     add_cpu_detail(m, &v.name, &r.cpu_us_per_req);
                     let total: f64 = r.cpu_us_per_req.values().sum();
