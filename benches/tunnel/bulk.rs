@@ -141,11 +141,13 @@ pub fn scenario_bulk(
                         let m = report.metric(&id, &sc, &name, "MB/s", true);
                         m.samples.entry(v.name.clone()).or_default().push(t.mb_s);
                         if m.targets.is_empty() && !h2 {
-                            m.targets = vec![
-                                Target::Min(400.0),
-                                Target::FractionOf("bulk.ceiling", 0.7),
-                                Target::VsVariantMin(crate::report::L4_BASELINE, 1.25),
-                            ];
+                            m.targets =
+                                vec![Target::Min(400.0), Target::FractionOf("bulk.ceiling", 0.7)];
+                            if !upload {
+                                // rathole carries downloads from nginx (no upload sink).
+                                m.targets
+                                    .push(Target::VsVariantMin(crate::report::L4_BASELINE, 1.25));
+                            }
                         }
                         add_cpu_detail(m, &v.name, &t.cpu_us_per_mb);
                         if !h2 {

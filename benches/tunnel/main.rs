@@ -291,6 +291,20 @@ impl Servers {
                 (static_name, static_pid),
             )
         }));
+        // The primary stack once more through its plain-HTTP front door (`http-wN`).
+        if let Some(s) = self.stacks.first() {
+            let mut plain = relay_variant(
+                s,
+                &s.static_agent,
+                &s.static_session,
+                (static_name, static_pid),
+            );
+            plain.name = s.name.replacen("jobgate-", "http-", 1);
+            plain.h1_base = format!("http://127.0.0.1:{}", s.http_port);
+            plain.h2_base = plain.h1_base.clone();
+            plain.https_port = None;
+            variants.push(plain);
+        }
         variants
     }
 

@@ -3,9 +3,9 @@
 //! would terminate HTTPS) → one TLS connection → rathole client → nginx, the same backend
 //! as every other variant.
 //!
-//! rathole is built once from the crates registry into `target/bench-tools` (outside every
-//! timed part; `--locked` pins its dependencies, its `tls` feature needs Debian's `libssl-dev`
-//! and `pkg-config`). `JOBGATE_BENCH_RATHOLE=PATH` uses another binary;
+//! rathole is built once from the crates registry into `target/bench-tools` by
+//! `benches/build-rathole.sh` (outside every timed part; its own `Cargo.lock`, one pin; the
+//! `tls` feature needs Debian's `libssl-dev` and `pkg-config`). `JOBGATE_BENCH_RATHOLE=PATH` uses another binary;
 //! `JOBGATE_BENCH_WITHOUT=rathole` leaves the variant out.
 
 use crate::setup::Setup;
@@ -53,24 +53,15 @@ pub fn find_or_build() -> std::result::Result<PathBuf, String> {
         "[setup] building rathole {RATHOLE_VERSION} from crates.io into {} (once, a few minutes)",
         root.display()
     );
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["install", "rathole", "--version"])
-        .arg(format!("={RATHOLE_VERSION}"))
-        .args([
-            "--locked",
-            "--no-default-features",
-            "--features",
-            "server,client,tls",
-            "--root",
-        ])
-        .arg(&root)
-        .status();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/build-rathole.sh");
+    let status = Command::new("sh").arg(&script).arg(&root).status();
     match status {
         Ok(s) if s.success() && bin.exists() => Ok(bin),
         Ok(s) => Err(format!(
-            "rathole: cargo install failed ({s}); needs libssl-dev and pkg-config"
+            "rathole: {} failed ({s}); it needs libssl-dev and pkg-config",
+            script.display()
         )),
-        Err(e) => Err(format!("rathole: cannot run cargo install: {e}")),
+        Err(e) => Err(format!("rathole: cannot run {}: {e}", script.display())),
     }
 }
 

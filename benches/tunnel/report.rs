@@ -124,6 +124,10 @@ impl Report {
         let direct = self.med(m, "direct");
         m.targets
             .iter()
+            // A comparison with a variant that did not run (rathole not built) is no verdict.
+            .filter(
+                |t| !matches!(t, Target::VsVariantMin(other, _) if self.med(m, other).is_none()),
+            )
             .map(|t| match t {
                 Target::Min(v) => (
                     format!("≥ {} {}", fmt_num(*v, m.unit), m.unit),

@@ -317,6 +317,9 @@ pub struct JobgateStack {
     /// Agent forwarding to the bench backend (upload, WebSocket).
     pub app_agent: AgentProc,
     pub app_session: Session,
+    /// The relay's plain-HTTP front door (`--listen-http`, as behind a TLS-terminating
+    /// balancer): the same crypto work as an L4 tunnel with TLS between its ends.
+    pub http_port: u16,
 }
 
 impl JobgateStack {
@@ -331,7 +334,9 @@ impl JobgateStack {
         (static_port, backend_port): (u16, u16),
         tcp: bool,
     ) -> Result<Self> {
-        let relay = setup.start_relay_of(bin, workers, &[])?;
+        let http_port = free_port()?;
+        let listen_http = format!("127.0.0.1:{http_port}");
+        let relay = setup.start_relay_of(bin, workers, &["--listen-http", &listen_http])?;
         let agent_to = |port: u16| -> Result<AgentProc> {
             let mut command = setup.agent_command_of(bin, &relay, workers);
             if tcp {
@@ -351,6 +356,7 @@ impl JobgateStack {
             relay,
             static_agent,
             app_agent,
+            http_port,
         })
     }
 }

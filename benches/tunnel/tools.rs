@@ -194,6 +194,15 @@ pub fn curl_transfer(
                 .arg(format!("Cookie: {}", s.cookie));
             format!("https://{}:{port}", s.host)
         }
+        (Some(s), None) => {
+            // The relay's plain-HTTP front: routed by Host, unlocked by the cookie.
+            command
+                .arg("-H")
+                .arg(format!("Host: {}", s.host))
+                .arg("-H")
+                .arg(format!("Cookie: {}", s.cookie));
+            base.clone()
+        }
         _ => {
             if base.starts_with("https://") {
                 command.arg("--cacert").arg(&setup.env.ca);
