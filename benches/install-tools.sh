@@ -6,6 +6,7 @@
 #   wrk             HTTP/1.1 load (latency, rps)
 #   nghttp2-client  h2load, HTTP/2 load (rps)
 #   curl            bulk downloads and uploads (bulk)
+#   libssl-dev, pkg-config, openssl   building and configuring rathole (variant rathole-tls)
 set -eu
 if [ "$(id -u)" -ne 0 ]; then
     echo "run as root (or: sudo $0)" >&2
@@ -13,4 +14,4 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q nginx-light wrk nghttp2-client curl
+apt-get install -y -q nginx-light wrk nghttp2-client curl libssl-dev pkg-config openssl
