@@ -162,21 +162,19 @@ pub(crate) async fn run_agent(args: AgentArgs) -> i32 {
         dial: DialConfig {
             relay: args.settings.relay.unwrap_or_default(),
             relay_ca: args.settings.relay_ca,
-            idle_timeout: args
-                .settings
-                .idle_timeout
-                .map(Duration::from_secs)
-                .unwrap_or(jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT)
-                .max(Duration::from_secs(2)),
+            idle_timeout: seconds_or(
+                args.settings.idle_timeout,
+                jobgate_agent::dial::DEFAULT_IDLE_TIMEOUT,
+                2,
+            ),
             transport: args.settings.transport.unwrap_or_default(),
             relay_tcp: args.settings.relay_tcp,
             proxy: args.settings.proxy,
-            quic_reprobe: args
-                .settings
-                .quic_reprobe
-                .map(Duration::from_secs)
-                .unwrap_or(jobgate_agent::dial::DEFAULT_QUIC_REPROBE)
-                .max(Duration::from_secs(1)),
+            quic_reprobe: seconds_or(
+                args.settings.quic_reprobe,
+                jobgate_agent::dial::DEFAULT_QUIC_REPROBE,
+                1,
+            ),
         },
         token,
         reservation,
@@ -258,4 +256,12 @@ fn launched_reservation() -> Option<PathBuf> {
     jobgate_agent::jobfile::JobFile::in_dir(&dir, &job_id)?;
     let path = crate::launch::reserve::reservation_path(&dir, &job_id);
     path.exists().then_some(path)
+}
+
+/// A setting in seconds, its default where unset, and never below `min_secs`.
+fn seconds_or(setting: Option<u64>, default: Duration, min_secs: u64) -> Duration {
+    setting
+        .map(Duration::from_secs)
+        .unwrap_or(default)
+        .max(Duration::from_secs(min_secs))
 }

@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use http::{Request, StatusCode};
+use http::StatusCode;
 use nix::sys::signal::Signal;
 use std::process::Command;
 use std::time::Duration;
@@ -19,19 +19,6 @@ use std::time::Duration;
 const AGENT_IDLE_SECS: &str = "3";
 /// The promise: within this long of a relay's death the URL serves from another.
 const FAILOVER: Duration = Duration::from_secs(10);
-
-async fn status_via(env: &TestEnv, https_port: u16, agent: &AgentProc) -> StatusCode {
-    let host = agent.host();
-    let mut sender = h1(env, https_port, &host).await;
-    let request = Request::get(agent.path("/echo"))
-        .header("host", &host)
-        .body(empty())
-        .expect("request");
-    match sender.send_request(request).await {
-        Ok(response) => response.status(),
-        Err(_) => StatusCode::BAD_GATEWAY,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_given_two_relays_moves_to_the_other_when_its_relay_dies_and_keeps_its_url() {
@@ -73,8 +60,8 @@ async fn an_agent_given_two_relays_moves_to_the_other_when_its_relay_dies_and_ke
     let agent = start_agent_command(command, &url_file);
 
     // The session lives on exactly one relay; which one answered first is the agent's pick.
-    let on_a = status_via(&env, a.https_port, &agent).await;
-    let on_b = status_via(&env, b.https_port, &agent).await;
+    let on_a = status_of(&env, a.https_port, &agent, "/echo").await;
+    let on_b = status_of(&env, b.https_port, &agent, "/echo").await;
     let (mut holder, survivor) = match (on_a, on_b) {
         (StatusCode::OK, StatusCode::NOT_FOUND) => (a, b),
         (StatusCode::NOT_FOUND, StatusCode::OK) => (b, a),
@@ -84,7 +71,7 @@ async fn an_agent_given_two_relays_moves_to_the_other_when_its_relay_dies_and_ke
     holder.proc.signal(Signal::SIGKILL);
     let _ = holder.proc.wait_exit(Duration::from_secs(10));
     let moved = eventually(FAILOVER, || async {
-        status_via(&env, survivor.https_port, &agent).await == StatusCode::OK
+        status_of(&env, survivor.https_port, &agent, "/echo").await == StatusCode::OK
     })
     .await;
     assert!(

@@ -8,12 +8,9 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -122,66 +119,6 @@ fn start_agent_via(
     start_agent_command(command, &url_file)
 }
 
-async fn status_of(env: &TestEnv, relay: &RelayProc, agent: &AgentProc) -> StatusCode {
-    let host = agent.host();
-    let mut sender = h1(env, relay.https_port, &host).await;
-    let request = Request::get(agent.path("/echo"))
-        .header("host", &host)
-        .body(empty())
-        .expect("request");
-    match sender.send_request(request).await {
-        Ok(response) => response.status(),
-        Err(_) => StatusCode::BAD_GATEWAY,
-    }
-}
-
-fn pattern(offset: u64) -> u8 {
-    (offset % 251) as u8
-}
-
-async fn download_exact(env: &TestEnv, relay: &RelayProc, agent: &AgentProc, n: u64) {
-    let host = agent.host();
-    let mut sender = h1(env, relay.https_port, &host).await;
-    let request = Request::get(agent.path(&format!("/bytes?n={n}")))
-        .header("host", &host)
-        .body(empty())
-        .expect("request");
-    let response = sender.send_request(request).await.expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
-    let mut body = response.into_body();
-    let mut offset = 0u64;
-    while let Some(frame) = body.frame().await {
-        let data = frame.expect("body frame").into_data().unwrap_or_default();
-        for (i, byte) in data.iter().enumerate() {
-            assert_eq!(
-                *byte,
-                pattern(offset + i as u64),
-                "byte {} differs",
-                offset + i as u64
-            );
-        }
-        offset += data.len() as u64;
-    }
-    assert_eq!(offset, n, "download length");
-}
-
-async fn upload_exact(env: &TestEnv, relay: &RelayProc, agent: &AgentProc, n: u64) {
-    let host = agent.host();
-    let mut sender = h1(env, relay.https_port, &host).await;
-    let chunk = Bytes::from(vec![0x5au8; 64 * 1024]);
-    let chunks = n / chunk.len() as u64;
-    let stream = futures_util::stream::iter(0..chunks)
-        .map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone())));
-    let request = Request::post(agent.path("/echo"))
-        .header("host", &host)
-        .header("content-length", n)
-        .body(BodyExt::boxed(StreamBody::new(stream)))
-        .expect("request");
-    let (status, _, body) = collect(sender.send_request(request).await.expect("response")).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(json(&body)["body_bytes"], n, "upload length");
-}
-
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
@@ -244,7 +181,10 @@ async fn where_udp_is_dropped_the_agent_serves_everything_over_tcp() {
         "the agent must say which transport it uses and why:\n{said}"
     );
 
-    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+    assert_eq!(
+        status_of(&env, relay.https_port, &agent, "/echo").await,
+        StatusCode::OK
+    );
     // Far more requests than the relay lets a TCP session have open at once: each
     // request's stream must be gone once it is answered.
     let host = agent.host();
@@ -258,8 +198,8 @@ async fn where_udp_is_dropped_the_agent_serves_everything_over_tcp() {
         let (status, _, _) = collect(sender.send_request(request).await.expect("response")).await;
         assert_eq!(status, StatusCode::OK, "request {i}");
     }
-    download_exact(&env, &relay, &agent, BULK).await;
-    upload_exact(&env, &relay, &agent, BULK).await;
+    download_checked(&env, relay.https_port, &agent, BULK).await;
+    upload_checked(&env, relay.https_port, &agent, BULK).await;
     websocket_echo(&env, &relay, &agent, 50).await;
     assert_eq!(sessions_by_transport(metrics, "tcp").await, 1.0);
     assert_eq!(sessions_by_transport(metrics, "quic").await, 0.0);
@@ -281,7 +221,10 @@ async fn when_udp_passes_again_the_session_moves_back_to_quic_under_the_same_url
         &[],
     );
     assert!(agent.proc.stderr().contains("connected over TCP/TLS"));
-    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+    assert_eq!(
+        status_of(&env, relay.https_port, &agent, "/echo").await,
+        StatusCode::OK
+    );
     // A notebook's kernel WebSocket, open over TCP across the move.
     let mut kernel = open_websocket(&env, &relay, &agent).await;
     echo_on(&mut kernel, "before the move").await;
@@ -306,7 +249,7 @@ async fn when_udp_passes_again_the_session_moves_back_to_quic_under_the_same_url
     );
     // The same URL serves, now over QUIC; the TCP connection is gone.
     let serving = eventually(Duration::from_secs(10), || async {
-        status_of(&env, &relay, &agent).await == StatusCode::OK
+        status_of(&env, relay.https_port, &agent, "/echo").await == StatusCode::OK
     })
     .await;
     assert!(serving.is_some(), "the URL stopped serving after the move");
@@ -324,7 +267,10 @@ async fn when_udp_passes_again_the_session_moves_back_to_quic_under_the_same_url
     })
     .await;
     assert!(counted.is_some(), "the old TCP connection was never closed");
-    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+    assert_eq!(
+        status_of(&env, relay.https_port, &agent, "/echo").await,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,8 +296,11 @@ async fn through_an_http_proxy_named_by_https_proxy() {
         "{}",
         agent.proc.stderr()
     );
-    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
-    download_exact(&env, &relay, &agent, 8 * 1024 * 1024).await;
+    assert_eq!(
+        status_of(&env, relay.https_port, &agent, "/echo").await,
+        StatusCode::OK
+    );
+    download_checked(&env, relay.https_port, &agent, 8 * 1024 * 1024).await;
     websocket_echo(&env, &relay, &agent, 10).await;
 }
 
@@ -402,7 +351,10 @@ async fn a_proxy_that_asks_for_credentials_stops_the_agent_with_a_clear_error() 
         !agent.proc.stderr().contains("s3cret"),
         "the proxy password must never be printed"
     );
-    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+    assert_eq!(
+        status_of(&env, relay.https_port, &agent, "/echo").await,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,7 +370,10 @@ async fn a_revoked_token_stops_an_agent_on_tcp_as_on_quic() {
         &["--transport", "tcp"],
         &[],
     );
-    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+    assert_eq!(
+        status_of(&env, relay.https_port, &agent, "/echo").await,
+        StatusCode::OK
+    );
     // Re-issuing alice's token revokes the old one: the relay closes with `Revoked`,
     // which the TCP transport must carry so that the agent stops instead of retrying.
     let _fresh = env.token_file("alice");
@@ -476,7 +431,10 @@ async fn more_requests_at_once_than_a_tcp_session_carries_get_503_and_the_sessio
     );
     assert!(by_status[&StatusCode::OK] >= 200, "{by_status:?}");
     // The session lives on and serves again once the slow requests are done.
-    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+    assert_eq!(
+        status_of(&env, relay.https_port, &agent, "/echo").await,
+        StatusCode::OK
+    );
     assert!(agent.proc.stderr().contains("connected over TCP/TLS"));
     assert!(!agent.proc.stderr().contains("lost the connection"));
 }
@@ -490,7 +448,10 @@ async fn a_relay_restart_sends_tcp_agents_away_and_they_come_back_over_tcp_at_on
     let token = env.token_file("alice");
     let agent = start_agent_via(&env, &relay, gate.port, &token, &[], &[]);
     assert!(agent.proc.stderr().contains("connected over TCP/TLS"));
-    assert_eq!(status_of(&env, &relay, &agent).await, StatusCode::OK);
+    assert_eq!(
+        status_of(&env, relay.https_port, &agent, "/echo").await,
+        StatusCode::OK
+    );
 
     let mut relay = relay;
     relay.proc.signal(nix::sys::signal::Signal::SIGTERM);
@@ -506,7 +467,7 @@ async fn a_relay_restart_sends_tcp_agents_away_and_they_come_back_over_tcp_at_on
 
     let relay = start_relay_at(&env, https, quic, &[]);
     let back = eventually(Duration::from_secs(30), || async {
-        status_of(&env, &relay, &agent).await == StatusCode::OK
+        status_of(&env, relay.https_port, &agent, "/echo").await == StatusCode::OK
     })
     .await;
     assert!(

@@ -7,8 +7,6 @@ use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -173,64 +171,19 @@ const WARMUP: u64 = 16 * 1024 * 1024;
 /// Peak RSS may grow by flow-control windows and allocator slack, never by body size.
 const MAX_GROWTH_KIB: u64 = 64 * 1024;
 
-async fn download(env: &TestEnv, port: u16, agent: &AgentProc, n: u64) {
-    let host = &agent.host();
-    let mut sender = h1(env, port, host).await;
-    let request = Request::get(agent.path(&format!("/bytes?n={n}")))
-        .header("host", host)
-        .body(empty())
-        .expect("request");
-    let response = sender.send_request(request).await.expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
-    let mut body = response.into_body();
-    let mut offset = 0u64;
-    while let Some(frame) = body.frame().await {
-        let data = frame.expect("body frame").into_data().unwrap_or_default();
-        for (i, byte) in data.iter().enumerate() {
-            if *byte != jobgate_pattern(offset + i as u64) {
-                panic!("byte {} differs", offset + i as u64);
-            }
-        }
-        offset += data.len() as u64;
-    }
-    assert_eq!(offset, n);
-}
-
-fn jobgate_pattern(offset: u64) -> u8 {
-    (offset % 251) as u8
-}
-
-async fn upload(env: &TestEnv, port: u16, agent: &AgentProc, n: u64) {
-    let host = &agent.host();
-    let mut sender = h1(env, port, host).await;
-    let chunk = Bytes::from(vec![0x5au8; 64 * 1024]);
-    let chunks = n / chunk.len() as u64;
-    let stream = futures_util::stream::iter(0..chunks)
-        .map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone())));
-    let body = BodyExt::boxed(StreamBody::new(stream));
-    let request = Request::post(agent.path("/echo"))
-        .header("host", host)
-        .header("content-length", n)
-        .body(body)
-        .expect("request");
-    let (status, _, body) = collect(sender.send_request(request).await.expect("response")).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(json(&body)["body_bytes"], n);
-}
-
 #[tokio::test]
 async fn a_256_mib_upload_and_download_stream_with_bounded_memory() {
     let env = TestEnv::new("big");
     let relay = start_relay(&env, &[]);
     let token = env.token_file("alice");
     let agent = start_demo_agent(&env, &relay, &token, "big");
-    download(&env, relay.https_port, &agent, WARMUP).await;
-    upload(&env, relay.https_port, &agent, WARMUP).await;
+    download_checked(&env, relay.https_port, &agent, WARMUP).await;
+    upload_checked(&env, relay.https_port, &agent, WARMUP).await;
     let relay_before = peak_rss_kib(relay.proc.pid());
     let agent_before = peak_rss_kib(agent.proc.pid());
 
-    download(&env, relay.https_port, &agent, BIG).await;
-    upload(&env, relay.https_port, &agent, BIG).await;
+    download_checked(&env, relay.https_port, &agent, BIG).await;
+    upload_checked(&env, relay.https_port, &agent, BIG).await;
     let relay_after = peak_rss_kib(relay.proc.pid());
     let agent_after = peak_rss_kib(agent.proc.pid());
     eprintln!("peak RSS KiB: relay {relay_before} -> {relay_after}, agent {agent_before} -> {agent_after}");

@@ -227,6 +227,83 @@ pub async fn get(
     collect(response).await
 }
 
+/// The status of a GET of `path` (the access key added) on `agent`'s session through the
+/// relay's front door at `port`; `502` when the connection itself fails (a relay that
+/// is restarting, a session on its way to another relay).
+pub async fn status_of(env: &TestEnv, port: u16, agent: &AgentProc, path: &str) -> StatusCode {
+    let host = agent.host();
+    let Ok(config) = client_tls(&env.ca, &[b"http/1.1"]) else {
+        return StatusCode::BAD_GATEWAY;
+    };
+    let Ok(tls) = connect_tls(&config, port, &host).await else {
+        return StatusCode::BAD_GATEWAY;
+    };
+    let Ok((mut sender, connection)) =
+        hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tls)).await
+    else {
+        return StatusCode::BAD_GATEWAY;
+    };
+    tokio::spawn(connection);
+    let request = Request::get(agent.path(path))
+        .header("host", &host)
+        .body(empty())
+        .expect("request");
+    match sender.send_request(request).await {
+        Ok(response) => response.status(),
+        Err(_) => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// The byte at `offset` of the demo app's `/bytes?n=N` body.
+pub fn demo_byte(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+/// Downloads `/bytes?n=N` from `agent`'s session through the relay and checks every byte
+/// and the length.
+pub async fn download_checked(env: &TestEnv, port: u16, agent: &AgentProc, n: u64) {
+    let host = agent.host();
+    let mut sender = h1(env, port, &host).await;
+    let request = Request::get(agent.path(&format!("/bytes?n={n}")))
+        .header("host", &host)
+        .body(empty())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut offset = 0u64;
+    while let Some(frame) = body.frame().await {
+        let data = frame.expect("body frame").into_data().unwrap_or_default();
+        for (i, byte) in data.iter().enumerate() {
+            if *byte != demo_byte(offset + i as u64) {
+                panic!("byte {} differs", offset + i as u64);
+            }
+        }
+        offset += data.len() as u64;
+    }
+    assert_eq!(offset, n, "download length");
+}
+
+/// Uploads `n` bytes (a streamed body, 64 KiB chunks) to `/echo` of `agent`'s session
+/// and checks that the app got all of them.
+pub async fn upload_checked(env: &TestEnv, port: u16, agent: &AgentProc, n: u64) {
+    use futures_util::StreamExt;
+    let host = agent.host();
+    let mut sender = h1(env, port, &host).await;
+    let chunk = Bytes::from(vec![0x5au8; 64 * 1024]);
+    let chunks = n / chunk.len() as u64;
+    let stream = futures_util::stream::iter(0..chunks)
+        .map(move |_| Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone())));
+    let request = Request::post(agent.path("/echo"))
+        .header("host", &host)
+        .header("content-length", n)
+        .body(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+        .expect("request");
+    let (status, _, body) = collect(sender.send_request(request).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["body_bytes"], n, "upload length");
+}
+
 /// One plain-HTTP/1.1 request to a listener without TLS (the relay's admin and metrics
 /// listener): `method path`, with `Authorization: Bearer <bearer>` if given; the status
 /// and the body as text.

@@ -20,8 +20,9 @@ pub mod stack;
 pub mod startup;
 
 pub use client::{
-    agent_quic_config, assert_serves, collect, empty, eventually, full, get, h1, h2,
-    hand_made_session, json, metric_sample, plain_http, tls_connect, HandMadeSession, TestBody,
+    agent_quic_config, assert_serves, collect, demo_byte, download_checked, empty, eventually,
+    full, get, h1, h2, hand_made_session, json, metric_sample, plain_http, status_of, tls_connect,
+    upload_checked, HandMadeSession, TestBody,
 };
 pub use error::{Error, Result};
 pub use process::{peak_rss_kib, rss_kib, spawn, Proc};
