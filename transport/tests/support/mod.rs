@@ -12,12 +12,13 @@ const STARTUP: Duration = Duration::from_secs(30);
 pub struct Tinyproxy {
     child: tokio::process::Child,
     pub port: u16,
-    _dir: std::path::PathBuf,
+    dir: std::path::PathBuf,
 }
 
 impl Drop for Tinyproxy {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -57,7 +58,7 @@ pub async fn tinyproxy(extra: &str) -> Tinyproxy {
     Tinyproxy {
         child,
         port,
-        _dir: dir,
+        dir,
     }
 }
 
