@@ -252,7 +252,7 @@ impl Supervisor<'_> {
                         Reconnect::Connected(session) => {
                             next_probe = Instant::now() + reprobe;
                             if session.welcome.name == name {
-                                say!("reconnected over {}; the URL is unchanged", session.via);
+                                say!("reconnected; the URL is unchanged (over {})", session.via);
                                 if let Some(job_file) = self.job_file {
                                     job_file.record(jobfile::SessionState::Connected, |_| {});
                                 }

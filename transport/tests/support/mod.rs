@@ -55,11 +55,7 @@ pub async fn tinyproxy(extra: &str) -> Tinyproxy {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Tinyproxy {
-        child,
-        port,
-        dir,
-    }
+    Tinyproxy { child, port, dir }
 }
 
 /// Echoes every stream the connection accepts until it ends.
