@@ -49,7 +49,7 @@ async fn reserve(env: &TestEnv, relay: &RelayProc, token: &str, job: &str) -> Re
     dial::reserve(
         &dial_config(env, relay),
         Token(token.to_owned()),
-        AccessMode::Link,
+        Some(AccessMode::Link),
         job,
     )
     .await

@@ -779,3 +779,40 @@ async fn an_idp_that_is_not_the_configured_issuer_starts_no_login() {
 fn quoted_after<'a>(body: &'a str, marker: &str) -> Option<&'a str> {
     body.split(marker).nth(1)?.split('"').next()
 }
+
+#[tokio::test]
+async fn a_reservation_without_a_mode_is_guarded_as_the_relays_default_owner_sessions() {
+    use jobgate_agent::dial::{reserve, DialConfig, TransportChoice};
+    let s = stack("signon-reserve", &[]);
+    let config = DialConfig {
+        transport: TransportChoice::Quic,
+        ..DialConfig::new(
+            format!("127.0.0.1:{}", s.relay.quic_port),
+            Some(s.env.ca.clone()),
+        )
+    };
+    let token = jobgate_protocol::Token(s.alice.0.clone());
+    // `jobgate launch` names no mode unless the user's config does: the relay's default
+    // (owner, with sign-on) guards the URL handed out at submit time.
+    let owner = reserve(&config, token.clone(), None, "7001")
+        .await
+        .expect("reserved");
+    assert!(
+        !owner.access_url.contains("jobgate_key"),
+        "an owner reservation carries no link key: {}",
+        owner.access_url
+    );
+    let link = reserve(
+        &config,
+        token,
+        Some(jobgate_protocol::AccessMode::Link),
+        "7002",
+    )
+    .await
+    .expect("reserved");
+    assert!(
+        link.access_url.contains("jobgate_key="),
+        "{}",
+        link.access_url
+    );
+}

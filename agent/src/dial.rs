@@ -683,7 +683,7 @@ pub struct Reserved {
 pub async fn reserve(
     config: &DialConfig,
     token: Token,
-    access: AccessMode,
+    access: Option<AccessMode>,
     job_id: &str,
 ) -> Result<Reserved, DialError> {
     let protocol = |e: &dyn std::fmt::Display| DialError::Protocol(e.to_string());

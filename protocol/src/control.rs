@@ -137,9 +137,10 @@ pub enum ControlMessage {
         version: u32,
         /// The user's agent token.
         token: Token,
-        /// Requested access mode.
-        #[serde(default)]
-        access: AccessMode,
+        /// Requested access mode; `None` (absent): the relay's default, as in `Hello`
+        /// (relays before this read an absent mode as `link`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        access: Option<AccessMode>,
         /// The batch job the name is for (`sbatch`'s job id).
         job_id: String,
     },
@@ -265,7 +266,7 @@ mod tests {
             ControlMessage::Reserve {
                 version: 1,
                 token: Token("t".into()),
-                access: AccessMode::Link,
+                access: Some(AccessMode::Link),
                 job_id: "4242".into(),
             },
             ControlMessage::Reserved {

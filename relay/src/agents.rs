@@ -657,9 +657,10 @@ async fn answer_reserve(
     shared: &Arc<Shared>,
     connection: &Connection,
     mut send: SendStream,
-    ask: (u32, Token, AccessMode, String),
+    ask: (u32, Token, Option<AccessMode>, String),
 ) {
     let (version, token, access, job_id) = ask;
+    let access = access.unwrap_or_else(|| shared.config.default_access());
     let answer = check_version(version)
         .and_then(|()| identify(shared, &token))
         .and_then(|identity| crate::reserve::reserve(shared, &identity, access, &job_id));

@@ -181,6 +181,10 @@ pub struct LaunchArgs {
     pub(crate) relay_tcp: Option<String>,
     #[arg(skip)]
     pub(crate) proxy: Option<String>,
+    /// The access mode the job's agent will ask for (the config files' `access`; unset:
+    /// the relay's default), so that the reserved URL is guarded as the session will be.
+    #[arg(skip)]
+    pub(crate) access: Option<jobgate_protocol::AccessMode>,
     /// Run JupyterLab (arguments after `--` go to `jupyter lab`).
     #[arg(long)]
     pub(crate) jupyter: bool,
@@ -216,6 +220,7 @@ impl LaunchArgs {
         self.transport = config.transport;
         self.relay_tcp = config.relay_tcp.clone();
         self.proxy = config.proxy.clone();
+        self.access = config.access;
         self.ready_timeout = self.ready_timeout.or(config.ready_timeout);
         self
     }

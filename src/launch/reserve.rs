@@ -10,7 +10,6 @@
 use super::slurm::slurm;
 use super::{LaunchArgs, LaunchError};
 use jobgate_agent::dial::{reserve, DialConfig, Reserved};
-use jobgate_protocol::AccessMode;
 use std::path::{Path, PathBuf};
 
 /// The name of job `job_id`'s reservation file in the jobs directory.
@@ -40,7 +39,7 @@ pub(super) async fn reserve_for_job(
         proxy: args.proxy.clone(),
         ..DialConfig::new(relay, args.relay_ca.clone())
     };
-    let reserved = match reserve(&config, token, AccessMode::Link, job_id).await {
+    let reserved = match reserve(&config, token, args.access, job_id).await {
         Ok(reserved) => reserved,
         Err(e) => {
             eprintln!("jobgate: warning: the relay reserved no URL for job {job_id} ({e}): it shows once the job runs");
