@@ -34,6 +34,7 @@ pub const KEY_BYTES: usize = 20;
 const COOKIE_PREFIX: &str = "__Host-jobgate-";
 
 /// The lock on a session's URL: none (public) or its access key (link).
+#[derive(Clone)]
 pub enum SessionLock {
     /// The app's own authentication is the only lock.
     Public,

@@ -584,6 +584,8 @@ fn admit(
             }
             .for_user(&identity.user)
         })?;
+    // A reserved name's page gives way to the session.
+    shared.queued.remove(&session.name);
     if let Some(old) = replaced {
         if moving && was_resumed {
             tracing::info!(name = %old.name, from = %old.connection.kind(), to = %connection.kind(), "the agent moves its session to a new connection");

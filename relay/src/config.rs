@@ -194,6 +194,16 @@ pub struct RelayConfig {
     /// Seconds an app has to send its response head before the client gets 504 (0: no limit).
     #[arg(long = "response-head-timeout", value_name = "SECS", default_value_t = DEFAULT_RESPONSE_HEAD_TIMEOUT_SECS)]
     pub response_head_timeout_secs: u64,
+    /// Command that prints where a batch job is, as `scontrol show job -o` does; `{job}`
+    /// is replaced by the job id (e.g. `scontrol show job -o {job}`, or through `ssh` to a
+    /// login node). A reserved URL's page shows its job's state from it; unset: the page
+    /// says the relay cannot see the queue.
+    #[arg(long, value_name = "CMD")]
+    pub slurm_status: Option<String>,
+    /// Seconds a reserved URL keeps saying that its job failed or was cancelled before the
+    /// name ends (404).
+    #[arg(long = "queued-end-grace", value_name = "SECS", default_value_t = crate::queued::END_GRACE.as_secs())]
+    pub queued_end_grace_secs: u64,
     /// Issuer URL of the site's OpenID Connect single sign-on (Keycloak, CILogon, ...).
     /// Set: `owner` sessions and `https://login.<domain>`; unset: no sign-on.
     #[arg(long, value_name = "URL")]

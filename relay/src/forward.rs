@@ -79,7 +79,14 @@ async fn route(
     let session = match shared.routes.route(&name) {
         Some(Route::Live(session)) => session,
         Some(Route::Parked) => return Page::Reconnecting.render(req.headers()),
-        None => return Page::NoSession.render(req.headers()),
+        None if shared.queued.is_empty() => return Page::NoSession.render(req.headers()),
+        None => {
+            let headers = req.headers().clone();
+            return match crate::queued::serve(shared, name, req).await {
+                Some(page) => page,
+                None => Page::NoSession.render(&headers),
+            };
+        }
     };
     let _in_flight = InFlight::enter(&shared.in_flight);
     let session_flight = InFlight::enter(&session.in_flight);

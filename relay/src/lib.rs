@@ -27,6 +27,7 @@ pub mod limits;
 pub mod metrics;
 pub mod names;
 mod pages;
+pub mod queued;
 pub mod ratelimit;
 pub mod reserve;
 pub mod routes;
@@ -95,6 +96,8 @@ pub(crate) struct Shared {
     pub window_budget: Arc<limits::WindowBudget>,
     /// Single sign-on (`oidc_issuer`), if configured.
     pub signon: Option<signon::SignOn>,
+    /// Reserved names whose job has no session yet (their status page).
+    pub queued: queued::QueuedNames,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -205,6 +208,7 @@ impl Relay {
             client_caps,
             window_budget: Arc::new(limits::WindowBudget::new(config.max_buffered_mib)),
             signon,
+            queued: Default::default(),
             domain: config.normalized_domain(),
             config,
         });

@@ -31,11 +31,14 @@ pub enum Page {
     /// A cookie-authenticated request came from a page of another origin (another site,
     /// or a sibling session under the same domain) and was not a top-level navigation.
     ForeignOrigin,
+    /// A reserved name whose job has no session yet: where the job is
+    /// ([`crate::queued`] renders it).
+    Queued,
 }
 
 impl Page {
     /// Every page, in the order of [`Page::index`].
-    pub const ALL: [Page; 10] = [
+    pub const ALL: [Page; 11] = [
         Self::NoSession,
         Self::NotASession,
         Self::BadGateway,
@@ -46,6 +49,7 @@ impl Page {
         Self::Busy,
         Self::GatewayTimeout,
         Self::ForeignOrigin,
+        Self::Queued,
     ];
 
     /// This page's position in [`Page::ALL`].
@@ -66,6 +70,7 @@ impl Page {
             Self::Busy => "busy",
             Self::GatewayTimeout => "gateway_timeout",
             Self::ForeignOrigin => "foreign_origin",
+            Self::Queued => "queued",
         }
     }
 
@@ -125,6 +130,11 @@ impl Page {
                 StatusCode::BAD_REQUEST,
                 "Bad request",
                 "The request was malformed and was not forwarded.",
+            ),
+            Self::Queued => (
+                StatusCode::OK,
+                "Queued",
+                "The job of this session has not started yet.",
             ),
         }
     }

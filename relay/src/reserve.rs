@@ -74,6 +74,12 @@ pub(crate) fn reserve(
         return Err(Refusal::new(RefusalCode::Malformed, "invalid job id").for_user(&identity.user));
     };
     let url = shared.config.session_url(name.as_str());
+    let lock = match (key_hash, access) {
+        (Some(key_hash), _) => SessionLock::Link { key_hash },
+        (None, AccessMode::Owner) => SessionLock::Owner,
+        (None, _) => SessionLock::Public,
+    };
+    shared.queued.insert(name, &identity.user, job_id, lock);
     tracing::info!(%name, user = %identity.user, job = job_id, "name reserved for a queued job");
     Ok(ControlMessage::Reserved {
         name: name.to_string(),

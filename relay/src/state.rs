@@ -54,6 +54,9 @@ pub struct RelayState {
     pub held: Vec<HeldName>,
     /// Names that ended for good, with when they may be forgotten.
     pub ended: Vec<EndedName>,
+    /// Reserved names whose job had no session yet (their status page comes back).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queued: Vec<crate::queued::QueuedRecord>,
 }
 
 /// A name a user's agent held.
@@ -123,6 +126,7 @@ fn snapshot(shared: &Shared) -> RelayState {
         version: STATE_VERSION,
         held,
         ended,
+        queued: shared.queued.records(),
     }
 }
 
@@ -264,6 +268,7 @@ fn generation(shared: &Shared) -> u64 {
         .routes
         .generation()
         .wrapping_add(shared.names.ended_generation())
+        .wrapping_add(shared.queued.generation())
 }
 
 /// Keeps the state file up to date until the task is aborted. Only the snapshot is taken
@@ -340,6 +345,15 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
             }
         }
     }
+    let mut queued = 0;
+    for record in &state.queued {
+        if shared
+            .queued
+            .restore(record, |name| shared.names.is_ended(name))
+        {
+            queued += 1;
+        }
+    }
     let grace = Duration::from_secs(shared.config.resume_grace_secs);
     let mut parked = 0;
     if !grace.is_zero() {
@@ -359,7 +373,7 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
         }
     }
     tracing::info!(
-        "restored from {}: {parked} names held for their agents to reconnect, {ended} ended names remembered",
+        "restored from {}: {parked} names held for their agents to reconnect, {ended} ended names remembered, {queued} reserved names waiting for their jobs",
         path.display()
     );
 }
@@ -382,6 +396,13 @@ mod tests {
             ended: vec![EndedName {
                 name: "qrstuvwxyz234567".into(),
                 forget_after: 42,
+            }],
+            queued: vec![crate::queued::QueuedRecord {
+                name: "b234567abcdefghi".into(),
+                user: "alice".into(),
+                job_id: "4242".into(),
+                access: "link".into(),
+                key_sha256: Some("ab".repeat(32)),
             }],
         };
         let bytes = serde_json::to_vec(&state).expect("encode");
