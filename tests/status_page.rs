@@ -110,7 +110,8 @@ async fn a_reserved_url_says_queued_then_starting_then_serves_the_app() {
     // With it: the page and its JSON say the job is queued, and why.
     let (status, marker, page) =
         fetch(&env, &relay, &reserved, &format!("/?jobgate_key={key}")).await;
-    assert_eq!(status, StatusCode::OK, "{page}");
+    // Not 200: a script waiting for the app must not take the page for it.
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{page}");
     assert_eq!(marker.as_deref(), Some("relay"));
     assert!(
         page.contains("queued") && page.contains("JobHeldUser"),
@@ -220,7 +221,8 @@ async fn a_cancelled_job_says_so_then_its_name_ends() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json(body.as_bytes())["state"], "cancelled", "{body}");
-    let (_, _, page) = fetch(&env, &relay, &reserved, &format!("/?jobgate_key={key}")).await;
+    let (status, _, page) = fetch(&env, &relay, &reserved, &format!("/?jobgate_key={key}")).await;
+    assert_eq!(status, StatusCode::GONE);
     assert!(page.contains("cancelled"), "{page}");
 
     // After the grace the name is gone for good: 404, and the reservation is spent.

@@ -13,6 +13,9 @@
 //! one that the name exists. `owner` reservations (no way to check the sign-on without a
 //! session yet) and `public` ones show the unknown-name page until the session is up.
 //! A job that failed or was cancelled shows that for [`END_GRACE`], then its name ends.
+//! The page is sent as `503` (with `Retry-After`) while the job is queued or starting and
+//! `410` once it has failed or ended, never `200`: a script waiting for the URL to answer
+//! must not take it for the app. Its JSON is `200`.
 
 use crate::access::{self, Decision, SessionLock};
 use crate::body::RelayBody;
@@ -38,6 +41,8 @@ pub const END_GRACE: Duration = Duration::from_secs(600);
 const MAX_STATUS_OUTPUT: usize = 16 * 1024;
 /// How often the page polls.
 const POLL_MS: u64 = 2000;
+/// `Retry-After` of the page while the job is queued or starting.
+const RETRY_AFTER_SECS: &str = "5";
 
 /// A reserved name whose job has no session yet.
 struct Queued {
@@ -521,7 +526,20 @@ fn html_page(job_id: &str, status: &JobStatus) -> Response<RelayBody> {
         path = STATUS_PATH,
         poll = POLL_MS,
     );
-    respond(StatusCode::OK, "text/html; charset=utf-8", body)
+    // Not 200: scripts that wait for the URL to answer must not take this page for the app.
+    let code = if status.phase.is_final() {
+        StatusCode::GONE
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut response = respond(code, "text/html; charset=utf-8", body);
+    if code == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+    }
+    response
 }
 
 #[cfg(test)]

@@ -6,21 +6,24 @@
 #       prints the URL at once (before the job has run) and exits 0;
 #       the reservation file is private (0600 in the 0700 jobs directory);
 #       the same URL then serves the job's directory listing, without a new link;
-#   cancel → the URL answers 404 within 10 s; replaying the reservation is refused.
-#
-# Not covered yet (not built): the live "queued / starting" page on the reserved URL.
+#   cancel → the URL answers 404 within 10 s; replaying the reservation is refused;
+#   a job that cannot start (its partition DOWN): the reserved URL's page says "queued"
+#   with Slurm's reason (the relay runs `scontrol show job -o {job}`), 404 without the key;
+#   scancel → the page says "cancelled", then the URL answers 404 after the grace.
 # Prints PASS or FAIL with timings; exit status 0 only on PASS.
 
 # shellcheck source=tests/e2e/common.sh
 source "$(dirname "$0")/common.sh"
 
 JOBS=()
+PART=
 cleanup() {
 	local code=$?
 	local id
 	for id in "${JOBS[@]}"; do
 		scancel "$id" 2>/dev/null || true
 	done
+	[ -n "$PART" ] && scontrol update PartitionName="$PART" State=UP 2>/dev/null
 	if [ $code -ne 0 ] && [ -n "${WORK:-}" ]; then
 		for f in "$WORK"/*.err "$WORK/relay.log"; do
 			[ -f "$f" ] && { echo "--- $f (last 30 lines)" >&2; tail -n 30 "$f" >&2; }
@@ -42,6 +45,7 @@ ensure_venv
 ensure_user
 
 make_workdir
+RELAY_EXTRA_ARGS=(--slurm-status "scontrol show job -o {job}" --queued-end-grace 3)
 start_relay
 USER_HOME=$(getent passwd "$E2E_USER" | cut -d: -f6)
 JOBS_DIR=$USER_HOME/.jobgate/jobs
@@ -117,4 +121,46 @@ set -e
 [ "$code" = 3 ] || die "a replayed reservation: agent exit $code, expected 3 (refused): $(cat "$WORK/replay.err")"
 grep -q "has ended" "$WORK/replay.err" || die "the refusal does not say why: $(cat "$WORK/replay.err")"
 log "replaying the reservation after the job is refused: $(grep -m1 'ended' "$WORK/replay.err")"
+
+# --- a job that cannot start: its URL's page says queued, why, then cancelled, then 404 --
+PART=$(scontrol show partition -o | sed -n 's/^PartitionName=\([^ ]*\).*/\1/p' | head -n1)
+[ -n "$PART" ] || die "no Slurm partition"
+scontrol update PartitionName="$PART" State=DOWN
+URLQ=$(jg launch --no-wait --time 0:10:00 -- python3 -m http.server '{port}' --bind 127.0.0.1 \
+	2>"$WORK/launch-q.err") || die "launch --no-wait (partition down) failed: $(cat "$WORK/launch-q.err")"
+JOBQ=$(sed -n 's/.*jobgate cancel \([0-9][0-9_]*\).*/\1/p' "$WORK/launch-q.err" | head -n1)
+[ -n "$JOBQ" ] && JOBS+=("$JOBQ")
+ROOTQ=$(session_root "$URLQ")
+STATUSQ="${ROOTQ}.jobgate/status?${URLQ#*\?}"
+state_of() { relay_curl "$STATUSQ" 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["state"], s.get("reason") or "-")' 2>/dev/null || echo "none -"; }
+queued=
+# (Right after submission Slurm may not have scheduled the job yet: Reason=None.)
+for _ in $(seq 150); do
+	read -r st reason <<<"$(state_of)"
+	[ "$st" = queued ] && [ "$reason" != None ] && [ "$reason" != - ] && { queued=1; break; }
+	sleep 0.2
+done
+[ -n "$queued" ] || die "the reserved URL of a queued job does not say queued: $(relay_curl "$STATUSQ" 2>&1)"
+[ "$reason" = PartitionDown ] || die "the page gives reason ${reason@Q}, expected PartitionDown"
+relay_curl "$URLQ" | grep -q 'PartitionDown' || die "the page does not show the reason: $(relay_curl "$URLQ")"
+[ "$(status_of "$ROOTQ")" = 404 ] || die "without its key the queued URL answers $(status_of "$ROOTQ"), not 404"
+log "queued job $JOBQ: its URL says queued (reason $reason); without the key: 404"
+scancel "$JOBQ"
+t=$(now_ms)
+cancelled=
+for _ in $(seq 100); do
+	read -r st reason <<<"$(state_of)"
+	[ "$st" = cancelled ] && { cancelled=$(since "$t"); break; }
+	sleep 0.2
+done
+[ -n "$cancelled" ] || die "the page never said cancelled: $(relay_curl "$STATUSQ" 2>&1)"
+ended=
+for _ in $(seq 150); do
+	[ "$(status_of "${URLQ}")" = 404 ] && { ended=$(since "$t"); break; }
+	sleep 0.2
+done
+[ -n "$ended" ] || die "the cancelled job's URL did not end after the grace"
+scontrol update PartitionName="$PART" State=UP
+PART=
+log "scancel -> the page says cancelled after $cancelled s, the URL answers 404 after $ended s (grace 3 s)"
 log "timings: launch --no-wait -> URL ${submit_secs} s; submit -> app ${served} s; cancel -> 404 ${gone} s"
