@@ -816,3 +816,84 @@ async fn a_reservation_without_a_mode_is_guarded_as_the_relays_default_owner_ses
         link.access_url
     );
 }
+
+#[tokio::test]
+async fn my_sessions_lists_the_signed_in_users_sessions_and_nobody_elses() {
+    use jobgate_agent::dial::{reserve, DialConfig, TransportChoice};
+    let s = stack("signon-mine", &[]);
+    let owner_job = demo_agent(&s, &[]);
+    let link_job = demo_agent(&s, &["--access", "link"]);
+    let config = DialConfig {
+        transport: TransportChoice::Quic,
+        ..DialConfig::new(
+            format!("127.0.0.1:{}", s.relay.quic_port),
+            Some(s.env.ca.clone()),
+        )
+    };
+    let queued = reserve(
+        &config,
+        jobgate_protocol::Token(s.alice.0.clone()),
+        None,
+        "31337",
+    )
+    .await
+    .expect("reserved");
+    let home = format!("https://login.{DOMAIN}:{}/", s.relay.https_port);
+
+    // Not signed in yet: the site's sign-in first, then back on the list.
+    let mut alice = Browser::new(&s.env);
+    let page = alice.open(&home, "alice").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(
+        page.url.starts_with(&home),
+        "ends on the list: {}",
+        page.url
+    );
+    assert!(
+        page.body.contains("Your sessions") && page.body.contains("alice"),
+        "{}",
+        page.body
+    );
+    let owner_name = owner_job
+        .host()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let link_name = link_job
+        .host()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    for name in [&owner_name, &link_name, &queued.name] {
+        assert!(
+            page.body.contains(name.as_str()),
+            "{name} missing: {}",
+            page.body
+        );
+    }
+    // Owner sessions are linked (the sign-on opens them); a link session's key is only
+    // stored hashed, so its row says where to find the private link.
+    assert!(
+        page.body.contains(&format!("href=\"{}", owner_job.base())),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains("jobgate_key"), "{}", page.body);
+    assert!(page.body.contains("jobgate jobs"), "{}", page.body);
+    assert!(
+        page.body.contains("queued") && page.body.contains("31337"),
+        "{}",
+        page.body
+    );
+
+    // Another user sees none of it.
+    let mut bob = Browser::new(&s.env);
+    let page = bob.open(&home, "bob").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("no sessions"), "{}", page.body);
+    for name in [&owner_name, &link_name, &queued.name] {
+        assert!(!page.body.contains(name.as_str()), "bob sees {name}");
+    }
+}

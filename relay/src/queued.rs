@@ -49,6 +49,9 @@ struct Queued {
     user: String,
     job_id: String,
     lock: SessionLock,
+    /// Unix time the reservation expires: then the name is forgotten even if nobody
+    /// looked (a job cancelled before it ever ran).
+    expires: u64,
     /// The last status and when it was asked.
     status: Option<(Instant, JobStatus)>,
     /// When the job was first seen failed or cancelled.
@@ -77,6 +80,8 @@ pub struct QueuedRecord {
     /// Hex SHA-256 of the access key, for `link`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_sha256: Option<String>,
+    /// Unix time the reservation expires.
+    pub expires: u64,
 }
 
 fn hex(bytes: &[u8; 32]) -> String {
@@ -96,15 +101,27 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
 
 impl QueuedNames {
     /// Remembers a reservation just issued.
-    pub(crate) fn insert(&self, name: SessionName, user: &str, job_id: &str, lock: SessionLock) {
+    pub(crate) fn insert(
+        &self,
+        name: SessionName,
+        user: &str,
+        job_id: &str,
+        lock: SessionLock,
+        expires: u64,
+    ) {
         self.bump();
         if let Ok(mut names) = self.names.lock() {
+            // Expired reservations go whenever one comes: the table stays bounded by the
+            // reservations of one lifetime.
+            let now = crate::agents::unix_now();
+            names.retain(|_, q| q.expires > now);
             names.insert(
                 name,
                 Queued {
                     user: user.to_owned(),
                     job_id: job_id.to_owned(),
                     lock,
+                    expires,
                     status: None,
                     finished: None,
                 },
@@ -150,6 +167,7 @@ impl QueuedNames {
                     job_id: q.job_id.clone(),
                     access: access.into(),
                     key_sha256,
+                    expires: q.expires,
                 }
             })
             .collect();
@@ -176,10 +194,10 @@ impl QueuedNames {
             ("public", _) => SessionLock::Public,
             _ => return false,
         };
-        if is_ended(&name) {
+        if is_ended(&name) || record.expires <= crate::agents::unix_now() {
             return false;
         }
-        self.insert(name, &record.user, &record.job_id, lock);
+        self.insert(name, &record.user, &record.job_id, lock, record.expires);
         true
     }
 
@@ -196,7 +214,9 @@ impl QueuedNames {
     /// (lock copy, job id, user) of a waiting name.
     fn lookup(&self, name: &SessionName) -> Option<(SessionLock, String, String)> {
         let names = self.names.lock().ok()?;
-        let q = names.get(name)?;
+        let q = names
+            .get(name)
+            .filter(|q| q.expires > crate::agents::unix_now())?;
         Some((q.lock.clone(), q.job_id.clone(), q.user.clone()))
     }
 

@@ -79,7 +79,9 @@ pub(crate) fn reserve(
         (None, AccessMode::Owner) => SessionLock::Owner,
         (None, _) => SessionLock::Public,
     };
-    shared.queued.insert(name, &identity.user, job_id, lock);
+    shared
+        .queued
+        .insert(name, &identity.user, job_id, lock, claims.ticket.expires);
     tracing::info!(%name, user = %identity.user, job = job_id, "name reserved for a queued job");
     Ok(ControlMessage::Reserved {
         name: name.to_string(),

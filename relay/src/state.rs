@@ -403,6 +403,7 @@ mod tests {
                 job_id: "4242".into(),
                 access: "link".into(),
                 key_sha256: Some("ab".repeat(32)),
+                expires: 4_000_000_000,
             }],
         };
         let bytes = serde_json::to_vec(&state).expect("encode");

@@ -1,5 +1,6 @@
-//! `https://login.<domain>`: `/start` (send the browser to the IdP, or straight back with
-//! a ticket if it is signed in), `/callback` (the IdP's answer), `/__jobgate/logout`.
+//! `https://login.<domain>`: `/` (the user's sessions, after sign-in), `/start` (send the
+//! browser to the IdP, or straight back with a ticket if it is signed in), `/callback`
+//! (the IdP's answer), `/__jobgate/logout`.
 
 use super::idp::IdpError;
 use super::store::key_of;
@@ -49,6 +50,7 @@ pub(crate) async fn serve_login_host(
         })
         .unwrap_or_default();
     match req.uri().path() {
+        "/" => my_sessions(shared, signon, req.headers()).await,
         "/start" => start(signon, req.headers(), &query).await,
         "/callback" => callback(shared, signon, req.headers(), &query).await,
         "/device" => super::device::confirm_page(signon, query.get("code")),
@@ -227,6 +229,7 @@ async fn callback(
     let cookie = set_cookie(LOGIN_COOKIE, &value, Some(LOGIN_TTL));
     match pending.goal {
         Goal::Session(target) => hand_over_to(signon, target, login, vec![cookie]),
+        Goal::Sessions => pages::redirect(&format!("{}/", signon.login_origin), &[cookie]),
         Goal::Device(device) => {
             let mut response = super::device::mint(shared, &device, &login.who.user).await;
             if let Ok(value) = http::HeaderValue::from_str(&cookie) {
@@ -236,6 +239,19 @@ async fn callback(
             }
             response
         }
+    }
+}
+
+/// `GET /`: the signed-in user's sessions; a browser not signed in goes through the
+/// site's sign-in first and comes back here.
+async fn my_sessions(
+    shared: &Arc<Shared>,
+    signon: &SignOn,
+    headers: &http::HeaderMap,
+) -> Response<RelayBody> {
+    match cookie(headers, LOGIN_COOKIE).and_then(|value| signon.logins.get(&key_of(value))) {
+        Some(login) => super::sessions::page(shared, &login.who.user),
+        None => send_to_idp(signon, headers, Goal::Sessions, false).await,
     }
 }
 

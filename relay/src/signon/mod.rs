@@ -28,6 +28,7 @@ pub mod idp;
 pub mod idp_http;
 mod login;
 mod pages;
+mod sessions;
 pub mod store;
 
 pub(crate) use device::{serve_command, COMMAND_PATHS};
@@ -86,6 +87,8 @@ pub(crate) enum Goal {
     Session(Target),
     /// Mint a token for a `jobgate login`.
     Device(Arc<device::Device>),
+    /// Show the user's sessions (`https://login.<domain>/`).
+    Sessions,
 }
 
 /// A login waiting for its callback.
