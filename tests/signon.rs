@@ -815,6 +815,21 @@ async fn a_reservation_without_a_mode_is_guarded_as_the_relays_default_owner_ses
         "{}",
         link.access_url
     );
+
+    // Before the job runs, the owner reservation's page is behind the owner's sign-on.
+    let mut alice = Browser::new(&s.env);
+    let page = alice.open(&owner.url, "alice").await;
+    assert_eq!(
+        page.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("batch job 7001"), "{}", page.body);
+    let mut bob = Browser::new(&s.env);
+    let page = bob.open(&owner.url, "bob").await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN, "{}", page.body);
+    assert!(!page.body.contains("7001"), "{}", page.body);
 }
 
 #[tokio::test]

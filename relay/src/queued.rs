@@ -9,9 +9,9 @@
 //! only while someone looks, cached for [`STATUS_CACHE`], bounded by [`STATUS_TIMEOUT`].
 //!
 //! The page is guarded as the session will be: a `link` reservation needs its key (then
-//! the cookie); anyone else gets exactly what an unknown name gets, so the page tells no
-//! one that the name exists. `owner` reservations (no way to check the sign-on without a
-//! session yet) and `public` ones show the unknown-name page until the session is up.
+//! the cookie), and anyone else gets exactly what an unknown name gets, so the page tells
+//! no one that the name exists; an `owner` reservation needs its owner's sign-on (the
+//! session's own gate); a `public` one shows the unknown-name page until the session is up.
 //! A job that failed or was cancelled shows that for [`END_GRACE`], then its name ends.
 //! The page is sent as `503` (with `Retry-After`) while the job is queued or starting and
 //! `410` once it has failed or ended, never `200`: a script waiting for the URL to answer
@@ -439,7 +439,7 @@ pub(crate) async fn serve(
     name: SessionName,
     req: Request<hyper::body::Incoming>,
 ) -> Option<Response<RelayBody>> {
-    let (lock, job_id, _user) = shared.queued.lookup(&name)?;
+    let (lock, job_id, user) = shared.queued.lookup(&name)?;
     let (mut parts, _body) = req.into_parts();
     match lock {
         SessionLock::Link { .. } => {
@@ -451,7 +451,23 @@ pub(crate) async fn serve(
                 Decision::Answer(r) => return Some(r),
             }
         }
-        SessionLock::Owner | SessionLock::Public => return None,
+        SessionLock::Owner => {
+            // The owner signs in as for the session itself (the same passes and paths).
+            let origin = shared.config.session_origin(name.as_str());
+            let shares = jobgate_protocol::Shares::default();
+            let guarded = crate::signon::Guarded {
+                name,
+                user: &user,
+                shares: &shares,
+                origin: &origin,
+            };
+            match crate::signon::gate_for(shared, &guarded, &mut parts) {
+                Decision::Forward => {}
+                Decision::Answer(r) => return Some(r),
+            }
+        }
+        // A public reservation's page would tell anyone about the job: none.
+        SessionLock::Public => return None,
     }
     let status = job_status(shared, &name, &job_id).await;
     if status.phase.is_final() && shared.queued.record(&name, &status, end_grace(shared)) {

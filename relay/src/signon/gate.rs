@@ -3,13 +3,38 @@
 
 use super::{allowed, cookie, pages, secret, set_cookie, Pass, SignOn, PASS_COOKIE, RELAY_PATHS};
 use crate::access::Decision;
+use crate::names::SessionName;
 use crate::routes::Session;
 use crate::Shared;
 use http::{header, request::Parts, HeaderValue, StatusCode};
 use std::time::Instant;
 
+/// What the gate lets in: the owner of a name, and whom it is shared with.
+pub(crate) struct Guarded<'a> {
+    /// The session's name.
+    pub name: SessionName,
+    /// Its owner.
+    pub user: &'a str,
+    /// Whom it is shared with.
+    pub shares: &'a jobgate_protocol::Shares,
+    /// Its web origin.
+    pub origin: &'a str,
+}
+
 /// Checks a request of the `owner` session `session`; strips what it used.
 pub(crate) fn gate(shared: &Shared, session: &Session, parts: &mut Parts) -> Decision {
+    let guarded = Guarded {
+        name: session.name,
+        user: &session.user,
+        shares: &session.shares,
+        origin: &session.origin,
+    };
+    gate_for(shared, &guarded, parts)
+}
+
+/// [`gate`] for a name that has no session yet (a reservation's page): the same sign-in,
+/// passes and relay paths.
+pub(crate) fn gate_for(shared: &Shared, session: &Guarded<'_>, parts: &mut Parts) -> Decision {
     let Some(signon) = &shared.signon else {
         return Decision::Answer(pages::refused(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -40,7 +65,7 @@ pub(crate) fn gate(shared: &Shared, session: &Session, parts: &mut Parts) -> Dec
 
 /// `Authorization: Bearer <agent token>` of the session's own user: scripts of the owner.
 /// Stripped before the app; any other `Authorization` is the app's business.
-fn owner_bearer(shared: &Shared, session: &Session, parts: &mut Parts) -> bool {
+fn owner_bearer(shared: &Shared, session: &Guarded<'_>, parts: &mut Parts) -> bool {
     let Some(token) = parts
         .headers
         .get(header::AUTHORIZATION)
@@ -62,7 +87,7 @@ fn owner_bearer(shared: &Shared, session: &Session, parts: &mut Parts) -> bool {
 /// No pass: a browser navigation goes to the login host; anything else gets 401.
 fn sign_in(
     signon: &SignOn,
-    session: &Session,
+    session: &Guarded<'_>,
     parts: &Parts,
 ) -> http::Response<crate::body::RelayBody> {
     if !crate::access::is_navigation(parts) {
@@ -101,7 +126,7 @@ fn not_yours(who: &str, owner: &str) -> http::Response<crate::body::RelayBody> {
 /// `/__jobgate/ticket?t=...` and `/__jobgate/logout`.
 fn relay_path(
     signon: &SignOn,
-    session: &Session,
+    session: &Guarded<'_>,
     rest: &str,
     parts: &Parts,
 ) -> http::Response<crate::body::RelayBody> {
@@ -157,7 +182,7 @@ pub(super) fn signed_out(cookie_name: &str) -> http::Response<crate::body::Relay
 /// A ticket from the login host: single use, this session only, then a pass cookie.
 fn redeem(
     signon: &SignOn,
-    session: &Session,
+    session: &Guarded<'_>,
     parts: &Parts,
 ) -> http::Response<crate::body::RelayBody> {
     let ticket = parts

@@ -32,7 +32,7 @@ mod sessions;
 pub mod store;
 
 pub(crate) use device::{serve_command, COMMAND_PATHS};
-pub(crate) use gate::gate;
+pub(crate) use gate::{gate, gate_for, Guarded};
 pub(crate) use login::serve_login_host;
 
 use crate::names::SessionName;
