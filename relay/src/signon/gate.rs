@@ -53,10 +53,10 @@ pub(crate) fn gate_for(shared: &Shared, session: &Guarded<'_>, parts: &mut Parts
     let Some(pass) = pass else {
         return Decision::Answer(sign_in(signon, session, parts));
     };
-    if !allowed(&pass.who, &session.user, &session.shares) {
-        return Decision::Answer(not_yours(&pass.who.user, &session.user));
+    if !allowed(&pass.who, session.user, session.shares) {
+        return Decision::Answer(not_yours(&pass.who.user, session.user));
     }
-    if !crate::access::sent_by_own_page(parts, &session.origin) {
+    if !crate::access::sent_by_own_page(parts, session.origin) {
         return Decision::Answer(crate::pages::Page::ForeignOrigin.render(&parts.headers));
     }
     strip_cookie(&mut parts.headers, PASS_COOKIE);
