@@ -1,11 +1,11 @@
 // Drives Debian's Chromium (headless, via playwright-core) to a reserved URL whose job
-// cannot start yet (run by slurm-reserve.sh, its partition DOWN): the page must say the job
+// cannot start yet (run by slurm-reserve.sh: held with scontrol hold): the page must say the job
 // is queued, and why; then, once the shell has let the job start, the same tab must show
 // the app (the job's directory listing) without the test reloading or navigating.
 //
 // Environment:
 //   JG_URL            the URL `jobgate launch --no-wait` printed (with its jobgate_key)
-//   JG_REASON         the reason Slurm gives (PartitionDown)
+//   JG_REASON         the reason Slurm gives (JobHeldAdmin)
 //   JG_MARKER         a file name the app's listing shows once it is up
 //   JG_SIGNAL         a file this script creates once the queued page was checked
 //   JG_DOMAIN         the relay's domain; *.JG_DOMAIN resolves to 127.0.0.1

@@ -10,8 +10,8 @@
 #   a job that cannot start (its partition DOWN): the reserved URL's page says "queued"
 #   with Slurm's reason (the relay runs `scontrol show job -o {job}`), 404 without the key;
 #   scancel → the page says "cancelled", then the URL answers 404 after the grace;
-#   in Chromium: a queued job's URL shows the queued page (PartitionDown), and once the
-#   partition is up the same tab shows the app without the test reloading it.
+#   in Chromium: a held job's URL (scontrol hold) shows the queued page with JobHeldAdmin,
+#   and after scontrol release the same tab shows the app without the test reloading it.
 # Prints PASS or FAIL with timings; exit status 0 only on PASS.
 
 # shellcheck source=tests/e2e/common.sh
@@ -170,11 +170,15 @@ URLB=$(jg launch --no-wait --time 0:10:00 -- python3 -m http.server '{port}' --b
 	2>"$WORK/launch-b.err") || die "launch --no-wait (browser) failed: $(cat "$WORK/launch-b.err")"
 JOBB=$(sed -n 's/.*jobgate cancel \([0-9][0-9_]*\).*/\1/p' "$WORK/launch-b.err" | head -n1)
 [ -n "$JOBB" ] && JOBS+=("$JOBB")
+# Held (as an admin holds a job), then the partition back up: queued for that reason alone.
+scontrol hold "$JOBB"
+scontrol update PartitionName="$PART" State=UP
+PART=
 SPKI=$(openssl x509 -in "$WORK/pki/cert.pem" -pubkey -noout |
 	openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64)
 SIGNAL=$WORK/browser-saw-queued
 t=$(now_ms)
-JG_URL=$URLB JG_REASON=PartitionDown JG_MARKER=$MARKER JG_SIGNAL=$SIGNAL JG_DOMAIN=$E2E_DOMAIN \
+JG_URL=$URLB JG_REASON=JobHeldAdmin JG_MARKER=$MARKER JG_SIGNAL=$SIGNAL JG_DOMAIN=$E2E_DOMAIN \
 	JG_SPKI=$SPKI JG_NODE_PREFIX=$NODE_PREFIX node "$E2E_DIR/reserve-browser.mjs" 2>"$WORK/browser.err" &
 BROWSER_PID=$!
 for _ in $(seq 300); do
@@ -183,8 +187,7 @@ for _ in $(seq 300); do
 	sleep 0.2
 done
 [ -f "$SIGNAL" ] || { cat "$WORK/browser.err" >&2; die "the browser did not see the queued page"; }
-scontrol update PartitionName="$PART" State=UP
-PART=
+scontrol release "$JOBB"
 wait "$BROWSER_PID" || { cat "$WORK/browser.err" >&2; die "the browser tab did not turn into the app"; }
-log "browser: queued page (PartitionDown), then the app in the same tab $(since "$t") s after opening; $(grep -m1 'navigated itself' "$WORK/browser.err")"
+log "browser: held job's page (JobHeldAdmin), then after scontrol release the app in the same tab $(since "$t") s after opening; $(grep -m1 'navigated itself' "$WORK/browser.err")"
 log "timings: launch --no-wait -> URL ${submit_secs} s; submit -> app ${served} s; cancel -> 404 ${gone} s"
