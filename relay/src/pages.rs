@@ -156,29 +156,25 @@ impl Page {
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("text/html"));
-        let (body, content_type) = if html {
-            (
+        let mut response = if html {
+            relay_response(
+                status,
+                "text/html; charset=utf-8",
                 format!(
                     "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · jobgate</title>\
-                     <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36em;margin:4em auto;padding:0 1em;color:#222}}\
-                     h1{{font-size:1.4em}}small{{color:#777}}</style></head>\
+                     <style>{PAGE_STYLE}</style></head>\
                      <body><h1>{title}</h1><p>{text}</p><p><small>{} · jobgate relay</small></p></body></html>\n",
                     status.as_u16()
                 ),
-                "text/html; charset=utf-8",
             )
         } else {
-            (
-                format!("{} {title}: {text}\n", status.as_u16()),
+            relay_response(
+                status,
                 "text/plain; charset=utf-8",
+                format!("{} {title}: {text}\n", status.as_u16()),
             )
         };
-        let mut response = Response::new(RelayBody::Full(Some(Bytes::from(body))));
-        *response.status_mut() = status;
         let h = response.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert("x-jobgate", HeaderValue::from_static("relay"));
         if matches!(self, Self::Reconnecting | Self::Busy) {
             h.insert(
                 header::RETRY_AFTER,
@@ -190,4 +186,24 @@ impl Page {
         response.extensions_mut().insert(self);
         response
     }
+}
+
+/// The style of every page the relay writes itself: plain and readable, nothing loaded
+/// from elsewhere.
+pub(crate) const PAGE_STYLE: &str = "body{font:16px/1.5 system-ui,sans-serif;max-width:36em;margin:4em auto;padding:0 1em;color:#222}h1{font-size:1.4em}small{color:#777}";
+
+/// A response the relay writes itself (not the app's): `content_type`, never cached,
+/// marked `x-jobgate: relay`.
+pub(crate) fn relay_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<RelayBody> {
+    let mut response = Response::new(RelayBody::Full(Some(Bytes::from(body))));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-jobgate", HeaderValue::from_static("relay"));
+    response
 }

@@ -22,7 +22,6 @@ use crate::body::RelayBody;
 use crate::names::SessionName;
 use crate::pages::Page;
 use crate::Shared;
-use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -500,12 +499,7 @@ async fn job_status(shared: &Shared, name: &SessionName, job_id: &str) -> JobSta
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<RelayBody> {
-    let mut response = Response::new(RelayBody::Full(Some(Bytes::from(body))));
-    *response.status_mut() = status;
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-jobgate", HeaderValue::from_static("relay"));
+    let mut response = crate::pages::relay_response(status, content_type, body);
     response.extensions_mut().insert(Page::Queued);
     response
 }
@@ -538,8 +532,7 @@ fn html_page(job_id: &str, status: &JobStatus) -> Response<RelayBody> {
     // up and the app answers it), the page reloads into the app. No user action needed.
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · jobgate</title>\
-         <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36em;margin:4em auto;padding:0 1em;color:#222}}\
-         h1{{font-size:1.4em}}small{{color:#777}}</style></head>\
+         <style>{style}</style></head>\
          <body><h1 id=\"title\">{title}</h1><p id=\"state\" data-state=\"{state}\">{sentence}</p>\
          <p><small>batch job {job} · jobgate relay</small></p>\
          <script>\
@@ -556,6 +549,7 @@ fn html_page(job_id: &str, status: &JobStatus) -> Response<RelayBody> {
            setTimeout(poll,{poll});}}\
          setTimeout(poll,{poll});\
          </script></body></html>\n",
+        style = crate::pages::PAGE_STYLE,
         state = status.phase.word(),
         sentence = escape(&status.sentence()),
         job = escape(job_id),

@@ -34,23 +34,14 @@ pub(crate) fn page(
         .collect();
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · jobgate</title>\
-         <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36em;margin:4em auto;padding:0 1em;color:#222}}\
-         h1{{font-size:1.4em}}small{{color:#777}}</style></head>\
+         <style>{style}</style></head>\
          <body><h1>{title}</h1><p>{}</p>{link}<p><small>{} · jobgate relay</small></p></body></html>\n",
         escape(text),
         status.as_u16(),
         title = escape(title),
+        style = crate::pages::PAGE_STYLE,
     );
-    let mut response = Response::new(RelayBody::Full(Some(Bytes::from(body))));
-    *response.status_mut() = status;
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-jobgate", HeaderValue::from_static("relay"));
-    response
+    crate::pages::relay_response(status, "text/html; charset=utf-8", body)
 }
 
 /// A redirect (303), optionally setting cookies; never cached, never a referrer.

@@ -9,8 +9,7 @@ use super::pages::escape;
 use crate::access::SessionLock;
 use crate::body::RelayBody;
 use crate::Shared;
-use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{Response, StatusCode};
 use std::fmt::Write as _;
 use std::time::Instant;
 
@@ -110,22 +109,13 @@ fn render(user: &str, rows: &[Row]) -> Response<RelayBody> {
     }
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Your sessions · jobgate</title>\
-         <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:60em;margin:4em auto;padding:0 1em;color:#222}}\
-         h1{{font-size:1.4em}}small{{color:#777}}table{{border-collapse:collapse}}td,th{{padding:.2em .8em;text-align:left;border-bottom:1px solid #ddd}}</style></head>\
+         <style>{style}body{{max-width:60em}}table{{border-collapse:collapse}}td,th{{padding:.2em .8em;text-align:left;border-bottom:1px solid #ddd}}</style></head>\
          <body><h1>Your sessions</h1><p>Signed in as <b>{user}</b>.</p>{table}\
          <p><small><a href=\"/__jobgate/logout\">sign out</a> · jobgate relay</small></p></body></html>\n",
         user = escape(user),
+        style = crate::pages::PAGE_STYLE,
     );
-    let mut response = Response::new(RelayBody::Full(Some(Bytes::from(body))));
-    *response.status_mut() = StatusCode::OK;
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-jobgate", HeaderValue::from_static("relay"));
-    response
+    crate::pages::relay_response(StatusCode::OK, "text/html; charset=utf-8", body)
 }
 
 #[cfg(test)]
