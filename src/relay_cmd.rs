@@ -70,11 +70,6 @@ fn relay_config(args: RelayArgs, matches: &ArgMatches) -> anyhow::Result<RelayCo
 
 pub(crate) async fn run_relay(args: RelayArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let config = relay_config(args, matches)?;
-    if config.cluster_etcd.is_some() {
-        // The etcd client and the settings are in; admission, forwarding between relays
-        // and moves are not yet. Refusing beats a relay that looks clustered and is not.
-        bail!("--cluster-etcd: clustering is not complete in this build (settings only); start the relay without it");
-    }
     let relay = Relay::start(config).await?;
     // Handlers first, then the ready line: whoever stops the relay once it said it is
     // ready (systemd, a test) gets a drain, not the default action of SIGTERM.
@@ -82,6 +77,11 @@ pub(crate) async fn run_relay(args: RelayArgs, matches: &ArgMatches) -> anyhow::
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    if let (Some(addr), Some(node)) = (relay.peer_addr, relay.node_id()) {
+        relay_says(format_args!(
+            "cluster node {node}: peer link (QUIC, mutual TLS) on {addr}"
+        ));
+    }
     relay_says(format_args!(
         "HTTPS on {}, agents (QUIC/UDP) on {}",
         relay.https_addr, relay.quic_addr

@@ -283,10 +283,11 @@ async fn run_session(
     };
     let outcome = match opened {
         Ok(session) => Ok(Reconnect::Connected(Box::new(session))),
-        // Too many new sessions too fast (a job array starting): temporary, so wait and
-        // retry like a reconnect instead of failing the job.
+        // Too many new sessions too fast (a job array starting), a relay at capacity or
+        // restarting, a cluster whose shared store is away: temporary, so wait and retry
+        // like a reconnect instead of failing the job.
         Err(DialError::Refused {
-            code: RefusalCode::RateLimited,
+            code: RefusalCode::RateLimited | RefusalCode::Unavailable,
             message,
         }) => {
             say!("the relay asks this agent to wait: {message}");

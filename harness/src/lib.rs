@@ -5,7 +5,8 @@
 //! * [`startup`]: the relay's startup lines, parsed in one place;
 //! * [`stack`]: a scratch PKI and tokens, relays and agents of the real `jobgate` binary;
 //! * [`client`]: TLS, HTTP/1.1, HTTP/2 and WebSocket clients of the front door;
-//! * [`app`]: the backend app of the benches and the soak.
+//! * [`app`]: the backend app of the benches and the soak;
+//! * [`etcd`]: a real etcd server for the cluster tests.
 //!
 //! Steps come in two forms: a `Result` one for benches, and a panicking one with the names
 //! the tests use (`start_relay`, `start_agent`, `get`, ...), re-exported at the root.
@@ -15,6 +16,7 @@
 pub mod app;
 pub mod client;
 pub mod error;
+pub mod etcd;
 pub mod process;
 pub mod stack;
 pub mod startup;

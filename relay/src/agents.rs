@@ -282,6 +282,11 @@ async fn serve_agent(connection: Connection, shared: Arc<Shared>, pending: Owned
         Err(refusal) => return refuse(&shared, &connection, send, refusal).await,
     };
     let session = admitted.session;
+    // In a cluster the name is this relay's only once etcd says so.
+    if let Err(refusal) = crate::cluster::claim_session(&shared, session.name).await {
+        shared.routes.remove(&session);
+        return refuse(&shared, &connection, send, refusal).await;
+    }
     // The session's receive window, out of the relay-wide budget while it lasts; held
     // (and counted) until the session ends.
     let window = shared.window_budget.grant();
@@ -419,6 +424,7 @@ async fn end_session(shared: &Arc<Shared>, session: &Arc<Session>, is_final: boo
             mark_ended(shared, session.name);
             crate::state::save_now(shared).await;
             shared.routes.remove(session);
+            crate::cluster::end_for_good(shared, session.name);
         }
         return;
     }
@@ -426,6 +432,8 @@ async fn end_session(shared: &Arc<Shared>, session: &Arc<Session>, is_final: boo
     if !shared.routes.park(session, until) {
         return; // replaced by a newer connection already
     }
+    // The agent may come back to another relay of the cluster: the name is free for it.
+    crate::cluster::release(shared, session.name);
     expire_after_grace(shared, session.name, until);
 }
 
@@ -434,8 +442,14 @@ pub(crate) fn expire_after_grace(shared: &Arc<Shared>, name: SessionName, until:
     let shared = shared.clone();
     tokio::spawn(async move {
         tokio::time::sleep_until(until.into()).await;
+        if crate::cluster::held_elsewhere(&shared, name.as_str()).is_some() {
+            // Its agent came back to another relay of the cluster: it lives on there.
+            shared.routes.expire(&name, until);
+            return;
+        }
         if shared.routes.expire(&name, until) {
             mark_ended(&shared, name);
+            crate::cluster::end_for_good(&shared, name);
             // Nobody waits for an acknowledgement, but a ticket may still be out there:
             // write at once rather than at the next periodic save.
             crate::state::save_soon(&shared);

@@ -78,6 +78,13 @@ async fn route(
     };
     let session = match shared.routes.route(&name) {
         Some(Route::Live(session)) => session,
+        // In a cluster, a name held by another relay is served there (this connection was
+        // opened for another name; a new one for this name reaches that relay).
+        Some(Route::Parked) | None
+            if crate::cluster::held_elsewhere(shared, name.as_str()).is_some() =>
+        {
+            return Page::Misdirected.render(req.headers())
+        }
         Some(Route::Parked) => return Page::Reconnecting.render(req.headers()),
         None if shared.queued.is_empty() => return Page::NoSession.render(req.headers()),
         None => {

@@ -32,32 +32,322 @@ pub(crate) async fn serve_https(
     shared: Arc<Shared>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let handshake_timeout = Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
     let accepting = shared.clone();
     accept_loop(listener, accepting, move |tcp, peer, permit| {
         let acceptor = acceptor.clone();
         let shared = shared.clone();
         async move {
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls))
-                    if jobgate_transport::tcp::is_agent(tls.get_ref().1.alpn_protocol()) =>
-                {
-                    // Agents are capped by the agent limits, not by the per-address client
-                    // caps: many jobs may share one proxy's or one NAT's address.
-                    drop(permit);
-                    shared
-                        .metrics
-                        .agent_tcp_connections
-                        .fetch_add(1, Ordering::Relaxed);
-                    crate::agents::serve_tcp_agent(tls, peer, shared).await
-                }
-                Ok(Ok(tls)) => serve_connection(tls, peer, shared, permit).await,
-                Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            if shared.cluster.is_some() {
+                serve_clustered(tcp, peer, permit, acceptor, shared).await
+            } else {
+                serve_tls(tcp, peer, permit, acceptor, shared).await
             }
         }
     })
     .await
+}
+
+/// Terminates TLS on `io` and serves it: a browser's connection, or an agent's (ALPN
+/// `jobgate/1`).
+async fn serve_tls<IO>(
+    io: IO,
+    peer: SocketAddr,
+    permit: ClientPermit,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake_timeout = Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
+    match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+        Ok(Ok(tls)) if jobgate_transport::tcp::is_agent(tls.get_ref().1.alpn_protocol()) => {
+            // Agents are capped by the agent limits, not by the per-address client caps:
+            // many jobs may share one proxy's or one NAT's address.
+            drop(permit);
+            shared
+                .metrics
+                .agent_tcp_connections
+                .fetch_add(1, Ordering::Relaxed);
+            crate::agents::serve_tcp_agent(tls, peer, shared).await
+        }
+        Ok(Ok(tls)) => serve_connection(tls, peer, shared, permit).await,
+        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// In a cluster: reads the ClientHello first, and hands a connection for a session held
+/// by another relay to that relay over the peer link (TLS included, untouched); any other
+/// connection is served here.
+async fn serve_clustered(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    permit: ClientPermit,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+) {
+    let handshake_timeout = Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
+    let hello = match tokio::time::timeout(handshake_timeout, read_client_hello(&mut tcp)).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(e)) => return tracing::debug!(%peer, "no TLS ClientHello: {e}"),
+        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+    };
+    let elsewhere = hello
+        .server_name
+        .as_deref()
+        .and_then(|sni| crate::routes::name_from_host(sni, &shared.domain))
+        .filter(|name| {
+            !matches!(
+                shared.routes.route(name),
+                Some(crate::routes::Route::Live(_))
+            )
+        })
+        .and_then(|name| crate::cluster::held_elsewhere(&shared, name.as_str()));
+    let cluster = shared.cluster.as_ref();
+    let target = elsewhere.and_then(|owner| Some((cluster?.node.peer_address(&owner)?, owner)));
+    match target {
+        Some((addr, owner)) => {
+            let link = match cluster {
+                Some(cluster) => cluster.link.clone(),
+                None => return,
+            };
+            forward_to_peer(tcp, hello.bytes, peer, &addr, &owner, link, shared).await;
+            drop(permit);
+        }
+        None => {
+            serve_tls(
+                Rewind::new(hello.bytes, tcp),
+                peer,
+                permit,
+                acceptor,
+                shared,
+            )
+            .await
+        }
+    }
+}
+
+/// Copies a browser's connection to the relay that holds its session, both ways, until
+/// either side ends it.
+async fn forward_to_peer(
+    mut tcp: TcpStream,
+    hello: Vec<u8>,
+    client: SocketAddr,
+    addr: &str,
+    owner: &str,
+    link: Arc<crate::cluster::peer::PeerLink>,
+    shared: Arc<Shared>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let (mut send, recv) = match link.open(addr).await {
+        Ok(stream) => stream,
+        Err(e) => return tracing::warn!(%client, relay = owner, "cannot forward a connection: {e}"),
+    };
+    if crate::cluster::peer::write_preamble(&mut send, client)
+        .await
+        .is_err()
+        || send.write_all(&hello).await.is_err()
+    {
+        return;
+    }
+    shared
+        .metrics
+        .peer_forwarded_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let _open = shared.metrics.client_connections.enter();
+    // The owner's TLS answer must come back promptly: a relay that just died still looks
+    // alive to the peer link for a moment, and its routes until its lease ends.
+    let mut recv = recv;
+    let mut first = [0u8; 4096];
+    let n = match tokio::time::timeout(
+        crate::cluster::peer::PEER_FIRST_BYTES_TIMEOUT,
+        recv.read(&mut first),
+    )
+    .await
+    {
+        Ok(Ok(Some(n))) => n,
+        _ => {
+            return tracing::debug!(%client, relay = owner, "the owning relay did not answer a forwarded connection")
+        }
+    };
+    if tcp.write_all(&first[..n]).await.is_err() {
+        return;
+    }
+    let mut stream = tokio::io::join(recv, send);
+    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+}
+
+/// Serves the browser connections other relays of the cluster forward here (the peer
+/// link), each as if the browser had connected directly.
+pub(crate) async fn serve_peers(tls: Arc<rustls::ServerConfig>, shared: Arc<Shared>) {
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    let acceptor = TlsAcceptor::from(tls);
+    let endpoint = cluster.link.endpoint().clone();
+    while let Some(incoming) = endpoint.accept().await {
+        let acceptor = acceptor.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(e) => return tracing::debug!("peer link handshake failed: {e}"),
+            };
+            while let Ok((send, recv)) = connection.accept_bi().await {
+                tokio::spawn(serve_forwarded(
+                    send,
+                    recv,
+                    acceptor.clone(),
+                    shared.clone(),
+                ));
+            }
+        });
+    }
+}
+
+/// One browser connection forwarded by another relay.
+async fn serve_forwarded(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+) {
+    let handshake_timeout = Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
+    let client = match tokio::time::timeout(
+        handshake_timeout,
+        crate::cluster::peer::read_preamble(&mut recv),
+    )
+    .await
+    {
+        Ok(Ok(client)) => client,
+        _ => return tracing::debug!("a forwarded connection without a valid preamble"),
+    };
+    // The browser counts against its address's caps here too: the relay that serves it
+    // holds its connection as long as the one that took it.
+    match shared.client_caps.admit(client.ip()) {
+        Ok(permit) => {
+            serve_tls(
+                tokio::io::join(recv, send),
+                client,
+                permit,
+                acceptor,
+                shared,
+            )
+            .await
+        }
+        Err(over) => shared.metrics.count_client_refused(over),
+    }
+}
+
+/// Largest ClientHello read before deciding where a connection goes (a post-quantum key
+/// share makes them ~1.8 KiB; 16 KiB is TLS's own record limit).
+const MAX_CLIENT_HELLO: usize = 16 * 1024;
+
+/// A ClientHello as read off the wire, and the server name it asks for.
+struct ClientHello {
+    bytes: Vec<u8>,
+    server_name: Option<String>,
+}
+
+/// Reads until rustls has a whole ClientHello (its bytes are kept, to be replayed to
+/// whoever terminates TLS).
+async fn read_client_hello(tcp: &mut TcpStream) -> std::io::Result<ClientHello> {
+    use tokio::io::AsyncReadExt;
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut bytes = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+        acceptor.read_tls(&mut &chunk[..n])?;
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let server_name = accepted.client_hello().server_name().map(str::to_owned);
+                return Ok(ClientHello { bytes, server_name });
+            }
+            Ok(None) if bytes.len() < MAX_CLIENT_HELLO => {}
+            Ok(None) => return Err(std::io::Error::other("ClientHello too large")),
+            // Not TLS, or broken: the normal handshake gives the same error its usual way.
+            Err(_) => {
+                return Ok(ClientHello {
+                    bytes,
+                    server_name: None,
+                })
+            }
+        }
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Rewind<S> {
+    prefix: Vec<u8>,
+    offset: usize,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            offset: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.offset < this.prefix.len() {
+            let rest = &this.prefix[this.offset..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.offset += n;
+            if this.offset == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.offset = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// Serves plain HTTP on `listener` (behind a TLS-terminating load balancer).

@@ -98,6 +98,8 @@ pub(crate) struct Shared {
     pub signon: Option<signon::SignOn>,
     /// Reserved names whose job has no session yet (their status page).
     pub queued: queued::QueuedNames,
+    /// The cluster this relay is part of (`cluster_etcd`), if any.
+    pub cluster: Option<cluster::Cluster>,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -110,6 +112,8 @@ pub struct Relay {
     pub http_addr: Option<SocketAddr>,
     /// Where the optional metrics and health listener listens.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the peer link listens (in a cluster).
+    pub peer_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     /// The front door's accept loops (stopped first on drain).
@@ -125,8 +129,25 @@ impl Relay {
         let certs = Arc::new(tls::CertStore::load(&config.cert, &config.key)?);
         let signon = signon::SignOn::from_config(&config).map_err(RelayError::Config)?;
         let tokens = tokens::TokenStore::load(&config.tokens)?;
-        let tickets = ticket::TicketKey::load_or_create(&config.resume_key_path())
-            .map_err(|e| RelayError::Config(e.to_string()))?;
+        let cluster = join_cluster(&config).await?;
+        let tickets = match &cluster {
+            // One key for every relay of the cluster: a ticket from one is good on all.
+            Some(cluster) => {
+                let mut fresh = [0u8; ticket::KEY_BYTES];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut fresh);
+                let key =
+                    cluster::node::ClusterNode::shared_resume_key(cluster.node.etcd(), &fresh)
+                        .await
+                        .map_err(|e| {
+                            RelayError::Config(format!(
+                                "cannot read the cluster's resume key from etcd: {e}"
+                            ))
+                        })?;
+                ticket::TicketKey::from_bytes(key)
+            }
+            None => ticket::TicketKey::load_or_create(&config.resume_key_path())
+                .map_err(|e| RelayError::Config(e.to_string()))?,
+        };
         let admin = match &config.admin_token_file {
             Some(_) if config.listen_metrics.is_none() => {
                 return Err(RelayError::Config(
@@ -185,6 +206,20 @@ impl Relay {
         };
 
         let front_tls = tls::front_server_config(certs.clone())?;
+        let peer_addr = match &cluster {
+            Some(cluster) => {
+                Some(
+                    cluster
+                        .link
+                        .local_addr()
+                        .map_err(|source| RelayError::Bind {
+                            addr: config.peer_listen.unwrap_or(config.listen_quic),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let client_caps = Arc::new(client_caps(&config));
         let mut config = config;
         // URLs carry the port actually bound (matters when the config said port 0).
@@ -209,14 +244,18 @@ impl Relay {
             window_budget: Arc::new(limits::WindowBudget::new(config.max_buffered_mib)),
             signon,
             queued: Default::default(),
+            cluster,
             domain: config.normalized_domain(),
             config,
         });
         state::restore(&shared);
         let mut front = JoinSet::new();
-        front.spawn(front::serve_https(https, front_tls, shared.clone()));
+        front.spawn(front::serve_https(https, front_tls.clone(), shared.clone()));
         if let Some(http) = http {
             front.spawn(front::serve_http(http, shared.clone()));
+        }
+        if shared.cluster.is_some() {
+            front.spawn(front::serve_peers(front_tls.clone(), shared.clone()));
         }
         let mut tasks = JoinSet::new();
         tasks.spawn(agents::accept_agents(
@@ -226,6 +265,7 @@ impl Relay {
         ));
         tasks.spawn(watch_files(shared.clone()));
         tasks.spawn(state::keep_saved(shared.clone()));
+        tasks.spawn(cluster::follow_lease(shared.clone()));
         if let Some(listener) = metrics_listener {
             tasks.spawn(metrics::serve(listener, shared.clone()));
         }
@@ -235,11 +275,17 @@ impl Relay {
             quic_addr,
             http_addr,
             metrics_addr,
+            peer_addr,
             shared,
             endpoint,
             front,
             tasks,
         })
+    }
+
+    /// This relay's node id, in a cluster.
+    pub fn node_id(&self) -> Option<&str> {
+        Some(self.shared.cluster.as_ref()?.node.node_id())
     }
 
     /// How many sessions are live right now.
@@ -290,6 +336,16 @@ impl Relay {
 
     /// Closes every agent connection and stops listening at once.
     pub async fn shutdown(mut self) {
+        // In a cluster, every name held here is free for the relay its agent moves to.
+        if let Some(cluster) = &self.shared.cluster {
+            if let Err(e) = cluster.node.leave().await {
+                tracing::warn!(error = %e, "cannot end this relay's etcd lease: its names lapse with its TTL");
+            }
+            cluster
+                .link
+                .endpoint()
+                .close(0u32.into(), b"relay shutting down");
+        }
         // Every name still held is parked by the next relay process until its agent is back.
         let _ = state::save(&self.shared);
         self.endpoint.close(
@@ -311,6 +367,43 @@ impl Relay {
         while self.tasks.join_next().await.is_some() {}
         let _ = tokio::time::timeout(SHUTDOWN_LINGER, self.endpoint.wait_idle()).await;
     }
+}
+
+/// Joins the cluster named by `cluster_etcd`: the lease, the routes, the peer link.
+async fn join_cluster(config: &RelayConfig) -> Result<Option<cluster::Cluster>, RelayError> {
+    let Some(urls) = &config.cluster_etcd else {
+        return Ok(None);
+    };
+    let missing = |what: &str| RelayError::Config(format!("cluster_etcd needs {what}"));
+    let node_id = config.node_id.clone().ok_or_else(|| missing("node_id"))?;
+    let listen = config.peer_listen.ok_or_else(|| missing("peer_listen"))?;
+    let advertise = config
+        .peer_advertise
+        .clone()
+        .ok_or_else(|| missing("peer_advertise"))?;
+    let (Some(ca), Some(cert), Some(key)) = (&config.peer_ca, &config.peer_cert, &config.peer_key)
+    else {
+        return Err(missing("peer_ca, peer_cert and peer_key"));
+    };
+    let link = cluster::peer::PeerLink::bind(listen, ca, cert, key).map_err(|e| match e {
+        cluster::peer::PeerError::Bind { addr, source } => RelayError::Bind { addr, source },
+        other => RelayError::Config(other.to_string()),
+    })?;
+    // The port actually bound, where the config said 0 (tests).
+    let advertise = match (advertise.rsplit_once(':'), link.local_addr()) {
+        (Some((host, "0")), Ok(bound)) => format!("{host}:{}", bound.port()),
+        _ => advertise,
+    };
+    let etcd =
+        cluster::etcd::EtcdClient::new(urls).map_err(|e| RelayError::Config(e.to_string()))?;
+    let node = cluster::node::ClusterNode::join(etcd, node_id, advertise)
+        .await
+        .map_err(|e| RelayError::Config(format!("cannot join the cluster through etcd: {e}")))?;
+    tracing::info!(node = %node.node_id(), "joined the cluster");
+    Ok(Some(cluster::Cluster {
+        node,
+        link: std::sync::Arc::new(link),
+    }))
 }
 
 /// Shortest drain: time for `Drain` to reach every agent before the close.

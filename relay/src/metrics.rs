@@ -111,6 +111,8 @@ pub struct Metrics {
     pub sessions_transport: [Gauge; 2],
     /// Agent connections accepted over TLS/TCP on the HTTPS listener (UDP blocked).
     pub agent_tcp_connections: AtomicU64,
+    /// Browser connections handed to the relay of the cluster that holds their session.
+    pub peer_forwarded_connections: AtomicU64,
 }
 
 impl Metrics {
@@ -181,6 +183,34 @@ pub(crate) fn render(shared: &Shared) -> String {
             ("{transport=\"tcp\"}", m.sessions_transport[1].get() as f64),
         ],
     );
+    if let Some(cluster) = &shared.cluster {
+        let by_relay: Vec<(String, f64)> = cluster
+            .node
+            .sessions_by_relay()
+            .into_iter()
+            .map(|(relay, count)| (format!("{{relay=\"{relay}\"}}"), count as f64))
+            .collect();
+        let samples: Vec<(&str, f64)> = by_relay.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        family(
+            "cluster_sessions",
+            "gauge",
+            "In a cluster: sessions held by each relay alive (node id), from etcd's routes as this relay sees them.",
+            &samples,
+        );
+        let this = format!("{{relay=\"{}\"}}", cluster.node.node_id());
+        family(
+            "cluster_node",
+            "gauge",
+            "In a cluster: this relay's node id (always 1).",
+            &[(this.as_str(), 1.0)],
+        );
+        family(
+            "peer_forwarded_connections_total",
+            "counter",
+            "In a cluster: browser connections handed to the relay that holds their session.",
+            &[("", n(&m.peer_forwarded_connections))],
+        );
+    }
     family(
         "agent_tcp_connections_total",
         "counter",

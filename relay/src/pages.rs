@@ -34,11 +34,15 @@ pub enum Page {
     /// A reserved name whose job has no session yet: where the job is
     /// ([`crate::queued`] renders it).
     Queued,
+    /// In a cluster: the session is held by another relay, and this connection was made
+    /// for another name (a browser reusing one HTTP/2 connection for several names): 421
+    /// makes the browser open a new connection for this name, which reaches its relay.
+    Misdirected,
 }
 
 impl Page {
     /// Every page, in the order of [`Page::index`].
-    pub const ALL: [Page; 11] = [
+    pub const ALL: [Page; 12] = [
         Self::NoSession,
         Self::NotASession,
         Self::BadGateway,
@@ -50,6 +54,7 @@ impl Page {
         Self::GatewayTimeout,
         Self::ForeignOrigin,
         Self::Queued,
+        Self::Misdirected,
     ];
 
     /// This page's position in [`Page::ALL`].
@@ -71,6 +76,7 @@ impl Page {
             Self::GatewayTimeout => "gateway_timeout",
             Self::ForeignOrigin => "foreign_origin",
             Self::Queued => "queued",
+            Self::Misdirected => "misdirected",
         }
     }
 
@@ -135,6 +141,11 @@ impl Page {
                 StatusCode::OK,
                 "Queued",
                 "The job of this session has not started yet.",
+            ),
+            Self::Misdirected => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "Served by another relay",
+                "This session is served by another relay of the cluster; your browser retries on a new connection by itself. Reload if this page stays.",
             ),
         }
     }

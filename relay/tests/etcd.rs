@@ -140,6 +140,7 @@ async fn a_claim_race_has_exactly_one_winner() {
         match task.await.expect("task") {
             (me, Claim::Won) => winners.push(me),
             (_, Claim::Held(holder)) => holders.push(holder),
+            (_, Claim::Barred) => panic!("no end marker was written"),
         }
     }
     assert_eq!(winners.len(), 1, "exactly one relay wins the name");
@@ -315,10 +316,10 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 async fn relays_share_routes_and_a_lost_lease_gives_names_up() {
     use jobgate_relay::cluster::node::ClusterNode;
     let (_etcd, client) = start_etcd().await;
-    let r1 = ClusterNode::join(client.clone(), "r1".into())
+    let r1 = ClusterNode::join(client.clone(), "r1".into(), "127.0.0.1:1".into())
         .await
         .expect("r1 joins");
-    let r2 = ClusterNode::join(client.clone(), "r2".into())
+    let r2 = ClusterNode::join(client.clone(), "r2".into(), "127.0.0.1:2".into())
         .await
         .expect("r2 joins");
     assert_eq!(r1.claim("nb").await.expect("claim"), Claim::Won);
@@ -357,10 +358,10 @@ async fn relays_share_routes_and_a_lost_lease_gives_names_up() {
 async fn live_routes_outlive_an_etcd_restart() {
     use jobgate_relay::cluster::node::ClusterNode;
     let (mut etcd, client) = start_etcd().await;
-    let r1 = ClusterNode::join(client.clone(), "r1".into())
+    let r1 = ClusterNode::join(client.clone(), "r1".into(), "127.0.0.1:1".into())
         .await
         .expect("r1 joins");
-    let r2 = ClusterNode::join(client.clone(), "r2".into())
+    let r2 = ClusterNode::join(client.clone(), "r2".into(), "127.0.0.1:2".into())
         .await
         .expect("r2 joins");
     assert_eq!(r1.claim("kept").await.expect("claim"), Claim::Won);

@@ -63,6 +63,8 @@ pub enum Claim {
     Won,
     /// Someone else holds it: their value.
     Held(Vec<u8>),
+    /// The key is barred: the name ended for good (a shared end marker exists).
+    Barred,
 }
 
 /// A client for one etcd cluster, through any of its endpoints.
@@ -175,6 +177,105 @@ impl EtcdClient {
             // Deleted between compare and read cannot happen inside one txn; treat as a race.
             None => Err(EtcdError::Malformed("claim failed on a missing key".into())),
         }
+    }
+
+    /// Like [`EtcdClient::claim`] for a key that is free, but only while `bar` does not
+    /// exist either, in the same transaction: a name that ended for good (its end marker
+    /// written by any relay) is never claimed again, not even by a relay racing the end.
+    pub async fn claim_unless(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: LeaseId,
+        bar: &[u8],
+    ) -> Result<Claim, EtcdError> {
+        let (k, b) = (B64.encode(key), B64.encode(bar));
+        let request = json!({
+            "compare": [
+                { "key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0" },
+                { "key": b, "target": "CREATE", "result": "EQUAL", "create_revision": "0" },
+            ],
+            "success": [{ "request_put": put_request(key, value, Some(lease)) }],
+            "failure": [{ "request_range": { "key": k } }, { "request_range": { "key": b } }],
+        });
+        let answer = self.call("/v3/kv/txn", &request).await?;
+        if succeeded(&answer) {
+            return Ok(Claim::Won);
+        }
+        let range = |i: usize| -> Result<Option<KeyValue>, EtcdError> {
+            Ok(answer
+                .get("responses")
+                .and_then(|r| r.get(i))
+                .and_then(|r| r.get("response_range"))
+                .map(decode_kvs)
+                .transpose()?
+                .and_then(|kvs| kvs.into_iter().next()))
+        };
+        if range(1)?.is_some() {
+            return Ok(Claim::Barred);
+        }
+        match range(0)? {
+            // Ours already (a resume on the relay that held it): renew it under our lease.
+            Some(kv) if kv.value == value => self.move_if_value(key, value, value, lease).await,
+            Some(kv) => Ok(Claim::Held(kv.value)),
+            // Released between the compare and now: try again once.
+            None => Box::pin(self.claim_unless(key, value, lease, bar)).await,
+        }
+    }
+
+    /// Writes the end marker `bar` (under `bar_lease`) and deletes `key`, if `key` holds
+    /// `value` or nothing: `false` (nothing written) when another holder has it, since then
+    /// the name lives on elsewhere and only a stale connection of it ended here.
+    pub async fn bar_unless_held(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        bar: &[u8],
+        bar_value: &[u8],
+        bar_lease: LeaseId,
+    ) -> Result<bool, EtcdError> {
+        let k = B64.encode(key);
+        let put_bar = json!({ "request_put": put_request(bar, bar_value, Some(bar_lease)) });
+        let ours = json!({
+            "compare": [{ "key": k, "target": "VALUE", "result": "EQUAL", "value": B64.encode(value) }],
+            "success": [{ "request_delete_range": { "key": k } }, put_bar.clone()],
+        });
+        if succeeded(&self.call("/v3/kv/txn", &ours).await?) {
+            return Ok(true);
+        }
+        let free = json!({
+            "compare": [{ "key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
+            "success": [put_bar],
+        });
+        Ok(succeeded(&self.call("/v3/kv/txn", &free).await?))
+    }
+
+    /// Creates `key` = `value` (no lease) unless it exists; what it holds afterwards.
+    pub async fn create_or_get(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, EtcdError> {
+        let k = B64.encode(key);
+        let request = json!({
+            "compare": [{ "key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
+            "success": [{ "request_put": put_request(key, value, None) }],
+            "failure": [{ "request_range": { "key": k } }],
+        });
+        let answer = self.call("/v3/kv/txn", &request).await?;
+        if succeeded(&answer) {
+            return Ok(value.to_vec());
+        }
+        answer
+            .get("responses")
+            .and_then(|r| r.get(0))
+            .and_then(|r| r.get("response_range"))
+            .map(decode_kvs)
+            .transpose()?
+            .and_then(|kvs| kvs.into_iter().next())
+            .map(|kv| kv.value)
+            .ok_or_else(|| {
+                EtcdError::Malformed(format!(
+                    "{} neither created nor read",
+                    String::from_utf8_lossy(key)
+                ))
+            })
     }
 
     /// Moves `key` from holder value `from` to `to` under `lease`, only if it still holds

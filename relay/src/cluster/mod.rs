@@ -7,6 +7,7 @@
 
 pub mod etcd;
 pub mod node;
+pub mod peer;
 
 /// Key prefix of every jobgate key in etcd (one etcd may serve other applications too).
 pub const KEY_PREFIX: &str = "/jobgate/";
@@ -21,6 +22,28 @@ pub fn routes_prefix() -> Vec<u8> {
     format!("{KEY_PREFIX}routes/").into_bytes()
 }
 
+/// The etcd key marking session `name` ended for good (no relay may claim it again).
+pub fn ended_key(name: &str) -> Vec<u8> {
+    format!("{KEY_PREFIX}ended/{name}").into_bytes()
+}
+
+/// The etcd key holding relay `node_id`'s peer address (under its lease: gone with it).
+pub fn node_key(node_id: &str) -> Vec<u8> {
+    format!("{KEY_PREFIX}nodes/{node_id}").into_bytes()
+}
+
+/// The prefix of every node key.
+pub fn nodes_prefix() -> Vec<u8> {
+    format!("{KEY_PREFIX}nodes/").into_bytes()
+}
+
+/// The etcd key holding the cluster's resume-ticket key: one key, so a ticket from any relay
+/// is good on every relay. Whoever can read etcd can forge tickets: etcd is the cluster's
+/// trust root and must be reachable by the relays only (docs/admin-guide.md).
+pub fn resume_key_key() -> Vec<u8> {
+    format!("{KEY_PREFIX}resume-key").into_bytes()
+}
+
 /// Longest node id: it is part of etcd values and metric labels.
 pub const MAX_NODE_ID_LEN: usize = 63;
 
@@ -31,6 +54,136 @@ pub fn valid_node_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A clustered relay's two halves: its membership (etcd) and its link to the other relays.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    pub node: std::sync::Arc<node::ClusterNode>,
+    pub link: std::sync::Arc<peer::PeerLink>,
+}
+
+/// How long an admission waits for another relay's claim on the name to lapse (the agent
+/// moved here because that relay died: its lease ends within its TTL) before refusing. Under
+/// the agent's wait for its `Welcome` (10 s).
+pub const CLAIM_WAIT: std::time::Duration =
+    std::time::Duration::from_secs(node::LEASE_TTL_SECS + 1);
+/// How often a waiting admission looks at the local copy of the routes.
+const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+use crate::agents::Refusal;
+use crate::names::SessionName;
+use crate::Shared;
+use jobgate_protocol::RefusalCode;
+use std::sync::Arc;
+
+/// Claims `name` for this relay before its session is welcomed: a new name, a resume, a
+/// move from a dead relay (waiting out its lease, up to [`CLAIM_WAIT`]). Refused when
+/// another relay's connection of the session stays live, when the name ended for good on
+/// any relay, or when etcd is unreachable (new sessions and moves wait; live ones go on).
+pub(crate) async fn claim_session(shared: &Shared, name: SessionName) -> Result<(), Refusal> {
+    let Some(cluster) = &shared.cluster else {
+        return Ok(());
+    };
+    let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+    loop {
+        let claim = cluster.node.claim(name.as_str()).await.map_err(|e| {
+            Refusal::new(
+                RefusalCode::Unavailable,
+                format!("the relays' shared store is unreachable, so no session can start or move now; live sessions go on ({e})"),
+            )
+        })?;
+        let holder = match claim {
+            etcd::Claim::Won => return Ok(()),
+            etcd::Claim::Barred => {
+                // Ended on another relay: remember it here too, so the agent's next try
+                // (with the same ticket) gets a new name.
+                crate::agents::mark_ended(shared, name);
+                return Err(Refusal::new(
+                    RefusalCode::Unavailable,
+                    format!("session {name} has ended; a new one starts on the next try"),
+                ));
+            }
+            etcd::Claim::Held(holder) => String::from_utf8_lossy(&holder).into_owned(),
+        };
+        // Wait for the holder's claim to vanish from the watched copy, then claim again.
+        while cluster.node.owner(name.as_str()).as_deref() == Some(holder.as_str()) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Refusal::new(
+                    RefusalCode::Unavailable,
+                    format!("session {name} is live on relay {holder} (another connection of it holds the name)"),
+                ));
+            }
+            tokio::time::sleep(CLAIM_POLL).await;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Refusal::new(
+                RefusalCode::Unavailable,
+                format!("session {name} is held by relay {holder}"),
+            ));
+        }
+    }
+}
+
+/// Gives `name` up (its agent is gone for now; the name waits here for the resume grace,
+/// and any relay may take it when the agent comes back elsewhere).
+pub(crate) fn release(shared: &Shared, name: SessionName) {
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    let node = cluster.node.clone();
+    tokio::spawn(async move {
+        if let Err(e) = node.release(name.as_str()).await {
+            tracing::warn!(%name, error = %e, "cannot release the session's name in etcd; it lapses with this relay's lease");
+        }
+    });
+}
+
+/// Ends `name` for good on every relay (a `Bye`, a revoked token, the grace ran out).
+pub(crate) fn end_for_good(shared: &Shared, name: SessionName) {
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    let node = cluster.node.clone();
+    let lifetime = shared.config.ticket_lifetime_secs;
+    tokio::spawn(async move {
+        match node.end_for_good(name.as_str(), lifetime).await {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(%name, "session lives on another relay: not ended there"),
+            Err(e) => tracing::warn!(%name, error = %e, "cannot record the session's end in etcd"),
+        }
+    });
+}
+
+/// Whether another relay holds `name` now.
+pub(crate) fn held_elsewhere(shared: &Shared, name: &str) -> Option<String> {
+    shared.cluster.as_ref()?.node.held_elsewhere(name)
+}
+
+/// Follows this relay's lease: when it was lost (etcd away past its TTL, or this process
+/// stopped), every name held here is claimed again under the new lease; a session whose
+/// name another relay took meanwhile is closed (`Draining`: its agent reconnects and finds
+/// the relay that holds it now).
+pub(crate) async fn follow_lease(shared: Arc<Shared>) {
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    let mut losses = cluster.node.lease_losses();
+    while losses.changed().await.is_ok() {
+        for session in shared.routes.all() {
+            let kept = matches!(
+                cluster.node.claim(session.name.as_str()).await,
+                Ok(etcd::Claim::Won)
+            );
+            if !kept {
+                tracing::info!(name = %session.name, "another relay holds this session now: closing its connection here");
+                session.connection.close(
+                    jobgate_protocol::CloseCode::Draining,
+                    b"another relay holds the session",
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! costs no etcd round trip, and live sessions keep serving while etcd is away).
 
 use super::etcd::{Claim, EtcdClient, EtcdError, LeaseId, WatchEvent};
-use super::{route_key, routes_prefix};
+use super::{ended_key, node_key, nodes_prefix, route_key, routes_prefix};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, Weak};
@@ -28,9 +28,13 @@ const WATCH_QUEUE: usize = 256;
 pub struct ClusterNode {
     etcd: EtcdClient,
     node_id: String,
+    /// Where other relays reach this one's peer link (`host:port`).
+    advertise: String,
     lease: AtomicI64,
     /// Session name → node id of the relay holding it, as etcd last said.
     routes: RwLock<HashMap<String, String>>,
+    /// Node id → peer address of every relay alive in the cluster, as etcd last said.
+    peers: RwLock<HashMap<String, String>>,
     /// Counts lost leases: each loss means every name this relay held is no longer its own.
     lease_losses: watch::Sender<u64>,
 }
@@ -38,19 +42,92 @@ pub struct ClusterNode {
 impl ClusterNode {
     /// Joins: takes a lease, reads the routes, and keeps both up to date in the background
     /// for as long as the node lives.
-    pub async fn join(etcd: EtcdClient, node_id: String) -> Result<Arc<Self>, EtcdError> {
+    pub async fn join(
+        etcd: EtcdClient,
+        node_id: String,
+        advertise: String,
+    ) -> Result<Arc<Self>, EtcdError> {
         let lease = etcd.lease_grant(LEASE_TTL_SECS).await?;
         let node = Arc::new(Self {
             etcd,
             node_id,
+            advertise,
             lease: AtomicI64::new(lease.0),
             routes: RwLock::new(HashMap::new()),
+            peers: RwLock::new(HashMap::new()),
             lease_losses: watch::channel(0).0,
         });
-        let revision = node.load_routes().await?;
+        node.register().await?;
+        for table in [Table::Routes, Table::Nodes] {
+            let revision = node.load(table).await?;
+            tokio::spawn(mirror(Arc::downgrade(&node), table, revision));
+        }
         tokio::spawn(keep_alive(Arc::downgrade(&node)));
-        tokio::spawn(mirror_routes(Arc::downgrade(&node), revision));
         Ok(node)
+    }
+
+    /// The cluster's resume-ticket key: the one in etcd, or `fresh` stored there if this is
+    /// the first relay (whoever writes first wins; every relay then uses that one).
+    pub async fn shared_resume_key(
+        etcd: &EtcdClient,
+        fresh: &[u8; crate::ticket::KEY_BYTES],
+    ) -> Result<[u8; crate::ticket::KEY_BYTES], EtcdError> {
+        let stored = etcd.create_or_get(&super::resume_key_key(), fresh).await?;
+        stored
+            .try_into()
+            .map_err(|_| EtcdError::Malformed("the resume key in etcd has the wrong length".into()))
+    }
+
+    /// Announces this relay's peer address under its lease.
+    async fn register(&self) -> Result<(), EtcdError> {
+        self.etcd
+            .put(
+                &node_key(&self.node_id),
+                self.advertise.as_bytes(),
+                Some(self.lease()),
+            )
+            .await
+    }
+
+    /// The etcd client.
+    pub fn etcd(&self) -> &EtcdClient {
+        &self.etcd
+    }
+
+    /// Where relay `node_id`'s peer link listens, if it is alive.
+    pub fn peer_address(&self, node_id: &str) -> Option<String> {
+        self.peers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node_id)
+            .cloned()
+    }
+
+    /// Every relay alive and how many sessions each holds (the metrics' view).
+    pub fn sessions_by_relay(&self) -> Vec<(String, usize)> {
+        let mut counts: HashMap<String, usize> = self
+            .peers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .map(|id| (id.clone(), 0))
+            .collect();
+        for owner in self
+            .routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            *counts.entry(owner.clone()).or_default() += 1;
+        }
+        let mut counts: Vec<_> = counts.into_iter().collect();
+        counts.sort();
+        counts
+    }
+
+    /// Whether another relay holds session `name` now (then requests for it go there).
+    pub fn held_elsewhere(&self, name: &str) -> Option<String> {
+        self.owner(name).filter(|owner| *owner != self.node_id)
     }
 
     /// This relay's node id.
@@ -78,11 +155,17 @@ impl ClusterNode {
         self.lease_losses.subscribe()
     }
 
-    /// Claims session `name` for this relay (a new session, or a resume here).
+    /// Claims session `name` for this relay (a new session, or a resume here); never one
+    /// that ended for good.
     pub async fn claim(&self, name: &str) -> Result<Claim, EtcdError> {
         let claim = self
             .etcd
-            .claim(&route_key(name), self.node_id.as_bytes(), self.lease())
+            .claim_unless(
+                &route_key(name),
+                self.node_id.as_bytes(),
+                self.lease(),
+                &ended_key(name),
+            )
             .await?;
         if claim == Claim::Won {
             self.set_route(name, Some(self.node_id.clone()));
@@ -98,6 +181,22 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// Ends session `name` for good across the cluster: an end marker that outlives every
+    /// ticket of it (`lifetime_secs`), and this relay's claim gone. Nothing is written when
+    /// another relay holds the name: then only a stale connection of it ended here.
+    pub async fn end_for_good(&self, name: &str, lifetime_secs: u64) -> Result<bool, EtcdError> {
+        let marker_lease = self.etcd.lease_grant(lifetime_secs.max(1)).await?;
+        self.etcd
+            .bar_unless_held(
+                &route_key(name),
+                self.node_id.as_bytes(),
+                &ended_key(name),
+                b"ended",
+                marker_lease,
+            )
+            .await
+    }
+
     /// Leaves the cluster now (a drain): every claim ends with the lease.
     pub async fn leave(&self) -> Result<(), EtcdError> {
         self.etcd.lease_revoke(self.lease()).await
@@ -111,31 +210,63 @@ impl ClusterNode {
         };
     }
 
-    /// Replaces the local copy with etcd's routes; the revision they were read at.
-    async fn load_routes(&self) -> Result<i64, EtcdError> {
-        let prefix = routes_prefix();
+    fn table(&self, table: Table) -> &RwLock<HashMap<String, String>> {
+        match table {
+            Table::Routes => &self.routes,
+            Table::Nodes => &self.peers,
+        }
+    }
+
+    /// Replaces the local copy of `table` with etcd's; the revision it was read at.
+    async fn load(&self, table: Table) -> Result<i64, EtcdError> {
+        let prefix = table.prefix();
         let (kvs, revision) = self.etcd.range_prefix(&prefix).await?;
         let fresh = kvs
             .into_iter()
             .filter_map(|kv| route_entry(&prefix, &kv.key, kv.value))
             .collect::<HashMap<_, _>>();
-        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        *self
+            .table(table)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = fresh;
         Ok(revision)
     }
 
-    fn apply(&self, event: WatchEvent) {
-        let prefix = routes_prefix();
+    fn apply(&self, table: Table, event: WatchEvent) {
+        let prefix = table.prefix();
+        let mut copy = self
+            .table(table)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         match event {
             WatchEvent::Put(kv) => {
-                if let Some((name, owner)) = route_entry(&prefix, &kv.key, kv.value) {
-                    self.set_route(&name, Some(owner));
+                if let Some((key, value)) = route_entry(&prefix, &kv.key, kv.value) {
+                    copy.insert(key, value);
                 }
             }
             WatchEvent::Delete(key) => {
-                if let Some((name, _)) = route_entry(&prefix, &key, Vec::new()) {
-                    self.set_route(&name, None);
+                if let Some((key, _)) = route_entry(&prefix, &key, Vec::new()) {
+                    copy.remove(&key);
                 }
             }
+        }
+    }
+}
+
+/// The two tables every relay mirrors.
+#[derive(Debug, Clone, Copy)]
+enum Table {
+    /// Session name → owning relay.
+    Routes,
+    /// Relay → peer address.
+    Nodes,
+}
+
+impl Table {
+    fn prefix(self) -> Vec<u8> {
+        match self {
+            Self::Routes => routes_prefix(),
+            Self::Nodes => nodes_prefix(),
         }
     }
 }
@@ -153,11 +284,20 @@ async fn keep_alive(node: Weak<ClusterNode>) {
     loop {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
-        match node.etcd.lease_keepalive(node.lease()).await {
+        let alive = match node.etcd.lease_keepalive(node.lease()).await {
+            // etcd forgot the lease (it expired while this relay was stopped, or etcd lost
+            // it): the same as an answer of TTL 0.
+            Err(EtcdError::Refused(why)) if why.contains("lease not found") => Ok(false),
+            other => other,
+        };
+        match alive {
             Ok(true) => {}
             Ok(false) => match node.etcd.lease_grant(LEASE_TTL_SECS).await {
                 Ok(lease) => {
                     node.lease.store(lease.0, Ordering::Relaxed);
+                    if let Err(e) = node.register().await {
+                        tracing::warn!(error = %e, "cannot announce this relay's peer address again");
+                    }
                     node.lease_losses.send_modify(|n| *n += 1);
                     tracing::warn!(node = %node.node_id, "etcd lease lost: this relay's sessions are no longer its own");
                 }
@@ -169,16 +309,16 @@ async fn keep_alive(node: Weak<ClusterNode>) {
     }
 }
 
-/// Keeps the local copy of the routes in step with etcd: a watch from the revision read,
-/// and a fresh read whenever the watch breaks.
-async fn mirror_routes(node: Weak<ClusterNode>, mut revision: i64) {
+/// Keeps the local copy of `table` in step with etcd: a watch from the revision read, and a
+/// fresh read whenever the watch breaks.
+async fn mirror(node: Weak<ClusterNode>, table: Table, mut revision: i64) {
     loop {
         let Some(etcd) = node.upgrade().map(|n| n.etcd.clone()) else {
             return;
         };
         let (events_tx, mut events) = mpsc::channel(WATCH_QUEUE);
         let watch = tokio::spawn(async move {
-            etcd.watch_prefix(&routes_prefix(), revision + 1, events_tx)
+            etcd.watch_prefix(&table.prefix(), revision + 1, events_tx)
                 .await
         });
         while let Some(event) = events.recv().await {
@@ -186,15 +326,15 @@ async fn mirror_routes(node: Weak<ClusterNode>, mut revision: i64) {
                 watch.abort();
                 return;
             };
-            node.apply(event);
+            node.apply(table, event);
         }
         if let Ok(Err(e)) = watch.await {
-            tracing::warn!(error = %e, "etcd watch of the routes broke; reading them again");
+            tracing::warn!(error = %e, "etcd watch broke; reading {table:?} again");
         }
         loop {
             tokio::time::sleep(RESYNC_PAUSE).await;
             let Some(node) = node.upgrade() else { return };
-            match node.load_routes().await {
+            match node.load(table).await {
                 Ok(read_at) => {
                     revision = read_at;
                     break;
