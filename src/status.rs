@@ -50,6 +50,9 @@ struct SessionRow {
     node: Option<String>,
     transport: Option<String>,
     access: Option<String>,
+    /// In a cluster: the relay holding the session.
+    #[serde(default)]
+    relay: Option<String>,
     seconds: u64,
     bytes_in: u64,
     bytes_out: u64,
@@ -170,6 +173,7 @@ fn print_table(rows: &[SessionRow]) {
         "JOB",
         "NODE",
         "TRANSPORT",
+        "RELAY",
         "ACCESS",
         "AGE",
         "IN",
@@ -186,6 +190,7 @@ fn print_table(rows: &[SessionRow]) {
             dash(&row.job_id),
             dash(&row.node),
             dash(&row.transport),
+            dash(&row.relay),
             dash(&row.access),
             if row.state == "live" {
                 duration(row.seconds)
@@ -198,7 +203,7 @@ fn print_table(rows: &[SessionRow]) {
             row.websockets.to_string(),
         ]);
     }
-    let mut widths = [0usize; 12];
+    let mut widths = [0usize; 13];
     for row in &table {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());

@@ -415,7 +415,7 @@ async fn two_agents_racing_to_resume_one_name_on_two_relays_get_exactly_one_winn
     assert_eq!(winner.welcome.name, name, "the winner resumed the name");
     match loser {
         DialError::Refused {
-            code: RefusalCode::Unavailable,
+            code: RefusalCode::TryAgain,
             message,
         } => assert!(
             message.contains(&name) && message.contains("relay r"),

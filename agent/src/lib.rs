@@ -283,11 +283,11 @@ async fn run_session(
     };
     let outcome = match opened {
         Ok(session) => Ok(Reconnect::Connected(Box::new(session))),
-        // Too many new sessions too fast (a job array starting), a relay at capacity or
-        // restarting, a cluster whose shared store is away: temporary, so wait and retry
-        // like a reconnect instead of failing the job.
+        // Too many new sessions too fast (a job array starting), or a cluster of relays
+        // whose shared store is away: temporary, so wait and retry like a reconnect
+        // instead of failing the job.
         Err(DialError::Refused {
-            code: RefusalCode::RateLimited | RefusalCode::Unavailable,
+            code: RefusalCode::RateLimited | RefusalCode::TryAgain,
             message,
         }) => {
             say!("the relay asks this agent to wait: {message}");

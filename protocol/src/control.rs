@@ -94,6 +94,10 @@ pub enum RefusalCode {
     Malformed,
     /// The reservation is forged, another user's, for another job, or its job has ended.
     BadReservation,
+    /// Not now, but soon: in a cluster of relays, the shared store (etcd) is unreachable,
+    /// or the name is still held by a relay that just died (its lease ends within
+    /// seconds). Temporary: agents wait and retry; the message says why.
+    TryAgain,
 }
 
 /// One message on the control stream.

@@ -116,6 +116,11 @@ impl AdminKey {
     }
 }
 
+/// This relay's node id, in a cluster.
+fn node_id(shared: &Shared) -> Option<String> {
+    Some(shared.cluster.as_ref()?.node.node_id().to_owned())
+}
+
 /// One session as the admin API shows it.
 #[derive(Debug, Serialize)]
 pub struct SessionInfo {
@@ -142,6 +147,10 @@ pub struct SessionInfo {
     /// `link` or `public`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access: Option<&'static str>,
+    /// In a cluster: the node id of the relay that holds the session (this one, for every
+    /// session it lists).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
     /// Seconds since the session opened (for a parked one: seconds left of its grace).
     pub seconds: u64,
     /// Bytes received from the agent (on the wire: UDP payloads, or TLS bytes on TCP).
@@ -169,6 +178,7 @@ impl SessionInfo {
             agent_addr: Some(session.agent_addr.to_string()),
             transport: Some(session.connection.kind().as_str()),
             access: Some(crate::agents::access_word(session.access)),
+            relay: node_id(shared),
             seconds: session.opened.elapsed().as_secs(),
             bytes_in,
             bytes_out,
@@ -189,6 +199,7 @@ impl SessionInfo {
             agent_addr: None,
             transport: None,
             access: None,
+            relay: node_id(shared),
             seconds: parked
                 .until
                 .saturating_duration_since(std::time::Instant::now())

@@ -89,7 +89,7 @@ pub(crate) async fn claim_session(shared: &Shared, name: SessionName) -> Result<
     loop {
         let claim = cluster.node.claim(name.as_str()).await.map_err(|e| {
             Refusal::new(
-                RefusalCode::Unavailable,
+                RefusalCode::TryAgain,
                 format!("the relays' shared store is unreachable, so no session can start or move now; live sessions go on ({e})"),
             )
         })?;
@@ -100,7 +100,7 @@ pub(crate) async fn claim_session(shared: &Shared, name: SessionName) -> Result<
                 // (with the same ticket) gets a new name.
                 crate::agents::mark_ended(shared, name);
                 return Err(Refusal::new(
-                    RefusalCode::Unavailable,
+                    RefusalCode::TryAgain,
                     format!("session {name} has ended; a new one starts on the next try"),
                 ));
             }
@@ -110,7 +110,7 @@ pub(crate) async fn claim_session(shared: &Shared, name: SessionName) -> Result<
         while cluster.node.owner(name.as_str()).as_deref() == Some(holder.as_str()) {
             if tokio::time::Instant::now() >= deadline {
                 return Err(Refusal::new(
-                    RefusalCode::Unavailable,
+                    RefusalCode::TryAgain,
                     format!("session {name} is live on relay {holder} (another connection of it holds the name)"),
                 ));
             }
@@ -118,7 +118,7 @@ pub(crate) async fn claim_session(shared: &Shared, name: SessionName) -> Result<
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(Refusal::new(
-                RefusalCode::Unavailable,
+                RefusalCode::TryAgain,
                 format!("session {name} is held by relay {holder}"),
             ));
         }
