@@ -27,7 +27,10 @@
 //! missing), `JOBGATE_BENCH_BIN` (benchmark another jobgate binary),
 //! `JOBGATE_BENCH_COMPARE` (a second jobgate binary run side by side as variant `cmp-wN`,
 //! for before/after numbers), `JOBGATE_BENCH_TCP=0` (leave out variant `tcp-wN`: the same
-//! binary with its agents on the TCP transport, measured beside QUIC),
+//! binary with its agents on the TCP transport, measured beside QUIC), `JOBGATE_BENCH_HOP=0`
+//! (leave out variant `hop-wN`: two relays sharing names through a real etcd, clients sent
+//! to the relay without the agents, so every connection crosses the peer link — the extra
+//! hop of a cluster; needs `etcd` on `$PATH` or `$JOBGATE_ETCD`),
 //! `JOBGATE_BENCH_JSON` (output path).
 
 mod bulk;
@@ -45,7 +48,7 @@ mod ws;
 use anyhow::Result;
 use report::{loadavg, machine_info, read_cpu_stat, Report};
 use serde_json::json;
-use setup::{CpuWatch, JobgateStack, Setup};
+use setup::{CpuWatch, JobgateStack, Setup, StackKind};
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tools::HttpVariant;
@@ -91,6 +94,9 @@ pub struct Opts {
     pub compare: Option<PathBuf>,
     /// Also run variant `tcp-wN` (agents on the TCP transport).
     pub tcp: bool,
+    /// Also run variant `hop-wN` (two relays through etcd; clients reach the one without
+    /// the agents: the extra hop of a cluster).
+    pub hop: bool,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -142,6 +148,7 @@ impl Opts {
             only: (!only.is_empty()).then_some(only),
             compare: std::env::var_os("JOBGATE_BENCH_COMPARE").map(PathBuf::from),
             tcp: std::env::var("JOBGATE_BENCH_TCP").map_or(true, |v| v != "0"),
+            hop: std::env::var("JOBGATE_BENCH_HOP").map_or(true, |v| v != "0"),
         }
     }
 
@@ -196,17 +203,24 @@ impl Servers {
             }
         };
         let static_port = nginx.as_ref().map_or(backend_port, |n| n.h1);
-        let mut builds: Vec<(String, PathBuf, usize, bool)> = opts
+        let mut builds: Vec<(String, PathBuf, usize, StackKind)> = opts
             .workers
             .iter()
-            .map(|&w| (setup::variant_name(w), setup.bin.clone(), w, false))
+            .map(|&w| {
+                (
+                    setup::variant_name(w),
+                    setup.bin.clone(),
+                    w,
+                    StackKind::Quic,
+                )
+            })
             .collect();
         if let Some(other) = &opts.compare {
             builds.push((
                 format!("cmp-w{}", opts.workers[0]),
                 other.clone(),
                 opts.workers[0],
-                false,
+                StackKind::Quic,
             ));
         }
         if opts.tcp {
@@ -214,13 +228,33 @@ impl Servers {
                 format!("tcp-w{}", opts.workers[0]),
                 setup.bin.clone(),
                 opts.workers[0],
-                true,
+                StackKind::Tcp,
+            ));
+        }
+        let etcd_found = std::env::var_os("JOBGATE_ETCD").is_some()
+            || jobgate_harness::process::which("etcd").is_some();
+        if opts.hop && !etcd_found {
+            notes.push("hop-w1: needs etcd (Debian's etcd-server)".into());
+        }
+        if opts.hop && etcd_found {
+            builds.push((
+                format!("hop-w{}", opts.workers[0]),
+                setup.bin.clone(),
+                opts.workers[0],
+                StackKind::Hop,
             ));
         }
         let stacks = builds
             .into_iter()
-            .map(|(name, bin, workers, tcp)| {
-                JobgateStack::start(setup, name, &bin, workers, (static_port, backend_port), tcp)
+            .map(|(name, bin, workers, kind)| {
+                JobgateStack::start(
+                    setup,
+                    name,
+                    &bin,
+                    workers,
+                    (static_port, backend_port),
+                    kind,
+                )
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -337,20 +371,24 @@ fn relay_variant(
     session: &jobgate_harness::stack::Session,
     server: (&str, i32),
 ) -> HttpVariant {
-    let base = format!("https://127.0.0.1:{}", stack.relay.https_port);
+    // A cluster's clients reach the relay without the agents (`hop-wN`).
+    let entry = stack.front.as_ref().unwrap_or(&stack.relay);
+    let base = format!("https://127.0.0.1:{}", entry.https_port);
+    let mut pids = vec![
+        ("relay".into(), stack.relay.proc.pid()),
+        ("agent".into(), agent.proc.pid()),
+        (server.0.into(), server.1),
+    ];
+    if let Some(front) = &stack.front {
+        pids.insert(0, ("front relay".into(), front.proc.pid()));
+    }
     HttpVariant {
         name: stack.name.clone(),
         h1_base: base.clone(),
         h2_base: base,
         session: Some(session.clone()),
-        https_port: Some(stack.relay.https_port),
-        cpu: CpuWatch {
-            pids: vec![
-                ("relay".into(), stack.relay.proc.pid()),
-                ("agent".into(), agent.proc.pid()),
-                (server.0.into(), server.1),
-            ],
-        },
+        https_port: Some(entry.https_port),
+        cpu: CpuWatch { pids },
     }
 }
 

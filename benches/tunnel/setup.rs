@@ -320,6 +320,46 @@ pub struct JobgateStack {
     /// The relay's plain-HTTP front door (`--listen-http`, as behind a TLS-terminating
     /// balancer): the same crypto work as an L4 tunnel with TLS between its ends.
     pub http_port: u16,
+    /// `hop-wN`: a second relay of the same cluster, which clients reach; it forwards
+    /// every connection over the peer link to `relay`, which holds the sessions.
+    pub front: Option<RelayProc>,
+    /// The etcd of a `hop-wN` cluster (kept running as long as the stack).
+    pub _etcd: Option<jobgate_harness::etcd::Etcd>,
+}
+
+/// How a jobgate variant's agents and clients reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StackKind {
+    /// Agents over QUIC, clients to the relay holding the sessions.
+    Quic,
+    /// Agents over the TCP transport.
+    Tcp,
+    /// Two relays sharing names through etcd; clients go to the one without the agents.
+    Hop,
+}
+
+/// The flags that make relay `node` of the cluster on `etcd` (the bench's dev PKI for the
+/// peer link).
+fn cluster_args(setup: &Setup, etcd: &jobgate_harness::etcd::Etcd, node: &str) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    [
+        "--cluster-etcd",
+        &etcd.url,
+        "--node-id",
+        node,
+        "--peer-listen",
+        "127.0.0.1:0",
+        "--peer-advertise",
+        "127.0.0.1:0",
+        "--peer-ca",
+        &path(&setup.env.ca),
+        "--peer-cert",
+        &path(&setup.env.cert),
+        "--peer-key",
+        &path(&setup.env.key),
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 impl JobgateStack {
@@ -332,14 +372,23 @@ impl JobgateStack {
         bin: &Path,
         workers: usize,
         (static_port, backend_port): (u16, u16),
-        tcp: bool,
+        kind: StackKind,
     ) -> Result<Self> {
         let http_port = free_port()?;
         let listen_http = format!("127.0.0.1:{http_port}");
-        let relay = setup.start_relay_of(bin, workers, &["--listen-http", &listen_http])?;
+        let etcd = match kind {
+            StackKind::Hop => Some(jobgate_harness::etcd::Etcd::start()?),
+            _ => None,
+        };
+        let mut relay_args = vec!["--listen-http".to_owned(), listen_http];
+        if let Some(etcd) = &etcd {
+            relay_args.extend(cluster_args(setup, etcd, "holder"));
+        }
+        let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
+        let relay = setup.start_relay_of(bin, workers, &relay_args)?;
         let agent_to = |port: u16| -> Result<AgentProc> {
             let mut command = setup.agent_command_of(bin, &relay, workers);
-            if tcp {
+            if kind == StackKind::Tcp {
                 command
                     .args(["--transport", "tcp", "--relay-tcp"])
                     .arg(format!("127.0.0.1:{}", relay.https_port));
@@ -349,6 +398,14 @@ impl JobgateStack {
         };
         let static_agent = agent_to(static_port)?;
         let app_agent = agent_to(backend_port)?;
+        let front = match &etcd {
+            Some(etcd) => {
+                let args = cluster_args(setup, etcd, "front");
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                Some(setup.start_relay_of(bin, workers, &args)?)
+            }
+            None => None,
+        };
         Ok(Self {
             name,
             static_session: static_agent.session()?,
@@ -357,6 +414,8 @@ impl JobgateStack {
             static_agent,
             app_agent,
             http_port,
+            front,
+            _etcd: etcd,
         })
     }
 }

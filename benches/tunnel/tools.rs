@@ -41,6 +41,12 @@ pub fn wrk(
     secs: u64,
 ) -> Result<LoadResult> {
     let wrk = tools.wrk.as_ref().context("wrk is not installed")?;
+    if v.name.starts_with("hop-") {
+        // wrk's TLS server name is its URL's host, 127.0.0.1 here, and a cluster's relays
+        // route a connection by that name: h2load (--connect-to) and curl (--resolve)
+        // send the session's name and measure the hop.
+        bail!("not measured: wrk cannot send a session name as TLS SNI to 127.0.0.1");
+    }
     let mut command = Command::new(wrk);
     command
         .args(["-t1", "-c"])
@@ -103,8 +109,15 @@ pub fn h2load(
         .arg("-m")
         .arg(streams.to_string())
         .arg("-D")
-        .arg(secs.to_string())
-        .arg(format!("{}/small", v.h2_base));
+        .arg(secs.to_string());
+    match (&v.session, v.https_port) {
+        // The session's name in the URL (so in TLS SNI, as a browser sends it), the
+        // connection to the relay on loopback.
+        (Some(s), Some(port)) => command
+            .arg(format!("--connect-to=127.0.0.1:{port}"))
+            .arg(format!("https://{}:{port}/small", s.host)),
+        _ => command.arg(format!("{}/small", v.h2_base)),
+    };
     if let Some(s) = &v.session {
         command
             .arg("-H")
