@@ -432,6 +432,12 @@ impl RelayConfig {
         if peer_files.iter().any(|f| f.is_none()) {
             return Err("cluster_etcd needs peer_ca, peer_cert and peer_key (relays authenticate each other)".into());
         }
+        if self.oidc_issuer.is_some() {
+            // Logins, passes and one-time tickets live in each relay's memory: a sign-in on
+            // one relay would not open a session held by another. Refused rather than half
+            // working; see docs/admin-guide.md.
+            return Err("cluster_etcd and oidc_issuer together are not supported yet: single sign-on state is per relay (use link sessions with several relays)".into());
+        }
         Ok(())
     }
 

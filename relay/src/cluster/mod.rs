@@ -221,6 +221,13 @@ mod tests {
         let mut c = clustered();
         c.cluster_etcd = Some("https://etcd:2379".into());
         assert!(c.validate().is_err());
+        let mut c = clustered();
+        c.oidc_issuer = Some("https://idp.example.org".into());
+        c.oidc_client_id = Some("jobgate".into());
+        c.oidc_client_secret_file = Some("secret".into());
+        assert!(c
+            .validate()
+            .is_err_and(|why| why.contains("single sign-on state is per relay")));
     }
 
     #[test]
