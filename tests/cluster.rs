@@ -10,10 +10,10 @@ mod common;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use jobgate_agent::dial::{self, DialConfig, DialError, HelloParams};
+use jobgate_agent::dial::{self, DialError};
 use jobgate_harness::client::{client_tls, ws_connect, WsTarget};
 use jobgate_harness::etcd::Etcd;
-use jobgate_protocol::{write_frame, AccessMode, ControlMessage, JobInfo, RefusalCode, Token};
+use jobgate_protocol::{write_frame, ControlMessage, RefusalCode};
 use nix::sys::signal::Signal;
 use std::process::Command;
 use std::time::Duration;
@@ -356,29 +356,6 @@ async fn with_etcd_down_live_sessions_keep_serving_and_new_ones_wait_until_it_is
     drop(waiting);
 }
 
-fn dial_config(env: &TestEnv, relay: &RelayProc) -> DialConfig {
-    DialConfig {
-        idle_timeout: Duration::from_secs(30),
-        transport: jobgate_agent::dial::TransportChoice::Quic,
-        ..DialConfig::new(
-            format!("127.0.0.1:{}", relay.quic_port),
-            Some(env.ca.clone()),
-        )
-    }
-}
-
-fn hello(token: &str, resume: Option<Token>) -> HelloParams {
-    HelloParams {
-        token: Token(token.to_owned()),
-        access: Some(AccessMode::Link),
-        share: Default::default(),
-        job: JobInfo::default(),
-        resume,
-        reservation: None,
-        moving: false,
-    }
-}
-
 fn token_of(env: &TestEnv, user: &str) -> String {
     std::fs::read_to_string(env.token_file(user))
         .expect("token file")
@@ -390,9 +367,12 @@ fn token_of(env: &TestEnv, user: &str) -> String {
 async fn two_agents_racing_to_resume_one_name_on_two_relays_get_exactly_one_winner() {
     let mut c = Cluster::start("cluster-race", 3);
     let token = token_of(&c.env, "alice");
-    let first = dial::open_session(&dial_config(&c.env, &c.relays[0]), &hello(&token, None))
-        .await
-        .expect("a session on r1");
+    let first = dial::open_session(
+        &dial_config(&c.env, &c.relays[0]),
+        &link_hello(&token, None),
+    )
+    .await
+    .expect("a session on r1");
     let name = first.welcome.name.clone();
     let ticket = first.welcome.resume_ticket.clone();
     // Its relay dies; two connections present the same ticket to the two others at once.
@@ -402,7 +382,7 @@ async fn two_agents_racing_to_resume_one_name_on_two_relays_get_exactly_one_winn
         dial_config(&c.env, &c.relays[1]),
         dial_config(&c.env, &c.relays[2]),
     );
-    let resume = hello(&token, ticket);
+    let resume = link_hello(&token, ticket);
     let (on_r2, on_r3) = tokio::join!(
         dial::open_session(&to_r2, &resume),
         dial::open_session(&to_r3, &resume),
@@ -430,9 +410,12 @@ async fn two_agents_racing_to_resume_one_name_on_two_relays_get_exactly_one_winn
 async fn a_name_ended_on_one_relay_never_comes_back_on_another() {
     let c = Cluster::start("cluster-ended", 2);
     let token = token_of(&c.env, "alice");
-    let mut session = dial::open_session(&dial_config(&c.env, &c.relays[0]), &hello(&token, None))
-        .await
-        .expect("a session on r1");
+    let mut session = dial::open_session(
+        &dial_config(&c.env, &c.relays[0]),
+        &link_hello(&token, None),
+    )
+    .await
+    .expect("a session on r1");
     let name = session.welcome.name.clone();
     let ticket = session.welcome.resume_ticket.clone();
     let bye = ControlMessage::Bye {
@@ -453,7 +436,7 @@ async fn a_name_ended_on_one_relay_never_comes_back_on_another() {
 
     let again = dial::open_session(
         &dial_config(&c.env, &c.relays[1]),
-        &hello(&token, ticket.clone()),
+        &link_hello(&token, ticket.clone()),
     )
     .await;
     match again {
@@ -464,8 +447,11 @@ async fn a_name_ended_on_one_relay_never_comes_back_on_another() {
         Err(e) => panic!("unexpected: {e}"),
     }
     // The next try with the same ticket gets a new name.
-    let fresh = dial::open_session(&dial_config(&c.env, &c.relays[1]), &hello(&token, ticket))
-        .await
-        .expect("a new session");
+    let fresh = dial::open_session(
+        &dial_config(&c.env, &c.relays[1]),
+        &link_hello(&token, ticket),
+    )
+    .await
+    .expect("a new session");
     assert_ne!(fresh.welcome.name, name);
 }

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use http::StatusCode;
-use jobgate_agent::dial::{self, DialConfig, DialError, HelloParams, Reserved};
+use jobgate_agent::dial::{self, DialError, HelloParams, Reserved};
 use jobgate_protocol::{AccessMode, JobInfo, RefusalCode, Token};
 use nix::sys::signal::Signal;
 use std::path::Path;
@@ -17,17 +17,6 @@ fn read_token(path: &Path) -> String {
         .expect("token file")
         .trim()
         .to_owned()
-}
-
-fn dial_config(env: &TestEnv, relay: &RelayProc) -> DialConfig {
-    DialConfig {
-        idle_timeout: Duration::from_secs(30),
-        transport: jobgate_agent::dial::TransportChoice::Quic,
-        ..DialConfig::new(
-            format!("127.0.0.1:{}", relay.quic_port),
-            Some(env.ca.clone()),
-        )
-    }
 }
 
 fn hello(token: &str, job: &str, reservation: &Token) -> HelloParams {

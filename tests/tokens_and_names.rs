@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use http::StatusCode;
-use jobgate_agent::dial::{self, DialConfig, DialError, HelloParams, RelaySession};
-use jobgate_protocol::{write_frame, AccessMode, ControlMessage, JobInfo, RefusalCode, Token};
+use jobgate_agent::dial::{self, DialError, RelaySession};
+use jobgate_protocol::{write_frame, ControlMessage, RefusalCode};
 use nix::sys::signal::Signal;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -25,32 +25,9 @@ fn read_token(path: &Path) -> String {
         .to_owned()
 }
 
-fn dial_config(env: &TestEnv, relay: &RelayProc) -> DialConfig {
-    DialConfig {
-        idle_timeout: Duration::from_secs(30),
-        transport: jobgate_agent::dial::TransportChoice::Quic,
-        ..DialConfig::new(
-            format!("127.0.0.1:{}", relay.quic_port),
-            Some(env.ca.clone()),
-        )
-    }
-}
-
-fn hello(token: &str, resume: Option<Token>) -> HelloParams {
-    HelloParams {
-        token: Token(token.to_owned()),
-        access: Some(AccessMode::Link),
-        share: Default::default(),
-        job: JobInfo::default(),
-        resume,
-        reservation: None,
-        moving: false,
-    }
-}
-
 /// A hand-made agent's session (no app behind it: only its name and tickets matter).
 async fn open(env: &TestEnv, relay: &RelayProc, token: &str) -> Result<RelaySession, DialError> {
-    dial::open_session(&dial_config(env, relay), &hello(token, None)).await
+    dial::open_session(&dial_config(env, relay), &link_hello(token, None)).await
 }
 
 #[tokio::test]
@@ -124,7 +101,7 @@ async fn new_sessions_beyond_the_users_burst_are_refused_with_when_to_retry() {
     }
     // Resuming a live name is no new session: it is not counted.
     let ticket = kept[0].welcome.resume_ticket.clone();
-    let resumed = dial::open_session(&dial_config(&env, &relay), &hello(&alice, ticket))
+    let resumed = dial::open_session(&dial_config(&env, &relay), &link_hello(&alice, ticket))
         .await
         .expect("a resume is not rate-limited");
     assert_eq!(resumed.welcome.name, kept[0].welcome.name);
@@ -244,7 +221,7 @@ async fn a_relay_killed_right_after_bye_does_not_give_the_ended_name_back() {
     drop(session);
 
     let relay = start_relay_at(&env, https, quic, &[]);
-    let back = dial::open_session(&dial_config(&env, &relay), &hello(&token, ticket))
+    let back = dial::open_session(&dial_config(&env, &relay), &link_hello(&token, ticket))
         .await
         .expect("a new session");
     assert_ne!(

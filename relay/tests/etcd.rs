@@ -1,116 +1,21 @@
 //! The etcd client against a real etcd server on loopback (Debian's `etcd-server`; `.ci/run`
 //! installs it). A test that cannot start etcd fails.
 
+use jobgate_harness::etcd::Etcd;
 use jobgate_relay::cluster::etcd::{Claim, EtcdClient, EtcdError};
 use jobgate_relay::cluster::{route_key, routes_prefix};
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long etcd may take to start on a busy 2-core machine.
-const ETCD_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Lease TTL in these tests: long enough that no keep-alive is needed while a test runs.
 const TEST_LEASE_TTL_SECS: u64 = 60;
 
-/// A real etcd process with its own data directory, killed and removed on drop.
-struct Etcd {
-    child: Child,
-    dir: PathBuf,
-    url: String,
-    command: Vec<String>,
-}
-
-impl Etcd {
-    /// Kills etcd (SIGKILL): nothing answers until [`Etcd::restart`].
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Starts etcd again on the same ports and data.
-    fn restart(&mut self) {
-        self.child = spawn(&self.command);
-    }
-}
-
-fn spawn(command: &[String]) -> Child {
-    Command::new(&command[0])
-        .args(&command[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start etcd ({}): {e}; install Debian's etcd-server",
-                command[0]
-            )
-        })
-}
-
-async fn wait_for(client: &EtcdClient, url: &str) {
-    let deadline = Instant::now() + ETCD_START_TIMEOUT;
-    while client.get(b"/ping").await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "etcd did not answer on {url} in {ETCD_START_TIMEOUT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
+/// A real etcd (the harness's, shared with the cluster tests) and a client of it.
 async fn start_etcd() -> (Etcd, EtcdClient) {
-    let binary = std::env::var("JOBGATE_ETCD").unwrap_or_else(|_| "etcd".into());
-    let dir = std::env::temp_dir().join(format!(
-        "jobgate-etcd-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    let (client_port, peer_port) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client_port}");
-    let peer = format!("http://127.0.0.1:{peer_port}");
-    let command: Vec<String> = [
-        binary.as_str(),
-        "--name",
-        "t",
-        "--data-dir",
-        dir.to_str().expect("utf-8 temp dir"),
-        "--listen-client-urls",
-        &url,
-        "--advertise-client-urls",
-        &url,
-        "--listen-peer-urls",
-        &peer,
-        "--initial-advertise-peer-urls",
-        &peer,
-        "--initial-cluster",
-        &format!("t={peer}"),
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let etcd = Etcd {
-        child: spawn(&command),
-        dir,
-        url,
-        command,
-    };
+    let etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("etcd start task")
+        .unwrap_or_else(|e| panic!("{e}"));
     let client = EtcdClient::new(&etcd.url).expect("client");
-    wait_for(&client, &etcd.url).await;
     (etcd, client)
 }
 
@@ -249,7 +154,11 @@ async fn a_move_and_a_release_only_touch_their_own_claim() {
 
 #[tokio::test]
 async fn an_unreachable_etcd_is_an_error_not_a_hang() {
-    let client = EtcdClient::new(&format!("http://127.0.0.1:{}", free_port())).expect("client");
+    let client = EtcdClient::new(&format!(
+        "http://127.0.0.1:{}",
+        jobgate_harness::process::free_port().expect("a free port")
+    ))
+    .expect("client");
     assert!(matches!(
         client.get(b"/x").await,
         Err(EtcdError::Unreachable(_))
@@ -378,8 +287,7 @@ async fn live_routes_outlive_an_etcd_restart() {
         Err(EtcdError::Unreachable(_))
     ));
 
-    etcd.restart();
-    wait_for(&client, &etcd.url).await;
+    etcd.restart().unwrap_or_else(|e| panic!("{e}"));
     // Nothing was lost: the claim is still r1's (its lease outlived the short outage), and
     // the copies follow new claims again once their watches are back.
     assert_eq!(

@@ -16,3 +16,31 @@ pub fn bin() -> &'static str {
     );
     built
 }
+
+/// A hand-made agent's dial settings for `relay` (QUIC, trusting `env`'s CA).
+pub fn dial_config(env: &TestEnv, relay: &RelayProc) -> jobgate_agent::dial::DialConfig {
+    jobgate_agent::dial::DialConfig {
+        idle_timeout: std::time::Duration::from_secs(30),
+        transport: jobgate_agent::dial::TransportChoice::Quic,
+        ..jobgate_agent::dial::DialConfig::new(
+            format!("127.0.0.1:{}", relay.quic_port),
+            Some(env.ca.clone()),
+        )
+    }
+}
+
+/// A hand-made agent's `Hello` for a link session of `token`, resuming with `resume`.
+pub fn link_hello(
+    token: &str,
+    resume: Option<jobgate_protocol::Token>,
+) -> jobgate_agent::dial::HelloParams {
+    jobgate_agent::dial::HelloParams {
+        token: jobgate_protocol::Token(token.to_owned()),
+        access: Some(jobgate_protocol::AccessMode::Link),
+        share: Default::default(),
+        job: jobgate_protocol::JobInfo::default(),
+        resume,
+        reservation: None,
+        moving: false,
+    }
+}
