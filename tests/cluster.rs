@@ -108,6 +108,18 @@ impl Cluster {
         url_file: &std::path::Path,
         label: &str,
     ) -> Command {
+        self.agent_command_with(relays, token, url_file, label, &[])
+    }
+
+    /// [`Cluster::agent_command`] with `extra` agent flags.
+    fn agent_command_with(
+        &self,
+        relays: &str,
+        token: &std::path::Path,
+        url_file: &std::path::Path,
+        label: &str,
+        extra: &[&std::ffi::OsStr],
+    ) -> Command {
         let mut command = Command::new(&self.env.bin);
         command
             .args(["agent", "--relay", relays, "--relay-ca"])
@@ -117,6 +129,7 @@ impl Cluster {
             .args(["--idle-timeout", AGENT_IDLE_SECS, "--transport", "quic"])
             .arg("--url-file")
             .arg(url_file)
+            .args(extra)
             .args(["--", &self.env.bin.to_string_lossy(), "demo-app"])
             .args(["--listen", "127.0.0.1:{port}", "--label", label]);
         command
@@ -199,6 +212,9 @@ fn clustered_relay(env: &TestEnv, etcd: &Etcd, i: usize) -> RelayProc {
             &state,
             "--listen-metrics",
             "127.0.0.1:0",
+            // One URL for every relay, as behind one DNS name (their test ports differ).
+            "--url-port",
+            "443",
         ],
     )
 }
@@ -454,4 +470,67 @@ async fn a_name_ended_on_one_relay_never_comes_back_on_another() {
     .await
     .expect("a new session");
     assert_ne!(fresh.welcome.name, name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserved_url_answers_on_every_relay_and_its_agent_may_come_to_any() {
+    let c = Cluster::start("cluster-reserve", 2);
+    let token_file = c.env.token_file("alice");
+    let token = std::fs::read_to_string(&token_file)
+        .expect("token")
+        .trim()
+        .to_owned();
+    // `jobgate launch` reserves on r1 at submit time.
+    let reserved = dial::reserve(
+        &dial_config(&c.env, &c.relays[0]),
+        jobgate_protocol::Token(token),
+        Some(jobgate_protocol::AccessMode::Link),
+        "4242",
+    )
+    .await
+    .expect("a reservation");
+    let host = format!("{}.{DOMAIN}", reserved.name);
+    let key = reserved
+        .access_url
+        .split("jobgate_key=")
+        .nth(1)
+        .expect("a key in the reserved link")
+        .to_owned();
+    let status = format!("/.jobgate/status?jobgate_key={key}");
+    // Through r2 too: the status r1 keeps for the waiting job (its page polls it), not 404.
+    for relay in &c.relays {
+        let port = relay.https_port;
+        let waiting = eventually(PROPAGATION, || async {
+            let (code, _, body) = get(&c.env, port, &host, &status).await;
+            code == StatusCode::OK && json(&body).get("state").is_some()
+        })
+        .await;
+        assert!(
+            waiting.is_some(),
+            "relay on {port} does not answer for the waiting job: {:?}",
+            get(&c.env, port, &host, &status).await
+        );
+    }
+
+    // The job starts; its agent reaches r2 (not the relay that reserved): same URL.
+    let file = c.env.dir.join("4242.reservation");
+    std::fs::write(
+        &file,
+        format!("{}\n{}\n", reserved.reservation.0, reserved.access_url),
+    )
+    .expect("write");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let url_file = c.env.dir.join("held.url");
+    let relay = format!("127.0.0.1:{}", c.relays[1].quic_port);
+    let flags = ["--reservation-file".as_ref(), file.as_os_str()];
+    let mut command = c.agent_command_with(&relay, &token_file, &url_file, "held", &flags);
+    command.env("SLURM_JOB_ID", "4242");
+    let agent = start_agent_command(command, &url_file);
+    assert_eq!(
+        agent.url, reserved.access_url,
+        "the reserved link, key included"
+    );
+    assert_eq!(c.holder(&agent), 1);
+    c.assert_served_by(&[0, 1], &agent, PROPAGATION).await;
 }

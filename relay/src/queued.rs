@@ -200,6 +200,14 @@ impl QueuedNames {
         true
     }
 
+    /// Every waiting name.
+    pub(crate) fn names(&self) -> Vec<SessionName> {
+        self.names
+            .lock()
+            .map(|names| names.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// How many names wait.
     pub fn len(&self) -> usize {
         self.names.lock().map(|n| n.len()).unwrap_or(0)
@@ -473,6 +481,7 @@ pub(crate) async fn serve(
         // The grace is over: the name ends for good, as a session's would.
         shared.queued.remove(&name);
         crate::agents::mark_ended(shared, name);
+        crate::cluster::end_queued_for_good(shared, name);
         crate::state::save_soon(shared);
         return None;
     }

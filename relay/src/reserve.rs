@@ -82,6 +82,7 @@ pub(crate) fn reserve(
     shared
         .queued
         .insert(name, &identity.user, job_id, lock, claims.ticket.expires);
+    crate::cluster::claim_queued(shared, name);
     tracing::info!(%name, user = %identity.user, job = job_id, "name reserved for a queued job");
     Ok(ControlMessage::Reserved {
         name: name.to_string(),

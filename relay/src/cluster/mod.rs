@@ -93,19 +93,33 @@ pub(crate) async fn claim_session(shared: &Shared, name: SessionName) -> Result<
                 format!("the relays' shared store is unreachable, so no session can start or move now; live sessions go on ({e})"),
             )
         })?;
-        let holder = match claim {
-            etcd::Claim::Won => return Ok(()),
-            etcd::Claim::Barred => {
-                // Ended on another relay: remember it here too, so the agent's next try
-                // (with the same ticket) gets a new name.
-                crate::agents::mark_ended(shared, name);
-                return Err(Refusal::new(
-                    RefusalCode::TryAgain,
-                    format!("session {name} has ended; a new one starts on the next try"),
-                ));
-            }
-            etcd::Claim::Held(holder) => String::from_utf8_lossy(&holder).into_owned(),
-        };
+        let holder =
+            match claim {
+                etcd::Claim::Won => return Ok(()),
+                etcd::Claim::Barred => {
+                    // Ended on another relay: remember it here too, so the agent's next try
+                    // (with the same ticket) gets a new name.
+                    crate::agents::mark_ended(shared, name);
+                    return Err(Refusal::new(
+                        RefusalCode::TryAgain,
+                        format!("session {name} has ended; a new one starts on the next try"),
+                    ));
+                }
+                // A reserved name whose status page some relay shows: the job's agent takes it.
+                etcd::Claim::Held(holder) if node::is_queued(&holder) => {
+                    match cluster.node.take_over_queued(name.as_str(), &holder).await {
+                        Ok(etcd::Claim::Won) => return Ok(()),
+                        _ if tokio::time::Instant::now() >= deadline => return Err(Refusal::new(
+                            RefusalCode::TryAgain,
+                            format!(
+                                "session {name} could not be taken over from its reserving relay"
+                            ),
+                        )),
+                        _ => continue,
+                    }
+                }
+                etcd::Claim::Held(holder) => String::from_utf8_lossy(&holder).into_owned(),
+            };
         // Wait for the holder's claim to vanish from the watched copy, then claim again.
         while cluster.node.owner(name.as_str()).as_deref() == Some(holder.as_str()) {
             if tokio::time::Instant::now() >= deadline {
@@ -155,6 +169,43 @@ pub(crate) fn end_for_good(shared: &Shared, name: SessionName) {
     });
 }
 
+/// Claims a name reserved here for its status page (a reservation, or one restored from
+/// the state file), so every relay sends its browsers here until the job's agent comes.
+pub(crate) fn claim_queued(shared: &Shared, name: SessionName) {
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    let node = cluster.node.clone();
+    tokio::spawn(async move {
+        match node.claim_queued(name.as_str()).await {
+            Ok(etcd::Claim::Won) => {}
+            Ok(other) => tracing::debug!(%name, ?other, "reserved name not claimed for its page"),
+            Err(e) => {
+                tracing::warn!(%name, error = %e, "cannot claim a reserved name in etcd: only this relay shows its page")
+            }
+        }
+    });
+}
+
+/// Ends a reserved name whose job ended without a session, on every relay: its page's
+/// claim goes, its end marker comes.
+pub(crate) fn end_queued_for_good(shared: &Shared, name: SessionName) {
+    let Some(cluster) = &shared.cluster else {
+        return;
+    };
+    let node = cluster.node.clone();
+    let lifetime = shared.config.ticket_lifetime_secs;
+    tokio::spawn(async move {
+        let ended = match node.release_queued(name.as_str()).await {
+            Ok(()) => node.end_for_good(name.as_str(), lifetime).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ended {
+            tracing::warn!(%name, error = %e, "cannot record the reserved name's end in etcd");
+        }
+    });
+}
+
 /// Whether another relay holds `name` now.
 pub(crate) fn held_elsewhere(shared: &Shared, name: &str) -> Option<String> {
     shared.cluster.as_ref()?.node.held_elsewhere(name)
@@ -169,7 +220,14 @@ pub(crate) async fn follow_lease(shared: Arc<Shared>) {
         return;
     };
     let mut losses = cluster.node.lease_losses();
+    // Reserved names restored from the state file show their page from here again.
+    for name in shared.queued.names() {
+        claim_queued(&shared, name);
+    }
     while losses.changed().await.is_ok() {
+        for name in shared.queued.names() {
+            claim_queued(&shared, name);
+        }
         for session in shared.routes.all() {
             let kept = matches!(
                 cluster.node.claim(session.name.as_str()).await,

@@ -118,16 +118,62 @@ impl ClusterNode {
             .unwrap_or_else(PoisonError::into_inner)
             .values()
         {
-            *counts.entry(owner.clone()).or_default() += 1;
+            if !is_queued(owner.as_bytes()) {
+                *counts.entry(owner.clone()).or_default() += 1;
+            }
         }
         let mut counts: Vec<_> = counts.into_iter().collect();
         counts.sort();
         counts
     }
 
-    /// Whether another relay holds session `name` now (then requests for it go there).
+    /// Whether another relay holds session `name` now, live or as a reserved name waiting
+    /// for its job (then requests for it go there): that relay's node id.
     pub fn held_elsewhere(&self, name: &str) -> Option<String> {
-        self.owner(name).filter(|owner| *owner != self.node_id)
+        self.owner(name)
+            .map(|holder| holder_node(&holder).to_owned())
+            .filter(|owner| *owner != self.node_id)
+    }
+
+    /// Claims a reserved name for this relay's status page until its job's agent connects
+    /// (to any relay: the claim is taken over then, see [`QUEUED_MARK`]).
+    pub async fn claim_queued(&self, name: &str) -> Result<Claim, EtcdError> {
+        let value = format!("{} {QUEUED_MARK}", self.node_id);
+        self.etcd
+            .claim_unless(
+                &route_key(name),
+                value.as_bytes(),
+                self.lease(),
+                &ended_key(name),
+            )
+            .await
+    }
+
+    /// Releases a reserved name's claim (its job ended without a session).
+    pub async fn release_queued(&self, name: &str) -> Result<(), EtcdError> {
+        let value = format!("{} {QUEUED_MARK}", self.node_id);
+        self.etcd
+            .delete_if_value(&route_key(name), value.as_bytes())
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a reserved name over from the relay showing its status page (`holder`, a
+    /// route value ending in [`QUEUED_MARK`]): the job's agent has come.
+    pub async fn take_over_queued(&self, name: &str, holder: &[u8]) -> Result<Claim, EtcdError> {
+        let claim = self
+            .etcd
+            .move_if_value(
+                &route_key(name),
+                holder,
+                self.node_id.as_bytes(),
+                self.lease(),
+            )
+            .await?;
+        if claim == Claim::Won {
+            self.set_route(name, Some(self.node_id.clone()));
+        }
+        Ok(claim)
     }
 
     /// This relay's node id.
@@ -269,6 +315,22 @@ impl Table {
             Self::Nodes => nodes_prefix(),
         }
     }
+}
+
+/// Second word of a route value whose relay only shows a reserved name's status page (no
+/// agent yet): `r1 queued`. A session's agent, on any relay, may take such a name over.
+pub const QUEUED_MARK: &str = "queued";
+
+/// The node id in a route value (`r1`, or `r1 queued`).
+pub fn holder_node(value: &str) -> &str {
+    value.split(' ').next().unwrap_or(value)
+}
+
+/// Whether a route value is a reserved name's status page rather than a live session.
+pub fn is_queued(value: &[u8]) -> bool {
+    value
+        .strip_suffix(QUEUED_MARK.as_bytes())
+        .is_some_and(|rest| rest.ends_with(b" "))
 }
 
 /// A route key and value as (name, owner), if well-formed.
