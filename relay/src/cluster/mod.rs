@@ -93,33 +93,34 @@ pub(crate) async fn claim_session(shared: &Shared, name: SessionName) -> Result<
                 format!("the relays' shared store is unreachable, so no session can start or move now; live sessions go on ({e})"),
             )
         })?;
-        let holder =
-            match claim {
-                etcd::Claim::Won => return Ok(()),
-                etcd::Claim::Barred => {
-                    // Ended on another relay: remember it here too, so the agent's next try
-                    // (with the same ticket) gets a new name.
-                    crate::agents::mark_ended(shared, name);
-                    return Err(Refusal::new(
-                        RefusalCode::TryAgain,
-                        format!("session {name} has ended; a new one starts on the next try"),
-                    ));
-                }
-                // A reserved name whose status page some relay shows: the job's agent takes it.
-                etcd::Claim::Held(holder) if node::is_queued(&holder) => {
-                    match cluster.node.take_over_queued(name.as_str(), &holder).await {
-                        Ok(etcd::Claim::Won) => return Ok(()),
-                        _ if tokio::time::Instant::now() >= deadline => return Err(Refusal::new(
+        let holder = match claim {
+            etcd::Claim::Won => return Ok(()),
+            etcd::Claim::Barred => {
+                // Ended on another relay: remember it here too, so the agent's next try
+                // (with the same ticket) gets a new name.
+                crate::agents::mark_ended(shared, name);
+                return Err(Refusal::new(
+                    RefusalCode::TryAgain,
+                    format!("session {name} has ended; a new one starts on the next try"),
+                ));
+            }
+            // A reserved name whose status page some relay shows: the job's agent takes it.
+            etcd::Claim::Held(holder) if node::is_queued(&holder) => {
+                match cluster.node.take_over_queued(name.as_str(), &holder).await {
+                    Ok(etcd::Claim::Won) => return Ok(()),
+                    _ if tokio::time::Instant::now() >= deadline => {
+                        return Err(Refusal::new(
                             RefusalCode::TryAgain,
                             format!(
                                 "session {name} could not be taken over from its reserving relay"
                             ),
-                        )),
-                        _ => continue,
+                        ))
                     }
+                    _ => continue,
                 }
-                etcd::Claim::Held(holder) => String::from_utf8_lossy(&holder).into_owned(),
-            };
+            }
+            etcd::Claim::Held(holder) => String::from_utf8_lossy(&holder).into_owned(),
+        };
         // Wait for the holder's claim to vanish from the watched copy, then claim again.
         while cluster.node.owner(name.as_str()).as_deref() == Some(holder.as_str()) {
             if tokio::time::Instant::now() >= deadline {
