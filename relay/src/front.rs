@@ -22,6 +22,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+/// How long a client has for its TLS handshake (ClientHello included).
+const TLS_HANDSHAKE_TIMEOUT: Duration =
+    Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
+
 /// Interval of HTTP/2 keep-alive pings to idle clients.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 
@@ -58,8 +62,7 @@ async fn serve_tls<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let handshake_timeout = Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
-    match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
         Ok(Ok(tls)) if jobgate_transport::tcp::is_agent(tls.get_ref().1.alpn_protocol()) => {
             // Agents are capped by the agent limits, not by the per-address client caps:
             // many jobs may share one proxy's or one NAT's address.
@@ -86,32 +89,15 @@ async fn serve_clustered(
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
 ) {
-    let handshake_timeout = Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
-    let hello = match tokio::time::timeout(handshake_timeout, read_client_hello(&mut tcp)).await {
+    let hello = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, read_client_hello(&mut tcp)).await
+    {
         Ok(Ok(hello)) => hello,
         Ok(Err(e)) => return tracing::debug!(%peer, "no TLS ClientHello: {e}"),
         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
     };
-    let elsewhere = hello
-        .server_name
-        .as_deref()
-        .and_then(|sni| crate::routes::name_from_host(sni, &shared.domain))
-        .filter(|name| {
-            !matches!(
-                shared.routes.route(name),
-                Some(crate::routes::Route::Live(_))
-            )
-        })
-        .and_then(|name| crate::cluster::held_elsewhere(&shared, name.as_str()));
-    let cluster = shared.cluster.as_ref();
-    let target = elsewhere.and_then(|owner| Some((cluster?.node.peer_address(&owner)?, owner)));
-    match target {
-        Some((addr, owner)) => {
-            let link = match cluster {
-                Some(cluster) => cluster.link.clone(),
-                None => return,
-            };
-            forward_to_peer(tcp, hello.bytes, peer, &addr, &owner, link, shared).await;
+    match peer_target(&shared, hello.server_name.as_deref()) {
+        Some((link, addr, owner)) => {
+            forward_to_peer(tcp, hello.bytes, peer, (link, &addr, &owner), &shared).await;
             drop(permit);
         }
         None => {
@@ -127,16 +113,33 @@ async fn serve_clustered(
     }
 }
 
+/// Where a connection for `server_name` goes when another relay of the cluster holds that
+/// session and none of its connections is live here: (the link, its address, its node id).
+fn peer_target(
+    shared: &Shared,
+    server_name: Option<&str>,
+) -> Option<(Arc<crate::cluster::peer::PeerLink>, String, String)> {
+    let cluster = shared.cluster.as_ref()?;
+    let name = crate::routes::name_from_host(server_name?, &shared.domain)?;
+    if matches!(
+        shared.routes.route(&name),
+        Some(crate::routes::Route::Live(_))
+    ) {
+        return None;
+    }
+    let owner = cluster.node.held_elsewhere(name.as_str())?;
+    let addr = cluster.node.peer_address(&owner)?;
+    Some((cluster.link.clone(), addr, owner))
+}
+
 /// Copies a browser's connection to the relay that holds its session, both ways, until
 /// either side ends it.
 async fn forward_to_peer(
     mut tcp: TcpStream,
     hello: Vec<u8>,
     client: SocketAddr,
-    addr: &str,
-    owner: &str,
-    link: Arc<crate::cluster::peer::PeerLink>,
-    shared: Arc<Shared>,
+    (link, addr, owner): (Arc<crate::cluster::peer::PeerLink>, &str, &str),
+    shared: &Shared,
 ) {
     use tokio::io::AsyncWriteExt;
     let (mut send, recv) = match link.open(addr).await {
@@ -212,9 +215,8 @@ async fn serve_forwarded(
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
 ) {
-    let handshake_timeout = Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
     let client = match tokio::time::timeout(
-        handshake_timeout,
+        TLS_HANDSHAKE_TIMEOUT,
         crate::cluster::peer::read_preamble(&mut recv),
     )
     .await

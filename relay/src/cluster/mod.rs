@@ -140,14 +140,22 @@ pub(crate) async fn claim_session(shared: &Shared, name: SessionName) -> Result<
     }
 }
 
+/// Runs `write` (an etcd write about a name) in the background, in a cluster only: the
+/// caller (a session ending, a reservation) never waits on etcd.
+fn in_background<F, Fut>(shared: &Shared, write: F)
+where
+    F: FnOnce(Arc<node::ClusterNode>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if let Some(cluster) = &shared.cluster {
+        tokio::spawn(write(cluster.node.clone()));
+    }
+}
+
 /// Gives `name` up (its agent is gone for now; the name waits here for the resume grace,
 /// and any relay may take it when the agent comes back elsewhere).
 pub(crate) fn release(shared: &Shared, name: SessionName) {
-    let Some(cluster) = &shared.cluster else {
-        return;
-    };
-    let node = cluster.node.clone();
-    tokio::spawn(async move {
+    in_background(shared, |node| async move {
         if let Err(e) = node.release(name.as_str()).await {
             tracing::warn!(%name, error = %e, "cannot release the session's name in etcd; it lapses with this relay's lease");
         }
@@ -156,12 +164,8 @@ pub(crate) fn release(shared: &Shared, name: SessionName) {
 
 /// Ends `name` for good on every relay (a `Bye`, a revoked token, the grace ran out).
 pub(crate) fn end_for_good(shared: &Shared, name: SessionName) {
-    let Some(cluster) = &shared.cluster else {
-        return;
-    };
-    let node = cluster.node.clone();
     let lifetime = shared.config.ticket_lifetime_secs;
-    tokio::spawn(async move {
+    in_background(shared, move |node| async move {
         match node.end_for_good(name.as_str(), lifetime).await {
             Ok(true) => {}
             Ok(false) => tracing::debug!(%name, "session lives on another relay: not ended there"),
@@ -173,11 +177,7 @@ pub(crate) fn end_for_good(shared: &Shared, name: SessionName) {
 /// Claims a name reserved here for its status page (a reservation, or one restored from
 /// the state file), so every relay sends its browsers here until the job's agent comes.
 pub(crate) fn claim_queued(shared: &Shared, name: SessionName) {
-    let Some(cluster) = &shared.cluster else {
-        return;
-    };
-    let node = cluster.node.clone();
-    tokio::spawn(async move {
+    in_background(shared, |node| async move {
         match node.claim_queued(name.as_str()).await {
             Ok(etcd::Claim::Won) => {}
             Ok(other) => tracing::debug!(%name, ?other, "reserved name not claimed for its page"),
@@ -191,12 +191,8 @@ pub(crate) fn claim_queued(shared: &Shared, name: SessionName) {
 /// Ends a reserved name whose job ended without a session, on every relay: its page's
 /// claim goes, its end marker comes.
 pub(crate) fn end_queued_for_good(shared: &Shared, name: SessionName) {
-    let Some(cluster) = &shared.cluster else {
-        return;
-    };
-    let node = cluster.node.clone();
     let lifetime = shared.config.ticket_lifetime_secs;
-    tokio::spawn(async move {
+    in_background(shared, move |node| async move {
         let ended = match node.release_queued(name.as_str()).await {
             Ok(()) => node.end_for_good(name.as_str(), lifetime).await,
             Err(e) => Err(e),
