@@ -13,7 +13,7 @@ use http::StatusCode;
 use jobgate_agent::dial::{self, DialError};
 use jobgate_harness::client::{client_tls, ws_connect, WsTarget};
 use jobgate_harness::etcd::Etcd;
-use jobgate_protocol::{write_frame, ControlMessage, RefusalCode};
+use jobgate_protocol::RefusalCode;
 use nix::sys::signal::Signal;
 use std::process::Command;
 use std::time::Duration;
@@ -434,13 +434,7 @@ async fn a_name_ended_on_one_relay_never_comes_back_on_another() {
     .expect("a session on r1");
     let name = session.welcome.name.clone();
     let ticket = session.welcome.resume_ticket.clone();
-    let bye = ControlMessage::Bye {
-        reason: "job over".into(),
-    };
-    write_frame(&mut session.control, &bye.to_payload())
-        .await
-        .expect("bye");
-    let _ = session.control.finish().await;
+    say_bye(&mut session).await;
     let host = format!("{name}.{DOMAIN}");
     let ended = eventually(Duration::from_secs(10), || async {
         get(&c.env, c.relays[1].https_port, &host, "/").await.0 == StatusCode::NOT_FOUND
@@ -513,14 +507,7 @@ async fn a_reserved_url_answers_on_every_relay_and_its_agent_may_come_to_any() {
     }
 
     // The job starts; its agent reaches r2 (not the relay that reserved): same URL.
-    let file = c.env.dir.join("4242.reservation");
-    std::fs::write(
-        &file,
-        format!("{}\n{}\n", reserved.reservation.0, reserved.access_url),
-    )
-    .expect("write");
-    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod");
+    let file = write_reservation_file(&c.env.dir, "4242", &reserved);
     let url_file = c.env.dir.join("held.url");
     let relay = format!("127.0.0.1:{}", c.relays[1].quic_port);
     let flags = ["--reservation-file".as_ref(), file.as_os_str()];

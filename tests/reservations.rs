@@ -67,11 +67,7 @@ async fn the_reserved_url_serves_the_app_of_the_agent_in_that_job() {
     assert!(reserved.url.contains(&reserved.name));
 
     // The real binary, as in a job: the reservation file is private like a token.
-    let file = env.dir.join("4242.reservation");
-    let contents = format!("{}\n{}\n", reserved.reservation.0, reserved.access_url);
-    std::fs::write(&file, contents).expect("write");
-    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod");
+    let file = write_reservation_file(&env.dir, "4242", &reserved);
     let url_file = env.dir.join("url");
     let bin = env.bin.to_string_lossy().into_owned();
     let mut command = agent_command(&env, &relay, &token_file, &url_file);

@@ -153,14 +153,7 @@ async fn a_reserved_url_says_queued_then_starting_then_serves_the_app() {
     assert!(starting.is_some(), "the page never said starting");
 
     // The job's agent connects with the reservation: the same URL is the app now.
-    let file = env.dir.join("4242.reservation");
-    std::fs::write(
-        &file,
-        format!("{}\n{}\n", reserved.reservation.0, reserved.access_url),
-    )
-    .expect("write");
-    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod");
+    let file = write_reservation_file(&env.dir, "4242", &reserved);
     let bin = env.bin.to_string_lossy().into_owned();
     let mut command = agent_command(&env, &relay, &token_file, &env.dir.join("url"));
     command

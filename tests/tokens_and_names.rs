@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use http::StatusCode;
 use jobgate_agent::dial::{self, DialError, RelaySession};
-use jobgate_protocol::{write_frame, ControlMessage, RefusalCode};
+use jobgate_protocol::RefusalCode;
 use nix::sys::signal::Signal;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -203,13 +203,7 @@ async fn a_relay_killed_right_after_bye_does_not_give_the_ended_name_back() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // The job ends: Bye, and the relay acknowledges by closing the connection.
-    let bye = ControlMessage::Bye {
-        reason: "job over".into(),
-    };
-    write_frame(&mut session.control, &bye.to_payload())
-        .await
-        .expect("bye");
-    let _ = session.control.finish().await;
+    say_bye(&mut session).await;
     let host = format!("{name}.{DOMAIN}");
     let ended = eventually(Duration::from_secs(10), || async {
         get(&env, https, &host, "/").await.0 == StatusCode::NOT_FOUND

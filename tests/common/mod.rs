@@ -44,3 +44,29 @@ pub fn link_hello(
         moving: false,
     }
 }
+
+/// A hand-made agent ends its job: `Bye` on the control stream, which it then finishes.
+pub async fn say_bye(session: &mut jobgate_agent::dial::RelaySession) {
+    let bye = jobgate_protocol::ControlMessage::Bye {
+        reason: "job over".into(),
+    };
+    jobgate_protocol::write_frame(&mut session.control, &bye.to_payload())
+        .await
+        .expect("bye");
+    let _ = session.control.finish().await;
+}
+
+/// Writes a reservation file as `jobgate launch` does (the reservation, then the link;
+/// private like a token); returns its path.
+pub fn write_reservation_file(
+    dir: &std::path::Path,
+    job: &str,
+    reserved: &jobgate_agent::dial::Reserved,
+) -> std::path::PathBuf {
+    let file = dir.join(format!("{job}.reservation"));
+    let contents = format!("{}\n{}\n", reserved.reservation.0, reserved.access_url);
+    std::fs::write(&file, contents).expect("write the reservation file");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod the reservation file");
+    file
+}
