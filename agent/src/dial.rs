@@ -549,7 +549,7 @@ async fn connect_quic(
         let _ = state.set_send_buffer_size((&socket).into(), UDP_SOCKET_BUFFER);
     }
     let mut endpoint = Endpoint::new(
-        quinn::EndpointConfig::default(),
+        jobgate_protocol::quic::endpoint_config(),
         None,
         socket,
         Arc::new(quinn::TokioRuntime),

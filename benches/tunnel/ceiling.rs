@@ -58,7 +58,7 @@ pub fn quinn_ceiling(setup: &Setup, bytes: u64) -> Result<(f64, f64)> {
             .build()?;
         runtime.block_on(async move {
             let endpoint = quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
+                jobgate_protocol::quic::endpoint_config(),
                 Some(server),
                 server_socket,
                 Arc::new(quinn::TokioRuntime),
@@ -97,7 +97,7 @@ pub fn quinn_ceiling(setup: &Setup, bytes: u64) -> Result<(f64, f64)> {
         .build()?;
     let rate = runtime.block_on(async move {
         let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            jobgate_protocol::quic::endpoint_config(),
             None,
             udp_socket()?,
             Arc::new(quinn::TokioRuntime),

@@ -88,6 +88,7 @@ pub(crate) fn bind_endpoint(
         let _ = state.set_send_buffer_size((&socket).into(), UDP_SOCKET_BUFFER);
     }
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    jobgate_protocol::quic::tune_endpoint(&mut endpoint_config);
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });

