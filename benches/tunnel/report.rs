@@ -20,6 +20,8 @@ pub enum Target {
     FractionOf(&'static str, f64),
     /// median ≥ factor × another variant's median in the same run (rathole-tls)
     VsVariantMin(&'static str, f64),
+    /// median ≤ another variant's median in the same run (idle CPU: rathole-tls's)
+    VsVariantAtMost(&'static str),
 }
 
 /// The plain L4 tunnel every jobgate figure is also compared with (issue 18).
@@ -126,7 +128,7 @@ impl Report {
             .iter()
             // A comparison with a variant that did not run (rathole not built) is no verdict.
             .filter(
-                |t| !matches!(t, Target::VsVariantMin(other, _) if self.med(m, other).is_none()),
+                |t| !matches!(t, Target::VsVariantMin(other, _) | Target::VsVariantAtMost(other) if self.med(m, other).is_none()),
             )
             .map(|t| match t {
                 Target::Min(v) => (
@@ -154,6 +156,16 @@ impl Report {
                     format!("≥ {f}× {other}"),
                     self.vs(m, other).map(|r| r >= *f),
                 ),
+                Target::VsVariantAtMost(other) => {
+                    let theirs = self.med(m, other);
+                    (
+                        format!(
+                            "≤ {other} ({})",
+                            theirs.map_or("?".into(), |t| fmt_num(t, m.unit))
+                        ),
+                        primary.zip(theirs).map(|(p, t)| p <= t),
+                    )
+                }
                 Target::FractionOf(other, f) => {
                     let ceiling = self
                         .get(other)

@@ -49,6 +49,20 @@ pub fn scenario_rps(
                         .entry(v.name.clone())
                         .or_default()
                         .push(total);
+                    let idle = report.metric(
+                        "rps.h1.idle",
+                        SC1,
+                        "machine CPU idle during the run",
+                        "%",
+                        false,
+                    );
+                    idle.samples
+                        .entry(v.name.clone())
+                        .or_default()
+                        .push(r.idle_pct);
+                    if idle.targets.is_empty() {
+                        idle.targets = vec![Target::VsVariantAtMost(crate::report::L4_BASELINE)];
+                    }
                     let _ = r.requests;
                 }
                 Err(e) => {

@@ -14,6 +14,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// The scenario's name in the report.
 const SC: &str = "5 scale";
+/// How long the relay's CPU is sampled while N agents idle.
+const IDLE_CPU_WINDOW: Duration = Duration::from_secs(5);
 
 /// Both measurements; an error is recorded in the report, the run goes on.
 pub fn scenario_scale(
@@ -74,7 +76,7 @@ fn scenario_scale_agents(
         reservation: None,
         moving: false,
     };
-    let (per_agent, detail) = runtime.block_on(async {
+    let (per_agent, connect_s, idle_cpu_pct, detail) = runtime.block_on(async {
         let connect = |count: usize| {
             futures_util::stream::iter(0..count)
                 .map(|_| jobgate_agent::dial::open_session(&dial, &hello))
@@ -92,7 +94,14 @@ fn scenario_scale_agents(
         tokio::time::sleep(Duration::from_secs(3)).await;
         let after = relay.proc.rss_kib()?;
         let per = (after.saturating_sub(before)) as f64 / n as f64;
-        eprintln!("  relay RSS {before} KiB → {after} KiB for {n} agents: {per:.1} KiB each; connected in {connect_s:.2} s");
+        // What N idle agents cost the relay in CPU: keep-alives and their ACKs.
+        let pid = relay.proc.pid();
+        let cpu0 = jobgate_harness::process::cpu_ns(pid);
+        tokio::time::sleep(IDLE_CPU_WINDOW).await;
+        let idle_cpu_pct = (jobgate_harness::process::cpu_ns(pid).saturating_sub(cpu0)) as f64
+            / IDLE_CPU_WINDOW.as_nanos() as f64
+            * 100.0;
+        eprintln!("  relay RSS {before} KiB → {after} KiB for {n} agents: {per:.1} KiB each; connected in {connect_s:.2} s; relay CPU while they idle {idle_cpu_pct:.1} % of a core");
         for s in sessions.iter().chain(&warm) {
             s.connection
                 .close(jobgate_protocol::CloseCode::Normal, b"bench done");
@@ -100,9 +109,15 @@ fn scenario_scale_agents(
         tokio::time::sleep(Duration::from_millis(200)).await;
         Ok::<_, anyhow::Error>((
             per,
-            json!({"agents": n, "relay_rss_before_kib": before, "relay_rss_after_kib": after, "connect_seconds": connect_s}),
+            connect_s,
+            idle_cpu_pct,
+            json!({"agents": n, "relay_rss_before_kib": before, "relay_rss_after_kib": after, "connect_seconds": connect_s, "relay_idle_cpu_percent": idle_cpu_pct}),
         ))
     })?;
+    // A relay stopped before it saw every close saves the rest as parked sessions (to be
+    // resumed after a restart): the next scenario's relay must not load them.
+    drop(relay);
+    let _ = std::fs::remove_file(setup.env.dir.join("jobgate-state.json"));
     let m = report.metric("scale.agent", SC, "relay RSS per idle agent", "KiB", false);
     m.samples
         .entry(variant_name(opts.workers[0]))
@@ -110,6 +125,28 @@ fn scenario_scale_agents(
         .push(per_agent);
     m.targets = vec![Target::Max(64.0)];
     m.detail.insert("run".into(), detail);
+    let primary = variant_name(opts.workers[0]);
+    for (id, metric, unit, value) in [
+        (
+            "scale.agent.connect",
+            format!("{n} agents admitted (32 at a time)"),
+            "s",
+            connect_s,
+        ),
+        (
+            "scale.agent.idle_cpu",
+            format!("relay CPU, {n} idle agents"),
+            "% core",
+            idle_cpu_pct,
+        ),
+    ] {
+        report
+            .metric(id, SC, &metric, unit, false)
+            .samples
+            .entry(primary.clone())
+            .or_default()
+            .push(value);
+    }
     Ok(())
 }
 

@@ -31,6 +31,25 @@ pub struct LoadResult {
     pub p50_us: f64,
     pub p99_us: f64,
     pub cpu_us_per_req: BTreeMap<String, f64>,
+    /// Share of the machine's CPU time that sat idle during the run, in % (wrk only).
+    pub idle_pct: f64,
+}
+
+/// Idle and total CPU time of the whole machine so far, in clock ticks (`/proc/stat`);
+/// zeros if it cannot be read.
+fn machine_cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (idle, ticks.iter().take(8).sum())
 }
 
 pub fn wrk(
@@ -64,7 +83,12 @@ pub fn wrk(
             .arg(format!("Cookie: {}", s.cookie));
     }
     let before = v.cpu.snapshot();
+    let (idle0, total0) = machine_cpu_ticks();
     let out = command.output().context("running wrk")?;
+    let (idle1, total1) = machine_cpu_ticks();
+    let idle_pct = (idle1.saturating_sub(idle0)) as f64
+        / (total1.saturating_sub(total0)).max(1) as f64
+        * 100.0;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -91,6 +115,7 @@ pub fn wrk(
         p50_us: num("p50"),
         p99_us: num("p99"),
         cpu_us_per_req: v.cpu.per_unit(&before, requests),
+        idle_pct,
     })
 }
 
@@ -153,6 +178,7 @@ pub fn h2load(
         p50_us: f64::NAN,
         p99_us: f64::NAN,
         cpu_us_per_req: v.cpu.per_unit(&before, succeeded),
+        idle_pct: f64::NAN,
     })
 }
 
