@@ -23,6 +23,11 @@ fn udp_socket() -> std::net::UdpSocket {
     socket
 }
 
+/// Both ends' transport settings, as relay and agent build them.
+fn tuning() -> Arc<quinn::TransportConfig> {
+    transport_config(Duration::from_secs(10), Duration::from_secs(2), 16)
+}
+
 fn endpoints() -> (quinn::Endpoint, quinn::Endpoint, std::net::SocketAddr) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
     let cert_der = rustls::pki_types::CertificateDer::from(cert.cert.der().to_vec());
@@ -39,11 +44,7 @@ fn endpoints() -> (quinn::Endpoint, quinn::Endpoint, std::net::SocketAddr) {
     let server_crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).expect("quic server");
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-    server.transport_config(transport_config(
-        Duration::from_secs(10),
-        Duration::from_secs(2),
-        16,
-    ));
+    server.transport_config(tuning());
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert_der).expect("root");
@@ -55,11 +56,7 @@ fn endpoints() -> (quinn::Endpoint, quinn::Endpoint, std::net::SocketAddr) {
     let client_crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).expect("quic client");
     let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
-    client_config.transport_config(transport_config(
-        Duration::from_secs(10),
-        Duration::from_secs(2),
-        16,
-    ));
+    client_config.transport_config(tuning());
 
     let server_socket = udp_socket();
     let server_addr = server_socket.local_addr().expect("addr");
