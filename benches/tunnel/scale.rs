@@ -14,6 +14,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// The scenario's name in the report.
 const SC: &str = "5 scale";
+/// Longer than the relay's interval between writes of its state file.
+const STATE_WRITE_WAIT: Duration = Duration::from_secs(3);
 /// How long the relay's CPU is sampled while N agents idle.
 const IDLE_CPU_WINDOW: Duration = Duration::from_secs(5);
 
@@ -50,15 +52,13 @@ fn scenario_scale_agents(
     eprintln!("[scale] {n} idle agents on one relay");
     let limit = (n + 64).to_string();
     // One user opens every agent at once: lift the per-user rate of new sessions too.
-    let relay = setup.start_relay(
-        opts.workers[0],
-        &[
-            "--max-sessions-per-user",
-            &limit,
-            "--max-new-sessions-per-user-per-minute",
-            "0",
-        ],
-    )?;
+    let relay_flags = [
+        "--max-sessions-per-user",
+        &limit,
+        "--max-new-sessions-per-user-per-minute",
+        "0",
+    ];
+    let relay = setup.start_relay(opts.workers[0], &relay_flags)?;
     let dial = jobgate_agent::dial::DialConfig {
         idle_timeout: Duration::from_secs(30),
         transport: jobgate_agent::dial::TransportChoice::Quic,
@@ -76,7 +76,7 @@ fn scenario_scale_agents(
         reservation: None,
         moving: false,
     };
-    let (per_agent, connect_s, idle_cpu_pct, detail) = runtime.block_on(async {
+    let (per_agent, connect_s, idle_cpu_pct, readmit_s, relay, detail) = runtime.block_on(async {
         let connect = |count: usize| {
             futures_util::stream::iter(0..count)
                 .map(|_| jobgate_agent::dial::open_session(&dial, &hello))
@@ -102,7 +102,45 @@ fn scenario_scale_agents(
             / IDLE_CPU_WINDOW.as_nanos() as f64
             * 100.0;
         eprintln!("  relay RSS {before} KiB → {after} KiB for {n} agents: {per:.1} KiB each; connected in {connect_s:.2} s; relay CPU while they idle {idle_cpu_pct:.1} % of a core");
-        for s in sessions.iter().chain(&warm) {
+        // A relay restart: killed, started again on the same ports; every agent comes
+        // back with its resume ticket (32 at a time, as they connected) and must get its
+        // old name. The relay writes what it holds at most every 2 s.
+        tokio::time::sleep(STATE_WRITE_WAIT).await;
+        let tickets: Vec<(String, Option<jobgate_protocol::Token>)> = sessions
+            .iter()
+            .chain(&warm)
+            .map(|s| (s.welcome.name.clone(), s.welcome.resume_ticket.clone()))
+            .collect();
+        relay.proc.signal(nix::sys::signal::Signal::SIGKILL);
+        let (https_port, quic_port) = (relay.https_port, relay.quic_port);
+        drop(relay);
+        drop(sessions);
+        drop(warm);
+        let relay = setup.start_relay_at(opts.workers[0], &relay_flags, https_port, quic_port)?;
+        let start = Instant::now();
+        let back: Vec<_> = futures_util::stream::iter(&tickets)
+            .map(|(name, ticket)| {
+                let hello = jobgate_agent::dial::HelloParams {
+                    resume: ticket.clone(),
+                    ..hello.clone()
+                };
+                let dial = &dial;
+                async move {
+                    let session = jobgate_agent::dial::open_session(dial, &hello).await?;
+                    anyhow::Ok((session.welcome.name == *name, session))
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let readmit_s = start.elapsed().as_secs_f64();
+        let back: Vec<_> = back.into_iter().collect::<Result<_, _>>()?;
+        let same = back.iter().filter(|(same, _)| *same).count();
+        eprintln!("  relay restarted: {same} of {} agents back under their old names in {readmit_s:.2} s", tickets.len());
+        if same != tickets.len() {
+            bail!("{} agents got another name after the restart", tickets.len() - same);
+        }
+        for (_, s) in &back {
             s.connection
                 .close(jobgate_protocol::CloseCode::Normal, b"bench done");
         }
@@ -111,7 +149,9 @@ fn scenario_scale_agents(
             per,
             connect_s,
             idle_cpu_pct,
-            json!({"agents": n, "relay_rss_before_kib": before, "relay_rss_after_kib": after, "connect_seconds": connect_s, "relay_idle_cpu_percent": idle_cpu_pct}),
+            readmit_s,
+            relay,
+            json!({"agents": n, "relay_rss_before_kib": before, "relay_rss_after_kib": after, "connect_seconds": connect_s, "relay_idle_cpu_percent": idle_cpu_pct, "readmit_seconds": readmit_s}),
         ))
     })?;
     // A relay stopped before it saw every close saves the rest as parked sessions (to be
@@ -138,6 +178,12 @@ fn scenario_scale_agents(
             format!("relay CPU, {n} idle agents"),
             "% core",
             idle_cpu_pct,
+        ),
+        (
+            "scale.agent.readmit",
+            format!("{n} agents back after a relay restart"),
+            "s",
+            readmit_s,
         ),
     ] {
         report

@@ -189,6 +189,22 @@ impl Setup {
         Ok(launch_relay(command, None)?)
     }
 
+    /// The measured binary's relay on given ports (a restart where the old one was).
+    pub fn start_relay_at(
+        &self,
+        workers: usize,
+        extra: &[&str],
+        https_port: u16,
+        quic_port: u16,
+    ) -> Result<RelayProc> {
+        let mut command = relay_command(&[], &self.bin, &self.env, https_port, quic_port);
+        command
+            .arg("--workers")
+            .arg(workers.to_string())
+            .args(extra);
+        Ok(launch_relay(command, None)?)
+    }
+
     /// A relay of the measured binary.
     pub fn start_relay(&self, workers: usize, extra: &[&str]) -> Result<RelayProc> {
         self.start_relay_of(&self.bin, workers, extra)
