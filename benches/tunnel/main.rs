@@ -425,9 +425,9 @@ fn run(args: &[String]) -> Result<()> {
     drop(servers);
 
     let stat_after = read_cpu_stat();
-    let steal = stat_before.zip(stat_after).map(|((t0, s0), (t1, s1))| {
-        100.0 * (s1.saturating_sub(s0)) as f64 / (t1.saturating_sub(t0)).max(1) as f64
-    });
+    let steal = stat_before
+        .zip(stat_after)
+        .map(|(before, after)| before.percent(after, |t| t.steal));
     report.print_table();
     println!(
         "\nprimary variant: {} (targets are checked against it); direct = client → backend \

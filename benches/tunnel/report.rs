@@ -340,16 +340,38 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// (total jiffies, steal jiffies) from /proc/stat.
-pub fn read_cpu_stat() -> Option<(u64, u64)> {
+/// The whole machine's CPU time so far, in clock ticks (`/proc/stat`).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuTicks {
+    /// user nice system idle iowait irq softirq steal (guest time is inside user).
+    pub total: u64,
+    /// idle + iowait.
+    pub idle: u64,
+    /// Taken by the hypervisor.
+    pub steal: u64,
+}
+
+impl CpuTicks {
+    /// Share of the time between `self` and `later` spent as `part` picks, in %.
+    pub fn percent(self, later: Self, part: fn(Self) -> u64) -> f64 {
+        100.0 * part(later).saturating_sub(part(self)) as f64
+            / later.total.saturating_sub(self.total).max(1) as f64
+    }
+}
+
+pub fn read_cpu_stat() -> Option<CpuTicks> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = text.lines().next()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
     let f: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
-    Some((f.iter().sum(), *f.get(7)?))
+    Some(CpuTicks {
+        total: f.iter().take(8).sum(),
+        idle: f.get(3)? + f.get(4)?,
+        steal: *f.get(7)?,
+    })
 }
 
 pub fn machine_info() -> Value {

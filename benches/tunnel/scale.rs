@@ -15,7 +15,8 @@ use tokio_tungstenite::tungstenite::Message;
 /// The scenario's name in the report.
 const SC: &str = "5 scale";
 /// Longer than the relay's interval between writes of its state file.
-const STATE_WRITE_WAIT: Duration = Duration::from_secs(3);
+const STATE_WRITE_WAIT: Duration =
+    jobgate_relay::state::STATE_SAVE_INTERVAL.saturating_add(Duration::from_secs(1));
 /// How long the relay's CPU is sampled while N agents idle.
 const IDLE_CPU_WINDOW: Duration = Duration::from_secs(5);
 
@@ -104,7 +105,7 @@ fn scenario_scale_agents(
         eprintln!("  relay RSS {before} KiB → {after} KiB for {n} agents: {per:.1} KiB each; connected in {connect_s:.2} s; relay CPU while they idle {idle_cpu_pct:.1} % of a core");
         // A relay restart: killed, started again on the same ports; every agent comes
         // back with its resume ticket (32 at a time, as they connected) and must get its
-        // old name. The relay writes what it holds at most every 2 s.
+        // old name.
         tokio::time::sleep(STATE_WRITE_WAIT).await;
         let tickets: Vec<(String, Option<jobgate_protocol::Token>)> = sessions
             .iter()

@@ -1,6 +1,7 @@
 //! The load tools: wrk (HTTP/1.1 GETs), h2load (HTTP/2 GETs), curl (bulk transfers),
 //! each run against one variant with the server-side CPU it cost.
 
+use crate::report::read_cpu_stat;
 use crate::setup::{CpuWatch, Setup, Tools};
 use crate::MB;
 use anyhow::{anyhow, bail, Context, Result};
@@ -35,23 +36,6 @@ pub struct LoadResult {
     pub idle_pct: f64,
 }
 
-/// Idle and total CPU time of the whole machine so far, in clock ticks (`/proc/stat`);
-/// zeros if it cannot be read.
-fn machine_cpu_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
-    };
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is inside user).
-    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
-    (idle, ticks.iter().take(8).sum())
-}
-
 pub fn wrk(
     tools: &Tools,
     setup: &Setup,
@@ -83,12 +67,13 @@ pub fn wrk(
             .arg(format!("Cookie: {}", s.cookie));
     }
     let before = v.cpu.snapshot();
-    let (idle0, total0) = machine_cpu_ticks();
+    let stat_before = read_cpu_stat();
     let out = command.output().context("running wrk")?;
-    let (idle1, total1) = machine_cpu_ticks();
-    let idle_pct = (idle1.saturating_sub(idle0)) as f64
-        / (total1.saturating_sub(total0)).max(1) as f64
-        * 100.0;
+    let idle_pct = stat_before
+        .zip(read_cpu_stat())
+        .map_or(f64::NAN, |(before, after)| {
+            before.percent(after, |t| t.idle)
+        });
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
