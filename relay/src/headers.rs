@@ -121,8 +121,8 @@ pub fn requested_upgrade(headers: &HeaderMap) -> Result<Option<HeaderValue>, Upg
 /// Removes every field that [`HOP_BY_HOP`] or `also` lists, or that the `Connection`
 /// field names, or that `lookalike` picks, in one scan of the names: a request pays a
 /// lookup in the map only for fields it actually carries, not one per listed name (this
-/// runs on every request; 27 removals by name were ~5 % of the relay's CPU at 50
-/// connections).
+/// runs on every request; with 27 removals by name, the map's hashing and removal held
+/// ~5 % of the relay's profile samples at 50 connections).
 fn remove_hop_by_hop_and(
     headers: &mut HeaderMap,
     also: &[HeaderName],
