@@ -108,6 +108,24 @@ impl tokio::io::AsyncWrite for TargetStream {
         delegate_io!(self, poll_write(cx, buf))
     }
 
+    // Vectored writes passed on: hyper then writes a request head and its body chunks, and
+    // the WebSocket pipe a batch of chunks, in one `writev` instead of copying them into
+    // one buffer or writing them one by one (the default writes the first slice only).
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        delegate_io!(self, poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            TargetStream::Tcp(s) => s.is_write_vectored(),
+            TargetStream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -228,5 +246,16 @@ mod tests {
         );
         assert!("unix:".parse::<Target>().is_err());
         assert!("example.org:80".parse::<Target>().is_err());
+    }
+
+    #[tokio::test]
+    async fn app_connections_take_vectored_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let target = Target::Tcp(listener.local_addr().expect("addr"));
+        let stream = target.connect().await.expect("connect");
+        // hyper picks its write strategy from this, and the WebSocket pipe batches on it.
+        assert!(tokio::io::AsyncWrite::is_write_vectored(&stream));
     }
 }

@@ -122,6 +122,58 @@ const PIPE_BUFFER_MIN: usize = 1024;
 /// Largest buffer that direction grows to while data streams.
 const PIPE_BUFFER_MAX: usize = 64 * 1024;
 
+/// Most chunks gathered for one vectored write in a pipe.
+const PIPE_BATCH_CHUNKS: usize = 16;
+
+/// Adds to `batch` the chunks `recv` has ready now (without waiting), up to
+/// [`PIPE_BATCH_CHUNKS`]; whether the stream's end was among them.
+fn gather_ready(recv: &mut RecvStream, batch: &mut Vec<Bytes>) -> std::io::Result<bool> {
+    // The chunk reads are polled with a waker that goes nowhere: a chunk not ready yet is
+    // awaited properly by the pipe's next `read_chunk`, which registers the real waker.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    while batch.len() < PIPE_BATCH_CHUNKS {
+        match recv.poll_read_chunk(&mut cx, MAX_CHUNK) {
+            Poll::Ready(Ok(Some(chunk))) => batch.push(chunk),
+            Poll::Ready(Ok(None)) => return Ok(true),
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => break,
+        }
+    }
+    Ok(false)
+}
+
+/// Writes every chunk of `batch` (emptying it), as few vectored writes as the writer
+/// takes.
+async fn write_all_chunks<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    batch: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < batch.len() {
+        let mut slices = [std::io::IoSlice::new(&[]); PIPE_BATCH_CHUNKS];
+        let count = batch.len() - first;
+        for (slice, chunk) in slices.iter_mut().zip(&batch[first..]) {
+            *slice = std::io::IoSlice::new(chunk);
+        }
+        let mut written = writer.write_vectored(&slices[..count]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let chunk = &mut batch[first];
+            if written >= chunk.len() {
+                written -= chunk.len();
+                first += 1;
+            } else {
+                bytes::Buf::advance(chunk, written);
+                written = 0;
+            }
+        }
+    }
+    batch.clear();
+    Ok(())
+}
+
 /// Splices an upgraded connection (WebSocket) to a stream pair until both directions
 /// are closed. Each direction ends on EOF, which is passed on as a FIN/shutdown.
 pub async fn pipe<T>(upgraded: T, mut send: SendStream, mut recv: RecvStream) -> std::io::Result<()>
@@ -130,8 +182,16 @@ where
 {
     let (mut up_read, mut up_write) = tokio::io::split(upgraded);
     let stream_to_up = async {
+        // A QUIC chunk is one packet's worth (a few KiB): what has arrived goes out in one
+        // vectored write instead of a write per chunk.
+        let mut batch: Vec<Bytes> = Vec::with_capacity(PIPE_BATCH_CHUNKS);
         while let Some(chunk) = recv.read_chunk(MAX_CHUNK).await? {
-            up_write.write_all(&chunk).await?;
+            batch.push(chunk);
+            let ended = gather_ready(&mut recv, &mut batch)?;
+            write_all_chunks(&mut up_write, &mut batch).await?;
+            if ended {
+                break;
+            }
         }
         up_write.shutdown().await
     };
@@ -155,4 +215,89 @@ where
     };
     // The first error ends both directions; dropping the streams stops/finishes them.
     tokio::try_join!(stream_to_up, up_to_stream).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `limit` bytes per call and counts its calls.
+    struct Narrow {
+        written: Vec<u8>,
+        limit: usize,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Narrow {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            this.calls += 1;
+            let mut room = this.limit;
+            for buf in bufs {
+                let n = buf.len().min(room);
+                this.written.extend_from_slice(&buf[..n]);
+                room -= n;
+            }
+            Poll::Ready(Ok(this.limit - room))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn chunks() -> (Vec<Bytes>, Vec<u8>) {
+        let batch: Vec<Bytes> = (0..PIPE_BATCH_CHUNKS)
+            .map(|i| Bytes::from(vec![i as u8; 1000 + 37 * i]))
+            .collect();
+        let joined = batch.concat();
+        (batch, joined)
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_chunks_goes_out_in_one_vectored_write() {
+        let (mut batch, joined) = chunks();
+        let mut out = Narrow {
+            written: Vec::new(),
+            limit: usize::MAX,
+            calls: 0,
+        };
+        write_all_chunks(&mut out, &mut batch).await.expect("write");
+        assert_eq!(out.written, joined);
+        assert_eq!(out.calls, 1);
+        assert!(batch.is_empty());
+    }
+
+    #[tokio::test]
+    async fn partial_writes_resume_mid_chunk_in_order() {
+        let (mut batch, joined) = chunks();
+        let mut out = Narrow {
+            written: Vec::new(),
+            limit: 777, // ends most writes inside a chunk
+            calls: 0,
+        };
+        write_all_chunks(&mut out, &mut batch).await.expect("write");
+        assert_eq!(out.written, joined);
+        assert_eq!(out.calls, joined.len().div_ceil(777));
+    }
 }
