@@ -507,7 +507,12 @@ fn run_scenarios(
         bulk::record_relay_peaks(&servers.stacks, report);
     }
     if opts.wants("ws") {
-        let ws_variants = ws::variants(setup, servers.backend_port, &servers.stacks)?;
+        let ws_variants = ws::variants(
+            setup,
+            servers.backend_port,
+            &servers.stacks,
+            &servers.upload_variants(),
+        )?;
         ws::scenario_ws(opts, runtime, &ws_variants, report);
     }
     // Scale and lifecycle start relays of their own: the shared stacks go first.

@@ -357,6 +357,31 @@ impl CpuTicks {
         100.0 * part(later).saturating_sub(part(self)) as f64
             / later.total.saturating_sub(self.total).max(1) as f64
     }
+
+    /// CPU time the whole machine spent busy (neither idle nor stolen) between `self` and
+    /// `later`, in µs.
+    pub fn busy_us(self, later: Self) -> f64 {
+        let busy = |t: Self| t.total - t.idle - t.steal;
+        busy(later).saturating_sub(busy(self)) as f64 * 1e6 / clock_ticks_per_second()
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    use nix::unistd::{sysconf, SysconfVar};
+    match sysconf(SysconfVar::CLK_TCK) {
+        Ok(Some(hz)) if hz > 0 => hz as f64,
+        _ => 100.0,
+    }
+}
+
+/// CPU time (user + system) of the bench's child processes that have exited and been
+/// waited for, in µs: read before and after a load tool runs, it is the tool's own cost.
+pub fn exited_children_cpu_us() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(f64::NAN, |u| {
+        let us = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64;
+        us(u.user_time()) + us(u.system_time())
+    })
 }
 
 pub fn read_cpu_stat() -> Option<CpuTicks> {

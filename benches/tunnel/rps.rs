@@ -63,6 +63,27 @@ pub fn scenario_rps(
                     if idle.targets.is_empty() {
                         idle.targets = vec![Target::VsVariantAtMost(crate::report::L4_BASELINE)];
                     }
+                    // What the req/s ratio is made of on a saturated machine: every
+                    // process's CPU per request, the load tool's among them.
+                    for (key, label, value) in [
+                        (
+                            "rps.h1.machine_cpu",
+                            "machine CPU per request (all processes)",
+                            r.machine_cpu_us_per_req,
+                        ),
+                        (
+                            "rps.h1.client_cpu",
+                            "wrk's CPU per request",
+                            r.client_cpu_us_per_req,
+                        ),
+                    ] {
+                        report
+                            .metric(key, SC1, label, "µs", false)
+                            .samples
+                            .entry(v.name.clone())
+                            .or_default()
+                            .push(value);
+                    }
                     let _ = r.requests;
                 }
                 Err(e) => {

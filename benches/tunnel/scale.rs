@@ -2,7 +2,6 @@
 
 use crate::report::{Report, Target};
 use crate::setup::{start_backend, variant_name, Setup};
-use crate::ws::WsVariant;
 use crate::Opts;
 use anyhow::{bail, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -211,18 +210,15 @@ fn scenario_scale_ws(
     let mut c = setup.agent_command(&relay, opts.workers[0]);
     c.arg("--to").arg(format!("127.0.0.1:{backend_port}"));
     let agent = launch_agent(c)?;
-    let v = WsVariant {
-        name: variant_name(opts.workers[0]),
-        target: WsTarget::Relay {
-            port: relay.https_port,
-            tls: setup.client_tls(&[b"http/1.1"])?,
-            session: agent.session()?,
-        },
+    let target = WsTarget::Relay {
+        port: relay.https_port,
+        tls: setup.client_tls(&[b"http/1.1"])?,
+        session: agent.session()?,
     };
     let (per_ws, per_ws_agent, detail) = runtime.block_on(async {
         let open = |count: usize| {
             futures_util::stream::iter(0..count)
-                .map(|_| ws_connect(&v.target, "/ws"))
+                .map(|_| ws_connect(&target, "/ws"))
                 .buffer_unordered(64)
                 .collect::<Vec<_>>()
         };

@@ -1,7 +1,7 @@
 //! The load tools: wrk (HTTP/1.1 GETs), h2load (HTTP/2 GETs), curl (bulk transfers),
 //! each run against one variant with the server-side CPU it cost.
 
-use crate::report::read_cpu_stat;
+use crate::report::{exited_children_cpu_us, read_cpu_stat};
 use crate::setup::{CpuWatch, Setup, Tools};
 use crate::MB;
 use anyhow::{anyhow, bail, Context, Result};
@@ -34,6 +34,12 @@ pub struct LoadResult {
     pub cpu_us_per_req: BTreeMap<String, f64>,
     /// Share of the machine's CPU time that sat idle during the run, in % (wrk only).
     pub idle_pct: f64,
+    /// Busy CPU time of the whole machine per request, every process and the kernel
+    /// included, in µs (wrk only): on a saturated machine, req/s is the cores' time
+    /// divided by this.
+    pub machine_cpu_us_per_req: f64,
+    /// The load tool's own CPU time per request, in µs (wrk only).
+    pub client_cpu_us_per_req: f64,
 }
 
 pub fn wrk(
@@ -68,12 +74,14 @@ pub fn wrk(
     }
     let before = v.cpu.snapshot();
     let stat_before = read_cpu_stat();
+    let client_before = exited_children_cpu_us();
     let out = command.output().context("running wrk")?;
-    let idle_pct = stat_before
-        .zip(read_cpu_stat())
-        .map_or(f64::NAN, |(before, after)| {
-            before.percent(after, |t| t.idle)
-        });
+    let client_us = exited_children_cpu_us() - client_before;
+    let stat = stat_before.zip(read_cpu_stat());
+    let idle_pct = stat.map_or(f64::NAN, |(before, after)| {
+        before.percent(after, |t| t.idle)
+    });
+    let machine_us = stat.map_or(f64::NAN, |(before, after)| before.busy_us(after));
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -101,6 +109,8 @@ pub fn wrk(
         p99_us: num("p99"),
         cpu_us_per_req: v.cpu.per_unit(&before, requests),
         idle_pct,
+        machine_cpu_us_per_req: machine_us / requests,
+        client_cpu_us_per_req: client_us / requests,
     })
 }
 
@@ -164,6 +174,8 @@ pub fn h2load(
         p99_us: f64::NAN,
         cpu_us_per_req: v.cpu.per_unit(&before, succeeded),
         idle_pct: f64::NAN,
+        machine_cpu_us_per_req: f64::NAN,
+        client_cpu_us_per_req: f64::NAN,
     })
 }
 

@@ -1,8 +1,9 @@
 //! Scenario 4: WebSocket round trips (100 B echoes) and one-way throughput (64 KiB
 //! messages into a sink), direct to the backend app and through each jobgate variant.
 
-use crate::report::{alternate, percentile, record_error, Report};
-use crate::setup::{JobgateStack, Setup};
+use crate::report::{add_cpu_detail, alternate, percentile, record_error, Report};
+use crate::setup::{CpuWatch, JobgateStack, Setup};
+use crate::tools::HttpVariant;
 use crate::{Opts, CHUNK, MB};
 use anyhow::{bail, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -20,21 +21,34 @@ const WS_WARMUP: usize = 200;
 pub struct WsVariant {
     pub name: String,
     pub target: WsTarget,
+    /// The processes serving it (the backend, and a stack's relay and agent).
+    pub cpu: CpuWatch,
 }
 
-/// The variants: direct to the backend app on `backend_port`, and each stack's app agent.
+/// The variants: direct to the backend app on `backend_port`, and each stack's app agent;
+/// `servers` are the upload variants, which watch the same processes.
 pub fn variants(
     setup: &Setup,
     backend_port: u16,
     stacks: &[JobgateStack],
+    servers: &[HttpVariant],
 ) -> Result<Vec<WsVariant>> {
     let tls = setup.client_tls(&[b"http/1.1"])?;
+    let cpu = |name: &str| {
+        servers
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| v.cpu.clone())
+            .unwrap_or(CpuWatch { pids: Vec::new() })
+    };
     let mut variants = vec![WsVariant {
         name: "direct".into(),
         target: WsTarget::Direct(backend_port),
+        cpu: cpu("direct"),
     }];
     variants.extend(stacks.iter().map(|s| WsVariant {
         name: s.name.clone(),
+        cpu: cpu(&s.name),
         target: WsTarget::Relay {
             port: s.relay.https_port,
             tls: tls.clone(),
@@ -101,15 +115,17 @@ pub fn scenario_ws(
             let rtt = ws_rtt(&mut ws, opts.ws_rtt_samples).await?;
             let _ = ws.close(None).await;
             let mut sink = ws_connect(&v.target, "/ws-sink").await?;
+            let before = v.cpu.snapshot();
             let rate = ws_oneway(&mut sink, opts.ws_oneway_bytes).await?;
+            let cpu = v.cpu.per_unit(&before, opts.ws_oneway_bytes as f64 / MB);
             let _ = sink.close(None).await;
-            Ok::<_, anyhow::Error>((rtt, rate))
+            Ok::<_, anyhow::Error>((rtt, rate, cpu))
         });
         match result {
-            Ok((rtt, rate)) => {
+            Ok((rtt, rate, cpu)) => {
                 let (p50, p99) = (percentile(&rtt, 50.0), percentile(&rtt, 99.0));
                 eprintln!(
-                    "  rep {rep} {}: RTT p50 {p50:.0} µs p99 {p99:.0} µs, one way {rate:.0} MB/s",
+                    "  rep {rep} {}: RTT p50 {p50:.0} µs p99 {p99:.0} µs, one way {rate:.0} MB/s (cpu µs/MB {cpu:?})",
                     v.name
                 );
                 let push = |report: &mut Report,
@@ -135,6 +151,18 @@ pub fn scenario_ws(
                     true,
                     rate,
                 );
+                let m = report.metric(
+                    "ws.oneway.cpu",
+                    SC,
+                    "one way: server CPU per MB",
+                    "µs",
+                    false,
+                );
+                add_cpu_detail(m, &v.name, &cpu);
+                m.samples
+                    .entry(v.name.clone())
+                    .or_default()
+                    .push(cpu.values().sum());
             }
             Err(e) => record_error(
                 report,
