@@ -1,11 +1,13 @@
 //! The quinn ceiling: one QUIC connection, one stream, jobgate's transport tuning, TLS,
 //! both ends in this process: what bulk transfers through jobgate are compared with.
 
+use crate::report::cpu_us;
 use crate::setup::Setup;
 use crate::{CHUNK, MB};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use jobgate_harness::DOMAIN;
+use nix::sys::resource::UsageWho;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,17 +19,6 @@ pub fn udp_socket() -> Result<std::net::UdpSocket> {
         let _ = state.set_send_buffer_size((&socket).into(), UDP_SOCKET_BUFFER);
     }
     Ok(socket)
-}
-
-/// CPU time of the calling thread, µs.
-pub fn thread_cpu_us() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    getrusage(UsageWho::RUSAGE_THREAD)
-        .map(|u| {
-            let t = u.user_time() + u.system_time();
-            t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64
-        })
-        .unwrap_or(f64::NAN)
 }
 
 /// One QUIC connection moving `bytes` on one stream between two threads: (MB/s, CPU µs
@@ -65,12 +56,12 @@ pub fn quinn_ceiling(setup: &Setup, bytes: u64) -> Result<(f64, f64)> {
             )?;
             let connection = endpoint.accept().await.context("no connection")?.await?;
             let (mut send, mut recv) = connection.accept_bi().await?;
-            let cpu0 = thread_cpu_us();
+            let cpu0 = cpu_us(UsageWho::RUSAGE_THREAD);
             let mut n = 0u64;
             while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
                 n += chunk.bytes.len() as u64;
             }
-            let cpu = thread_cpu_us() - cpu0;
+            let cpu = cpu_us(UsageWho::RUSAGE_THREAD) - cpu0;
             send.write_all(&n.to_be_bytes()).await?;
             send.finish()?;
             let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
@@ -108,7 +99,7 @@ pub fn quinn_ceiling(setup: &Setup, bytes: u64) -> Result<(f64, f64)> {
             .await?;
         let (mut send, mut recv) = connection.open_bi().await?;
         let block = Bytes::from(vec![0u8; CHUNK]);
-        let cpu0 = thread_cpu_us();
+        let cpu0 = cpu_us(UsageWho::RUSAGE_THREAD);
         let start = Instant::now();
         let mut sent = 0u64;
         while sent < bytes {
@@ -120,7 +111,7 @@ pub fn quinn_ceiling(setup: &Setup, bytes: u64) -> Result<(f64, f64)> {
         let mut ack = [0u8; 8];
         recv.read_exact(&mut ack).await?;
         let elapsed = start.elapsed().as_secs_f64();
-        let cpu = thread_cpu_us() - cpu0;
+        let cpu = cpu_us(UsageWho::RUSAGE_THREAD) - cpu0;
         connection.close(0u32.into(), b"done");
         endpoint.wait_idle().await;
         if u64::from_be_bytes(ack) != bytes {

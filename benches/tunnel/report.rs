@@ -374,13 +374,13 @@ fn clock_ticks_per_second() -> f64 {
     }
 }
 
-/// CPU time (user + system) of the bench's child processes that have exited and been
-/// waited for, in µs: read before and after a load tool runs, it is the tool's own cost.
-pub fn exited_children_cpu_us() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(f64::NAN, |u| {
-        let us = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64;
-        us(u.user_time()) + us(u.system_time())
+/// CPU time (user + system) in µs of `who`: this thread, this process (the bench's
+/// clients), or its children that have exited and been waited for (read before and
+/// after a load tool runs, the tool's own cost).
+pub fn cpu_us(who: nix::sys::resource::UsageWho) -> f64 {
+    nix::sys::resource::getrusage(who).map_or(f64::NAN, |u| {
+        let t = u.user_time() + u.system_time();
+        t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64
     })
 }
 

@@ -1,11 +1,12 @@
 //! The load tools: wrk (HTTP/1.1 GETs), h2load (HTTP/2 GETs), curl (bulk transfers),
 //! each run against one variant with the server-side CPU it cost.
 
-use crate::report::{exited_children_cpu_us, read_cpu_stat};
+use crate::report::{cpu_us, read_cpu_stat};
 use crate::setup::{CpuWatch, Setup, Tools};
 use crate::MB;
 use anyhow::{anyhow, bail, Context, Result};
 use jobgate_harness::stack::Session;
+use nix::sys::resource::UsageWho;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -74,9 +75,9 @@ pub fn wrk(
     }
     let before = v.cpu.snapshot();
     let stat_before = read_cpu_stat();
-    let client_before = exited_children_cpu_us();
+    let client_before = cpu_us(UsageWho::RUSAGE_CHILDREN);
     let out = command.output().context("running wrk")?;
-    let client_us = exited_children_cpu_us() - client_before;
+    let client_us = cpu_us(UsageWho::RUSAGE_CHILDREN) - client_before;
     let stat = stat_before.zip(read_cpu_stat());
     let idle_pct = stat.map_or(f64::NAN, |(before, after)| {
         before.percent(after, |t| t.idle)

@@ -125,53 +125,65 @@ const PIPE_BUFFER_MAX: usize = 64 * 1024;
 /// Most chunks gathered for one vectored write in a pipe.
 const PIPE_BATCH_CHUNKS: usize = 16;
 
-/// Adds to `batch` the chunks `recv` has ready now (without waiting), up to
-/// [`PIPE_BATCH_CHUNKS`]; whether the stream's end was among them.
-fn gather_ready(recv: &mut RecvStream, batch: &mut Vec<Bytes>) -> std::io::Result<bool> {
+/// The chunks `recv` has ready now (without waiting), up to [`PIPE_BATCH_CHUNKS`], and
+/// whether the stream's end was among them. Allocates only when there is one.
+fn gather_ready(recv: &mut RecvStream) -> std::io::Result<(Vec<Bytes>, bool)> {
     // The chunk reads are polled with a waker that goes nowhere: a chunk not ready yet is
     // awaited properly by the pipe's next `read_chunk`, which registers the real waker.
     let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut batch = Vec::new();
     while batch.len() < PIPE_BATCH_CHUNKS {
         match recv.poll_read_chunk(&mut cx, MAX_CHUNK) {
-            Poll::Ready(Ok(Some(chunk))) => batch.push(chunk),
-            Poll::Ready(Ok(None)) => return Ok(true),
+            Poll::Ready(Ok(Some(chunk))) => {
+                if batch.is_empty() {
+                    batch.reserve_exact(PIPE_BATCH_CHUNKS + 1);
+                }
+                batch.push(chunk);
+            }
+            Poll::Ready(Ok(None)) => return Ok((batch, true)),
             Poll::Ready(Err(e)) => return Err(e),
             Poll::Pending => break,
         }
     }
-    Ok(false)
+    Ok((batch, false))
 }
 
-/// Writes every chunk of `batch` (emptying it), as few vectored writes as the writer
-/// takes.
+/// Writes every chunk of `batch` in order, in as few vectored writes as the writer takes
+/// (at most [`PIPE_BATCH_CHUNKS`] slices each).
 async fn write_all_chunks<W: AsyncWrite + Unpin>(
     writer: &mut W,
-    batch: &mut Vec<Bytes>,
+    batch: &mut [Bytes],
 ) -> std::io::Result<()> {
     let mut first = 0;
-    while first < batch.len() {
-        let mut slices = [std::io::IoSlice::new(&[]); PIPE_BATCH_CHUNKS];
-        let count = batch.len() - first;
-        for (slice, chunk) in slices.iter_mut().zip(&batch[first..]) {
-            *slice = std::io::IoSlice::new(chunk);
-        }
-        let mut written = writer.write_vectored(&slices[..count]).await?;
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 {
-            let chunk = &mut batch[first];
-            if written >= chunk.len() {
-                written -= chunk.len();
-                first += 1;
-            } else {
-                bytes::Buf::advance(chunk, written);
-                written = 0;
+    // The slices are made afresh on each poll (cheap) rather than kept in the future,
+    // which lives as long as the pipe.
+    std::future::poll_fn(|cx| {
+        while first < batch.len() {
+            let mut slices = [std::io::IoSlice::new(&[]); PIPE_BATCH_CHUNKS];
+            let count = (batch.len() - first).min(PIPE_BATCH_CHUNKS);
+            for (slice, chunk) in slices.iter_mut().zip(&batch[first..]) {
+                *slice = std::io::IoSlice::new(chunk);
+            }
+            let mut written = std::task::ready!(
+                Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..count])
+            )?;
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            while written > 0 {
+                let chunk = &mut batch[first];
+                if written >= chunk.len() {
+                    written -= chunk.len();
+                    first += 1;
+                } else {
+                    bytes::Buf::advance(chunk, written);
+                    written = 0;
+                }
             }
         }
-    }
-    batch.clear();
-    Ok(())
+        Poll::Ready(Ok(()))
+    })
+    .await
 }
 
 /// Splices an upgraded connection (WebSocket) to a stream pair until both directions
@@ -183,12 +195,16 @@ where
     let (mut up_read, mut up_write) = tokio::io::split(upgraded);
     let stream_to_up = async {
         // A QUIC chunk is one packet's worth (a few KiB): what has arrived goes out in one
-        // vectored write instead of a write per chunk.
-        let mut batch: Vec<Bytes> = Vec::with_capacity(PIPE_BATCH_CHUNKS);
+        // vectored write instead of a write per chunk. The batch lives only while it is
+        // written, so an idle WebSocket holds no buffer for it.
         while let Some(chunk) = recv.read_chunk(MAX_CHUNK).await? {
-            batch.push(chunk);
-            let ended = gather_ready(&mut recv, &mut batch)?;
-            write_all_chunks(&mut up_write, &mut batch).await?;
+            let (mut more, ended) = gather_ready(&mut recv)?;
+            if more.is_empty() {
+                up_write.write_all(&chunk).await?;
+            } else {
+                more.insert(0, chunk);
+                write_all_chunks(&mut up_write, &mut more).await?;
+            }
             if ended {
                 break;
             }
@@ -266,8 +282,9 @@ mod tests {
         }
     }
 
+    /// More chunks than one vectored write takes, of uneven sizes.
     fn chunks() -> (Vec<Bytes>, Vec<u8>) {
-        let batch: Vec<Bytes> = (0..PIPE_BATCH_CHUNKS)
+        let batch: Vec<Bytes> = (0..=PIPE_BATCH_CHUNKS)
             .map(|i| Bytes::from(vec![i as u8; 1000 + 37 * i]))
             .collect();
         let joined = batch.concat();
@@ -275,7 +292,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_batch_of_chunks_goes_out_in_one_vectored_write() {
+    async fn a_batch_of_chunks_goes_out_in_vectored_writes_of_up_to_16() {
         let (mut batch, joined) = chunks();
         let mut out = Narrow {
             written: Vec::new(),
@@ -284,8 +301,8 @@ mod tests {
         };
         write_all_chunks(&mut out, &mut batch).await.expect("write");
         assert_eq!(out.written, joined);
-        assert_eq!(out.calls, 1);
-        assert!(batch.is_empty());
+        // 17 chunks: one write of 16 slices, one of the last.
+        assert_eq!(out.calls, 2);
     }
 
     #[tokio::test]
