@@ -198,3 +198,54 @@ async fn a_256_mib_upload_and_download_stream_with_bounded_memory() {
         agent_after - agent_before
     );
 }
+
+/// The suite a TLS client gets from the relay's front door when it offers `suites`.
+async fn negotiated_suite(
+    env: &TestEnv,
+    port: u16,
+    suites: Option<&[rustls::CipherSuite]>,
+) -> rustls::CipherSuite {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(only) = suites {
+        provider.cipher_suites.retain(|s| only.contains(&s.suite()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&env.ca).expect("ca");
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.expect("cert")).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from(format!("x.{DOMAIN}")).expect("name");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    tls.get_ref()
+        .1
+        .negotiated_cipher_suite()
+        .expect("suite")
+        .suite()
+}
+
+#[tokio::test]
+async fn the_relay_picks_aes_128_gcm_unless_the_client_offers_only_aes_256() {
+    let env = TestEnv::new("suites");
+    let relay = start_relay(&env, &[]);
+    // rustls (like curl and OpenSSL) lists AES-256-GCM first; the relay's order wins.
+    assert_eq!(
+        negotiated_suite(&env, relay.https_port, None).await,
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
+    let only_256 = [rustls::CipherSuite::TLS13_AES_256_GCM_SHA384];
+    assert_eq!(
+        negotiated_suite(&env, relay.https_port, Some(&only_256)).await,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+}
