@@ -114,6 +114,14 @@ fn scenario_scale_agents(
         relay.proc.signal(nix::sys::signal::Signal::SIGKILL);
         let (https_port, quic_port) = (relay.https_port, relay.quic_port);
         drop(relay);
+        // Each agent here has its own QUIC endpoint in this one process: closing the old
+        // connections now frees them (and their endpoints) before the new ones open,
+        // instead of letting them wait out their idle timeout beside them. (A real agent
+        // has one endpoint at a time.)
+        for s in sessions.iter().chain(&warm) {
+            s.connection
+                .close(jobgate_protocol::CloseCode::Normal, b"relay gone");
+        }
         drop(sessions);
         drop(warm);
         let relay = setup.start_relay_at(opts.workers[0], &relay_flags, https_port, quic_port)?;
