@@ -209,21 +209,13 @@ async fn negotiated_suite(
     if let Some(only) = suites {
         provider.cipher_suites.retain(|s| only.contains(&s.suite()));
     }
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(&env.ca).expect("ca");
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.expect("cert")).expect("root");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config =
+        jobgate_harness::client::client_tls_with(&env.ca, &[b"http/1.1"], provider).expect("tls");
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
     let name = rustls::pki_types::ServerName::try_from(format!("x.{DOMAIN}")).expect("name");
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
         .expect("TLS handshake");

@@ -361,7 +361,7 @@ impl CpuTicks {
     /// CPU time the whole machine spent busy (neither idle nor stolen) between `self` and
     /// `later`, in µs.
     pub fn busy_us(self, later: Self) -> f64 {
-        let busy = |t: Self| t.total - t.idle - t.steal;
+        let busy = |t: Self| t.total.saturating_sub(t.idle).saturating_sub(t.steal);
         busy(later).saturating_sub(busy(self)) as f64 * 1e6 / clock_ticks_per_second()
     }
 }

@@ -181,12 +181,7 @@ impl Setup {
 
     /// A relay of `bin` with `workers` runtime threads and `extra` flags.
     pub fn start_relay_of(&self, bin: &Path, workers: usize, extra: &[&str]) -> Result<RelayProc> {
-        let mut command = relay_command(&[], bin, &self.env, 0, 0);
-        command
-            .arg("--workers")
-            .arg(workers.to_string())
-            .args(extra);
-        Ok(launch_relay(command, None)?)
+        self.relay_on_ports(bin, workers, extra, 0, 0)
     }
 
     /// The measured binary's relay on given ports (a restart where the old one was).
@@ -197,7 +192,19 @@ impl Setup {
         https_port: u16,
         quic_port: u16,
     ) -> Result<RelayProc> {
-        let mut command = relay_command(&[], &self.bin, &self.env, https_port, quic_port);
+        self.relay_on_ports(&self.bin, workers, extra, https_port, quic_port)
+    }
+
+    /// Ports 0 pick free ones.
+    fn relay_on_ports(
+        &self,
+        bin: &Path,
+        workers: usize,
+        extra: &[&str],
+        https_port: u16,
+        quic_port: u16,
+    ) -> Result<RelayProc> {
+        let mut command = relay_command(&[], bin, &self.env, https_port, quic_port);
         command
             .arg("--workers")
             .arg(workers.to_string())

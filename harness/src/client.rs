@@ -25,14 +25,22 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A TLS client configuration trusting only `ca`, offering `alpn`.
 pub fn client_tls(ca: &Path, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>> {
+    client_tls_with(ca, alpn, rustls::crypto::ring::default_provider())
+}
+
+/// [`client_tls`] with a chosen crypto provider (to offer other cipher suites).
+pub fn client_tls_with(
+    ca: &Path,
+    alpn: &[&[u8]],
+    provider: rustls::crypto::CryptoProvider,
+) -> Result<Arc<rustls::ClientConfig>> {
     let tls = |e: &dyn std::fmt::Display| Error::Tls(format!("{}: {e}", ca.display()));
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca).map_err(|e| tls(&e))?;
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(cert.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| tls(&e))?
         .with_root_certificates(roots)
