@@ -5,12 +5,11 @@ use crate::target::TargetPool;
 use http::{header, HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use jobgate_protocol::upgrade;
-use jobgate_protocol::{read_frame, RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME};
+use jobgate_protocol::{RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME};
 use jobgate_transport::body::{abandon, pipe, pump_body, StreamBody};
 use jobgate_transport::{Connection, ConnectionError, RecvStream, SendStream};
 use std::sync::Arc;
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
 
 /// Serves every stream the relay opens until the connection ends, and says why it ended.
 pub async fn serve_streams(connection: Connection, pool: Arc<TargetPool>) -> ConnectionError {
@@ -25,8 +24,8 @@ pub async fn serve_streams(connection: Connection, pool: Arc<TargetPool>) -> Con
 }
 
 async fn serve_stream(mut send: SendStream, mut recv: RecvStream, pool: Arc<TargetPool>) {
-    let head = match read_frame(&mut recv, MAX_HEAD_FRAME).await {
-        Ok(Some(payload)) => RequestHead::decode(&payload).ok(),
+    let head = match recv.read_frame(MAX_HEAD_FRAME).await {
+        Ok(Some(payload)) => RequestHead::decode_shared(&payload).ok(),
         _ => None,
     };
     let Some(mut head) = head else {
@@ -153,7 +152,8 @@ fn prepare_upgrade(headers: &mut HeaderMap) -> Result<bool, UpgradeRefusal> {
 }
 
 async fn write_head(send: &mut SendStream, head: &ResponseHead) -> std::io::Result<()> {
-    send.write_all(&head.to_frame()).await
+    // Handed over as it is (no copy into the stream's buffer).
+    send.write_chunk(head.to_frame().into()).await
 }
 
 #[cfg(test)]

@@ -80,13 +80,17 @@ pub struct ResponseHead {
     pub headers: HeaderMap,
 }
 
-/// Initial capacity of a head frame buffer; most heads fit without growing.
-const HEAD_FRAME_CAPACITY: usize = 1024;
-
 impl RequestHead {
-    /// The head as one complete frame, ready to write on the stream.
+    /// The head as one complete frame, ready to write on the stream. Sized exactly: the
+    /// stream holds it until the peer acknowledges it.
     pub fn to_frame(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEAD_FRAME_CAPACITY);
+        let target = self
+            .target
+            .path_and_query()
+            .map_or(1, |pq| pq.as_str().len());
+        let len = 1 + 2 + self.method.as_str().len() + 4 + target + 19;
+        let mut out =
+            Vec::with_capacity(crate::FRAME_HEADER_LEN + len + headers_len(&self.headers));
         crate::encode_frame_with(&mut out, |out| self.encode(out));
         out
     }
@@ -114,9 +118,19 @@ impl RequestHead {
         put_headers(out, &self.headers);
     }
 
-    /// Decodes a head from a whole frame payload.
+    /// Decodes a head from a whole frame payload (copying the target and header values).
     pub fn decode(payload: &[u8]) -> Result<Self, HeadError> {
-        let mut r = Reader(payload);
+        Self::decode_from(Reader::copying(payload))
+    }
+
+    /// Decodes a head from a whole frame payload, sharing its bytes: the target and the
+    /// header values point into `payload` instead of each being copied (one allocation
+    /// per field saved on every request).
+    pub fn decode_shared(payload: &Bytes) -> Result<Self, HeadError> {
+        Self::decode_from(Reader::sharing(payload))
+    }
+
+    fn decode_from(mut r: Reader<'_>) -> Result<Self, HeadError> {
         let tag = r.u8()?;
         if tag != REQUEST_TAG {
             return Err(HeadError::WrongKind(tag));
@@ -126,8 +140,8 @@ impl RequestHead {
         if target.is_empty() {
             return Err(HeadError::BadTarget);
         }
-        let target = Uri::from_maybe_shared(Bytes::copy_from_slice(target))
-            .map_err(|_| HeadError::BadTarget)?;
+        let target =
+            Uri::from_maybe_shared(r.bytes_of(target)).map_err(|_| HeadError::BadTarget)?;
         if target.scheme().is_some() || (target.path_and_query().is_none() && target != "*") {
             return Err(HeadError::BadTarget);
         }
@@ -155,9 +169,10 @@ impl RequestHead {
 }
 
 impl ResponseHead {
-    /// The head as one complete frame, ready to write on the stream.
+    /// The head as one complete frame, ready to write on the stream (sized exactly).
     pub fn to_frame(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEAD_FRAME_CAPACITY);
+        let len = crate::FRAME_HEADER_LEN + 1 + 2 + headers_len(&self.headers);
+        let mut out = Vec::with_capacity(len);
         crate::encode_frame_with(&mut out, |out| self.encode(out));
         out
     }
@@ -169,9 +184,18 @@ impl ResponseHead {
         put_headers(out, &self.headers);
     }
 
-    /// Decodes a head from a whole frame payload.
+    /// Decodes a head from a whole frame payload (copying the header values).
     pub fn decode(payload: &[u8]) -> Result<Self, HeadError> {
-        let mut r = Reader(payload);
+        Self::decode_from(Reader::copying(payload))
+    }
+
+    /// Decodes a head from a whole frame payload, its header values pointing into
+    /// `payload` (see [`RequestHead::decode_shared`]).
+    pub fn decode_shared(payload: &Bytes) -> Result<Self, HeadError> {
+        Self::decode_from(Reader::sharing(payload))
+    }
+
+    fn decode_from(mut r: Reader<'_>) -> Result<Self, HeadError> {
         let tag = r.u8()?;
         if tag != RESPONSE_TAG {
             return Err(HeadError::WrongKind(tag));
@@ -195,6 +219,15 @@ fn put_str32(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&s[..len as usize]);
 }
 
+/// The encoded size of `headers` (at most: `put_headers` may cut a field or the count).
+fn headers_len(headers: &HeaderMap) -> usize {
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| 2 + name.as_str().len() + 4 + value.len())
+        .sum();
+    2 + fields
+}
+
 fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     let count = headers.len().min(MAX_HEADER_COUNT);
     out.extend_from_slice(&(count as u16).to_be_bytes());
@@ -204,16 +237,62 @@ fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     }
 }
 
+/// Names the relay adds to every request that are not among the `http` crate's standard
+/// names: matched here, so that decoding them allocates nothing.
+static FORWARDED_NAMES: [HeaderName; 3] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+];
+
+fn header_name(name: &[u8]) -> Result<HeaderName, HeadError> {
+    if let Some(known) = FORWARDED_NAMES
+        .iter()
+        .find(|known| known.as_str().as_bytes() == name)
+    {
+        return Ok(known.clone());
+    }
+    HeaderName::from_bytes(name).map_err(|_| HeadError::BadHeaderName)
+}
+
 /// A cursor over a payload; every read checks bounds.
-struct Reader<'a>(&'a [u8]);
+struct Reader<'a> {
+    /// What is left to read.
+    rest: &'a [u8],
+    /// The whole payload, when fields may share it rather than be copied.
+    shared: Option<&'a Bytes>,
+}
 
 impl<'a> Reader<'a> {
+    fn copying(payload: &'a [u8]) -> Self {
+        Self {
+            rest: payload,
+            shared: None,
+        }
+    }
+
+    fn sharing(payload: &'a Bytes) -> Self {
+        Self {
+            rest: payload,
+            shared: Some(payload),
+        }
+    }
+
+    /// `field` (read from this payload) as `Bytes`: a shared slice, or a copy.
+    fn bytes_of(&self, field: &'a [u8]) -> Bytes {
+        match self.shared {
+            // `field` was taken from `payload`, so it lies within it.
+            Some(payload) => payload.slice_ref(field),
+            None => Bytes::copy_from_slice(field),
+        }
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], HeadError> {
-        if self.0.len() < n {
+        if self.rest.len() < n {
             return Err(HeadError::Truncated);
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
         Ok(head)
     }
 
@@ -248,17 +327,17 @@ impl<'a> Reader<'a> {
         }
         let mut headers = HeaderMap::with_capacity(count);
         for _ in 0..count {
-            let name =
-                HeaderName::from_bytes(self.str16()?).map_err(|_| HeadError::BadHeaderName)?;
-            let value =
-                HeaderValue::from_bytes(self.str32()?).map_err(|_| HeadError::BadHeaderValue)?;
+            let name = header_name(self.str16()?)?;
+            let value = self.str32()?;
+            let value = HeaderValue::from_maybe_shared(self.bytes_of(value))
+                .map_err(|_| HeadError::BadHeaderValue)?;
             headers.append(name, value);
         }
         Ok(headers)
     }
 
     fn finish(&self) -> Result<(), HeadError> {
-        if self.0.is_empty() {
+        if self.rest.is_empty() {
             Ok(())
         } else {
             Err(HeadError::TrailingBytes)
@@ -288,6 +367,8 @@ mod tests {
     fn request_head_round_trips_with_repeated_headers() {
         let head = sample_request();
         let frame = head.to_frame();
+        // IPv6 client: the size estimate is exact.
+        assert_eq!(frame.capacity(), frame.len(), "sized exactly, no regrowth");
         let (payload, used) = crate::decode_frame(&frame, crate::MAX_HEAD_FRAME)
             .expect("frame")
             .expect("whole");
@@ -324,6 +405,35 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_shared_decode_points_into_the_frame_and_equals_a_copying_one() {
+        let mut head = sample_request();
+        head.headers
+            .insert("x-forwarded-for", HeaderValue::from_static("192.0.2.7"));
+        let mut out = Vec::new();
+        head.encode(&mut out);
+        let payload = Bytes::from(out);
+        let shared = RequestHead::decode_shared(&payload).expect("decodes");
+        assert_eq!(shared, head);
+        assert_eq!(RequestHead::decode(&payload), Ok(head));
+        let within = payload.as_ptr_range();
+        for value in shared.headers.values() {
+            assert!(
+                within.contains(&value.as_bytes().as_ptr()),
+                "{value:?} was copied"
+            );
+        }
+
+        let response = ResponseHead {
+            status: StatusCode::OK,
+            headers: shared.headers,
+        };
+        let mut out = Vec::new();
+        response.encode(&mut out);
+        let payload = Bytes::from(out);
+        assert_eq!(ResponseHead::decode_shared(&payload), Ok(response));
+    }
+
     proptest! {
         #[test]
         fn response_heads_round_trip(status in 100u16..1000, values in proptest::collection::vec("[ -~]{0,40}", 0..20)) {
@@ -335,7 +445,8 @@ mod tests {
             let head = ResponseHead { status: StatusCode::from_u16(status).expect("status"), headers };
             let mut out = Vec::new();
             head.encode(&mut out);
-            prop_assert_eq!(ResponseHead::decode(&out), Ok(head));
+            prop_assert_eq!(ResponseHead::decode(&out), Ok(head.clone()));
+            prop_assert_eq!(ResponseHead::decode_shared(&Bytes::from(out)), Ok(head));
         }
 
         #[test]
@@ -349,13 +460,17 @@ mod tests {
             };
             let mut out = Vec::new();
             head.encode(&mut out);
-            prop_assert_eq!(RequestHead::decode(&out), Ok(head));
+            prop_assert_eq!(RequestHead::decode(&out), Ok(head.clone()));
+            prop_assert_eq!(RequestHead::decode_shared(&Bytes::from(out)), Ok(head));
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = RequestHead::decode(&bytes);
             let _ = ResponseHead::decode(&bytes);
+            let shared = Bytes::from(bytes);
+            let _ = RequestHead::decode_shared(&shared);
+            let _ = ResponseHead::decode_shared(&shared);
         }
     }
 }

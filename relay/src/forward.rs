@@ -9,25 +9,42 @@ use crate::metrics::OwnedGaugeGuard;
 use crate::pages::Page;
 use crate::routes::{name_from_host, Route, Session};
 use crate::Shared;
+use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use jobgate_protocol::{
-    read_frame, ReadFrameError, RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME,
-};
+use jobgate_protocol::{ReadFrameError, RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME};
 use jobgate_transport::body::{abandon, pipe, pump_body, StreamBody};
 use jobgate_transport::{RecvStream, SendStream};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
+
+/// A front-door connection's client, as each of its requests needs it.
+#[derive(Clone)]
+pub(crate) struct Client {
+    /// The address the connection came from.
+    addr: SocketAddr,
+    /// Its IP as an `X-Forwarded-For` value, made once per connection rather than
+    /// formatted for every request.
+    forwarded_for: HeaderValue,
+}
+
+impl Client {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            forwarded_for: headers::forwarded_for(addr.ip()),
+        }
+    }
+}
 
 /// The hyper service of the front door: every request, on every connection.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    client: SocketAddr,
+    client: Client,
 ) -> Result<Response<RelayBody>, Infallible> {
     let response = route(&shared, req, client).await;
     shared.metrics.count_response(&response);
@@ -37,10 +54,10 @@ pub(crate) async fn handle(
 async fn route(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
-    client: SocketAddr,
+    client: Client,
 ) -> Response<RelayBody> {
     if let Err(why) = unambiguous(&req) {
-        tracing::debug!(%client, "rejected an ambiguous request: {why}");
+        tracing::debug!(client = %client.addr, "rejected an ambiguous request: {why}");
         return Page::BadRequest.render_closing(req.headers());
     }
     // Only a bodiless WebSocket handshake passes as an upgrade (see `headers`); anything
@@ -49,7 +66,7 @@ async fn route(
     let upgrade = match headers::requested_upgrade(req.headers()) {
         Ok(upgrade) => upgrade,
         Err(why) => {
-            tracing::debug!(%client, "refused an upgrade request: {why}");
+            tracing::debug!(client = %client.addr, "refused an upgrade request: {why}");
             return Page::BadRequest.render_closing(req.headers());
         }
     };
@@ -58,7 +75,9 @@ async fn route(
     };
     if let Some(signon) = &shared.signon {
         if signon.is_login_host(host.as_bytes()) {
-            return crate::signon::serve_login_host(shared, req).await;
+            // Boxed, like the queued path below: the rare paths' futures would otherwise
+            // make every request's future (moved into place per request) twice as big.
+            return Box::pin(crate::signon::serve_login_host(shared, req)).await;
         }
     }
     let Some(name) = host
@@ -89,7 +108,7 @@ async fn route(
         None if shared.queued.is_empty() => return Page::NoSession.render(req.headers()),
         None => {
             let headers = req.headers().clone();
-            return match crate::queued::serve(shared, name, req).await {
+            return match Box::pin(crate::queued::serve(shared, name, req)).await {
                 Some(page) => page,
                 None => Page::NoSession.render(&headers),
             };
@@ -185,7 +204,7 @@ async fn forward(
     session: &Arc<Session>,
     mut req: Request<Incoming>,
     host: HeaderValue,
-    client: SocketAddr,
+    client: Client,
     upgrade: Option<HeaderValue>,
 ) -> Response<RelayBody> {
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -203,12 +222,12 @@ async fn forward(
     // What an error page needs of the request, kept before the headers move on (a copy
     // of the whole map here cost every request a clone of each field).
     let html = crate::pages::wants_html(&parts.headers);
-    headers::for_app(&mut parts.headers, &host, client, upgrade);
+    headers::for_app(&mut parts.headers, &host, client.forwarded_for, upgrade);
     let head = RequestHead {
         method: parts.method,
         target: parts.uri,
         headers: parts.headers,
-        client: Some(client),
+        client: Some(client.addr),
     };
 
     session
@@ -223,7 +242,8 @@ async fn forward(
         }
         return Page::Reconnecting.render_as(html);
     };
-    if send.write_all(&head.to_frame()).await.is_err() {
+    // Handed over as it is (no copy into the stream's buffer).
+    if send.write_chunk(head.to_frame().into()).await.is_err() {
         return Page::Reconnecting.render_as(html);
     }
 
@@ -254,26 +274,27 @@ async fn forward(
     // If the client goes away while the agent has not answered yet, the guard resets
     // the exchange with `Cancelled` so the agent can stop asking the app.
     let mut recv = recv;
-    let response_head = {
-        let mut pending = PendingAnswer {
-            recv: &mut recv,
-            answered: false,
-        };
-        let head = match read_head_in_time(
-            &mut *pending.recv,
-            shared.config.response_head_timeout(),
-        )
-        .await
+    let response_head =
         {
-            Some(Ok(Some(payload))) => ResponseHead::decode(&payload).map_err(|_| Page::BadGateway),
-            Some(Ok(None)) => Err(Page::BadGateway),
-            Some(Err(e)) => Err(page_for_failed_answer(session, &e)),
-            // Not answered: the guard stops the stream with `Cancelled` as it drops.
-            None => return answer_timed_out(send, html),
+            let mut pending = PendingAnswer {
+                recv: &mut recv,
+                answered: false,
+            };
+            let head =
+                match read_head_in_time(&mut *pending.recv, shared.config.response_head_timeout())
+                    .await
+                {
+                    Some(Ok(Some(payload))) => {
+                        ResponseHead::decode_shared(&payload).map_err(|_| Page::BadGateway)
+                    }
+                    Some(Ok(None)) => Err(Page::BadGateway),
+                    Some(Err(e)) => Err(page_for_failed_answer(session, &e)),
+                    // Not answered: the guard stops the stream with `Cancelled` as it drops.
+                    None => return answer_timed_out(send, html),
+                };
+            pending.answered = true;
+            head
         };
-        pending.answered = true;
-        head
-    };
     let response_head = match response_head {
         Ok(head) => head,
         Err(page) => {
@@ -328,8 +349,8 @@ async fn forward(
 async fn read_head_in_time(
     recv: &mut RecvStream,
     limit: Option<std::time::Duration>,
-) -> Option<Result<Option<Vec<u8>>, ReadFrameError>> {
-    let read = read_frame(recv, MAX_HEAD_FRAME);
+) -> Option<Result<Option<Bytes>, ReadFrameError>> {
+    let read = recv.read_frame(MAX_HEAD_FRAME);
     match limit {
         Some(limit) => tokio::time::timeout(limit, read).await.ok(),
         None => Some(read.await),

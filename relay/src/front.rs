@@ -494,9 +494,10 @@ where
     let service = {
         let shared = shared.clone();
         let activity = activity.clone();
+        let client = crate::forward::Client::new(peer);
         service_fn(move |req| {
             let active = ActiveRequest::enter(&activity);
-            let answer = crate::forward::handle(shared.clone(), req, peer);
+            let answer = crate::forward::handle(shared.clone(), req, client.clone());
             async move {
                 let response = answer.await?;
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody {

@@ -2,7 +2,7 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use jobgate_protocol::upgrade;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -158,7 +158,7 @@ fn remove_hop_by_hop_and(
 pub fn for_app(
     headers: &mut HeaderMap,
     host: &HeaderValue,
-    client: SocketAddr,
+    forwarded_for: HeaderValue,
     upgrade: Option<HeaderValue>,
 ) {
     remove_hop_by_hop_and(headers, &SPOOFABLE, is_underscore_lookalike);
@@ -166,14 +166,18 @@ pub fn for_app(
     headers.insert(header::HOST, host.clone());
     headers.insert(X_FORWARDED_HOST, host.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-    if let Ok(ip) = HeaderValue::from_str(&client.ip().to_string()) {
-        headers.insert(X_FORWARDED_FOR, ip);
-    }
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
     if let Some(protocol) = upgrade {
         headers.remove(header::CONTENT_LENGTH);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
     }
+}
+
+/// The `X-Forwarded-For` value for a client at `ip`.
+pub fn forwarded_for(ip: IpAddr) -> HeaderValue {
+    // An address formats as ASCII digits, dots, colons and hex: always a valid value.
+    HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// Whether `name` has a `_` and reads as a [`SPOOFABLE`] name with `-` for `_`: such
@@ -270,6 +274,11 @@ fn strip_domain(value: &HeaderValue) -> Option<HeaderValue> {
 mod tests {
     use super::*;
 
+    /// The `X-Forwarded-For` value of a client at `ip`.
+    fn client(ip: &str) -> HeaderValue {
+        forwarded_for(ip.parse().expect("ip"))
+    }
+
     #[test]
     fn request_rewrite_drops_hop_by_hop_and_spoofed_forwarding() {
         let mut h = HeaderMap::new();
@@ -283,7 +292,7 @@ mod tests {
         h.append("cookie", HeaderValue::from_static("a=1"));
         h.append("cookie", HeaderValue::from_static("b=2"));
         let host = HeaderValue::from_static("abc.example.org");
-        for_app(&mut h, &host, "192.0.2.7:4000".parse().expect("addr"), None);
+        for_app(&mut h, &host, client("192.0.2.7"), None);
         assert!(h.get("x-secret-hop").is_none());
         assert!(h.get("transfer-encoding").is_none());
         assert!(h.get("connection").is_none());
@@ -308,7 +317,7 @@ mod tests {
         for_app(
             &mut h,
             &HeaderValue::from_static("x"),
-            "[::1]:1".parse().expect("addr"),
+            client("::1"),
             up.ok().flatten(),
         );
         assert_eq!(h["connection"], "upgrade");
@@ -323,12 +332,7 @@ mod tests {
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         h.insert("content-length", HeaderValue::from_static("5"));
         assert_eq!(requested_upgrade(&h), Ok(None));
-        for_app(
-            &mut h,
-            &HeaderValue::from_static("x"),
-            "[::1]:1".parse().expect("addr"),
-            None,
-        );
+        for_app(&mut h, &HeaderValue::from_static("x"), client("::1"), None);
         assert!(h.get("upgrade").is_none());
         assert_eq!(
             h["content-length"], "5",
@@ -393,7 +397,7 @@ mod tests {
         }
         h.insert("x_app_field", HeaderValue::from_static("kept"));
         let host = HeaderValue::from_static("abc.example.org");
-        for_app(&mut h, &host, "192.0.2.7:4000".parse().expect("addr"), None);
+        for_app(&mut h, &host, client("192.0.2.7"), None);
         let spoofed: Vec<_> = h
             .iter()
             .filter(|(_, v)| *v == "spoofed")

@@ -110,11 +110,11 @@ impl Connection {
         match self {
             Connection::Quic(c) => {
                 let (s, r) = c.open_bi().await?;
-                Ok((SendStream::Quic(s), RecvStream::Quic(r)))
+                Ok((SendStream::Quic(s), RecvStream::quic(r)))
             }
             Connection::Tcp(c) => {
                 let (s, r) = c.open_bi().await?;
-                Ok((SendStream::Tcp(s), RecvStream::Tcp(r, Default::default())))
+                Ok((SendStream::Tcp(s), RecvStream::tcp(r)))
             }
         }
     }
@@ -124,11 +124,11 @@ impl Connection {
         match self {
             Connection::Quic(c) => {
                 let (s, r) = c.accept_bi().await?;
-                Ok((SendStream::Quic(s), RecvStream::Quic(r)))
+                Ok((SendStream::Quic(s), RecvStream::quic(r)))
             }
             Connection::Tcp(c) => {
                 let (s, r) = c.accept_bi().await?;
-                Ok((SendStream::Tcp(s), RecvStream::Tcp(r, Default::default())))
+                Ok((SendStream::Tcp(s), RecvStream::tcp(r)))
             }
         }
     }

@@ -2,7 +2,7 @@
 
 use crate::split::{MuxRecv, MuxSend};
 use bytes::{BufMut, Bytes, BytesMut};
-use jobgate_protocol::StreamCode;
+use jobgate_protocol::{decode_frame, ReadFrameError, StreamCode, FRAME_HEADER_LEN};
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
@@ -26,7 +26,16 @@ pub enum SendStream {
 
 /// The receiving half of a bidirectional stream.
 #[derive(Debug)]
-pub enum RecvStream {
+pub struct RecvStream {
+    inner: RecvInner,
+    /// Bytes that arrived in the chunk of a head frame, after it: the next read hands them
+    /// out before reading the stream again.
+    unread: Option<Bytes>,
+}
+
+/// The transport under a [`RecvStream`].
+#[derive(Debug)]
+enum RecvInner {
     /// A QUIC stream.
     Quic(quinn::RecvStream),
     /// A yamux stream, with the buffer its chunked reads fill.
@@ -82,6 +91,60 @@ impl SendStream {
 }
 
 impl RecvStream {
+    /// The receiving half of a QUIC stream.
+    pub(crate) fn quic(recv: quinn::RecvStream) -> Self {
+        Self {
+            inner: RecvInner::Quic(recv),
+            unread: None,
+        }
+    }
+
+    /// The receiving half of a yamux stream.
+    pub(crate) fn tcp(recv: MuxRecv) -> Self {
+        Self {
+            inner: RecvInner::Tcp(recv, BytesMut::new()),
+            unread: None,
+        }
+    }
+
+    /// Reads one frame of at most `max` payload bytes: a request or response head.
+    ///
+    /// A frame that arrives within one chunk, as heads do, is handed out without a copy
+    /// (a slice of the chunk, so a head decoded with `decode_shared` points into it); the
+    /// bytes after it in that chunk (the body's first bytes) are kept for the next read.
+    /// `Ok(None)`: the stream ended cleanly before a frame began.
+    pub async fn read_frame(&mut self, max: usize) -> Result<Option<Bytes>, ReadFrameError> {
+        // Only a frame split across chunks is gathered here.
+        let mut gathered = BytesMut::new();
+        loop {
+            let Some(chunk) = self.read_chunk(usize::MAX).await? else {
+                if gathered.is_empty() {
+                    return Ok(None);
+                }
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            };
+            if gathered.is_empty() {
+                if let Some((_, end)) = decode_frame(&chunk, max)? {
+                    return Ok(Some(self.keep_after(chunk, end)));
+                }
+                gathered.reserve(chunk.len());
+            }
+            gathered.extend_from_slice(&chunk);
+            if let Some((_, end)) = decode_frame(&gathered, max)? {
+                return Ok(Some(self.keep_after(gathered.freeze(), end)));
+            }
+        }
+    }
+
+    /// The payload of the frame that ends at `end` in `bytes`; what follows it is kept as
+    /// unread.
+    fn keep_after(&mut self, bytes: Bytes, end: usize) -> Bytes {
+        if end < bytes.len() {
+            self.unread = Some(bytes.slice(end..));
+        }
+        bytes.slice(FRAME_HEADER_LEN..end)
+    }
+
     /// Reads the next chunk of at most `max` bytes; `None` at the end of the stream.
     pub async fn read_chunk(&mut self, max: usize) -> io::Result<Option<Bytes>> {
         std::future::poll_fn(|cx| self.poll_read_chunk(cx, max)).await
@@ -93,8 +156,19 @@ impl RecvStream {
         cx: &mut Context<'_>,
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
-        match self {
-            RecvStream::Quic(r) => {
+        if let Some(unread) = self.unread.as_mut() {
+            let chunk = if unread.len() <= max {
+                std::mem::take(unread)
+            } else {
+                unread.split_to(max)
+            };
+            if unread.is_empty() {
+                self.unread = None;
+            }
+            return Poll::Ready(Ok(Some(chunk)));
+        }
+        match &mut self.inner {
+            RecvInner::Quic(r) => {
                 // `read_chunk` is cancel-safe: a fresh future per poll loses nothing and
                 // keeps the waker registration of the last poll.
                 let read = pin!(r.read_chunk(max, true));
@@ -103,7 +177,7 @@ impl RecvStream {
                     Err(e) => Poll::Ready(Err(io::Error::from(e))),
                 }
             }
-            RecvStream::Tcp(r, buf) => {
+            RecvInner::Tcp(r, buf) => {
                 // Chunks are split off one buffer; a fresh one only when little room is left.
                 if buf.capacity() < TCP_READ_MIN_ROOM {
                     buf.reserve(TCP_READ_BUFFER);
@@ -126,21 +200,25 @@ impl RecvStream {
     /// Whether the stream's end has arrived with nothing left to read (checked without
     /// waiting).
     pub fn is_at_end(&mut self) -> bool {
+        if self.unread.is_some() {
+            return false;
+        }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self {
-            RecvStream::Quic(r) => matches!(
+        match &mut self.inner {
+            RecvInner::Quic(r) => matches!(
                 pin!(r.read_chunk(usize::MAX, true)).poll(&mut cx),
                 Poll::Ready(Ok(None))
             ),
             // A yamux stream has no stop to save: nothing to check.
-            RecvStream::Tcp(..) => false,
+            RecvInner::Tcp(..) => false,
         }
     }
 
     /// Tells the peer to stop sending. QUIC sends `STOP_SENDING` with `code`; yamux has no
     /// such frame: the stream is reset when both halves are dropped.
     pub fn stop(&mut self, code: StreamCode) {
-        if let RecvStream::Quic(r) = self {
+        self.unread = None;
+        if let RecvInner::Quic(r) = &mut self.inner {
             let _ = r.stop(quinn::VarInt::from(code));
         }
     }
@@ -179,9 +257,19 @@ impl AsyncRead for RecvStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            RecvStream::Quic(r) => AsyncRead::poll_read(Pin::new(r), cx, buf),
-            RecvStream::Tcp(r, _) => Pin::new(r).poll_read(cx, buf),
+        let this = self.get_mut();
+        if let Some(unread) = this.unread.as_mut() {
+            let n = unread.len().min(buf.remaining());
+            buf.put_slice(&unread[..n]);
+            bytes::Buf::advance(unread, n);
+            if unread.is_empty() {
+                this.unread = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.inner {
+            RecvInner::Quic(r) => AsyncRead::poll_read(Pin::new(r), cx, buf),
+            RecvInner::Tcp(r, _) => Pin::new(r).poll_read(cx, buf),
         }
     }
 }

@@ -284,3 +284,71 @@ async fn opens_beyond_the_stream_cap_fail_and_the_connection_lives_on() {
     .await;
     assert!(opened.is_ok(), "streams free up once they end");
 }
+
+/// What the receiving end of one stream reads: a head frame, then everything after it,
+/// part by chunks and part through `AsyncRead`.
+async fn read_head_and_rest(
+    server: &Connection,
+    max: usize,
+) -> (Result<Option<Vec<u8>>, String>, Vec<u8>) {
+    let accepted = tokio::time::timeout(PATIENCE, server.accept_bi()).await;
+    let (_send, mut recv) = accepted.expect("a stream in time").expect("accept");
+    let read = tokio::time::timeout(PATIENCE, recv.read_frame(max)).await;
+    let head = match read.expect("a frame or an error in time") {
+        Ok(head) => Ok(head.map(|h| h.to_vec())),
+        Err(e) => return (Err(e.to_string()), Vec::new()),
+    };
+    let mut rest = Vec::new();
+    if let Some(chunk) = recv.read_chunk(3).await.expect("chunk") {
+        assert!(chunk.len() <= 3, "a chunk read honours its limit");
+        rest.extend_from_slice(&chunk);
+    }
+    recv.read_to_end(&mut rest).await.expect("rest");
+    (head, rest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_frame_is_read_whole_and_what_follows_it_stays_for_the_body() {
+    let (client, server) = pair().await;
+    let mut frame = Vec::new();
+    jobgate_protocol::encode_frame(b"the head", &mut frame);
+
+    // Frame and body in one write (they arrive in one chunk, as on a request stream).
+    let (mut send, _recv) = client.open_bi().await.expect("open");
+    let mut both = frame.clone();
+    both.extend_from_slice(b"body bytes");
+    send.write_all(&both).await.expect("write");
+    send.shutdown().await.expect("finish");
+    let (head, rest) = read_head_and_rest(&server, 64).await;
+    assert_eq!(head, Ok(Some(b"the head".to_vec())));
+    assert_eq!(rest, b"body bytes");
+
+    // A frame that comes in pieces is gathered.
+    let (mut send, _recv) = client.open_bi().await.expect("open");
+    let reader = read_head_and_rest(&server, 64);
+    let writer = async {
+        for piece in [&frame[..2], &frame[2..6], &frame[6..]] {
+            send.write_all(piece).await.expect("write");
+            send.flush().await.expect("flush");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        send.write_all(b"tail").await.expect("write");
+        send.shutdown().await.expect("finish");
+    };
+    let ((head, rest), ()) = tokio::join!(reader, writer);
+    assert_eq!(head, Ok(Some(b"the head".to_vec())));
+    assert_eq!(rest, b"tail");
+
+    // Over the limit, and cut short. (A yamux stream that never carries a byte is never
+    // announced to the peer, so "no frame at all" cannot be sent this way.)
+    for (bytes, limit, why) in [
+        (&frame[..], 4, "over the limit"),
+        (&frame[..7], 64, "cut short"),
+    ] {
+        let (mut send, _recv) = client.open_bi().await.expect("open");
+        send.write_all(bytes).await.expect("write");
+        send.shutdown().await.expect("finish");
+        let (head, _) = read_head_and_rest(&server, limit).await;
+        assert!(head.is_err(), "{why}: {head:?}");
+    }
+}
