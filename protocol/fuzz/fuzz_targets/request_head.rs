@@ -1,12 +1,16 @@
-//! `RequestHead::decode` on arbitrary bytes: never panics, and a head that decodes is
-//! well-formed (origin-form target or `*`) and survives encode → decode unchanged.
+//! `RequestHead::decode` and `decode_shared` (which must agree) on arbitrary bytes: never
+//! panics, and a head that decodes is well-formed (origin-form target or `*`) and survives
+//! encode → decode unchanged.
 #![no_main]
 
 use jobgate_protocol::RequestHead;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(head) = RequestHead::decode(data) else {
+    let decoded = RequestHead::decode(data);
+    let shared = RequestHead::decode_shared(&bytes::Bytes::copy_from_slice(data));
+    assert_eq!(shared, decoded, "the sharing decoder disagrees with the copying one");
+    let Ok(head) = decoded else {
         return;
     };
     assert!(head.target.scheme().is_none(), "absolute target accepted");

@@ -1,12 +1,15 @@
-//! `ResponseHead::decode` on arbitrary bytes: never panics, and a head that decodes
-//! survives encode → decode unchanged.
+//! `ResponseHead::decode` and `decode_shared` (which must agree) on arbitrary bytes: never
+//! panics, and a head that decodes survives encode → decode unchanged.
 #![no_main]
 
 use jobgate_protocol::ResponseHead;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(head) = ResponseHead::decode(data) else {
+    let decoded = ResponseHead::decode(data);
+    let shared = ResponseHead::decode_shared(&bytes::Bytes::copy_from_slice(data));
+    assert_eq!(shared, decoded, "the sharing decoder disagrees with the copying one");
+    let Ok(head) = decoded else {
         return;
     };
     assert!((100..=999).contains(&head.status.as_u16()));
