@@ -109,7 +109,21 @@ try {
 
   await step('stop the server from the hub home page', async () => {
     await page.goto(`${HUB}/hub/home`);
-    await page.locator('#stop').click();
+    // The hub's script binds the button after the page loads: a click before that does
+    // nothing (seen in CI: no stop request ever reached the hub). Click until the stop
+    // request goes out.
+    const isStop = (request) =>
+      request.method() === 'DELETE' && /\/hub\/api\/users\/[^/]+\/server(\?|$)/.test(request.url());
+    for (let attempt = 1; ; attempt++) {
+      const sent = page.waitForRequest(isStop, { timeout: 5_000 }).then(
+        () => true,
+        () => false,
+      );
+      await page.locator('#stop').click();
+      if (await sent) break;
+      if (attempt === 5) throw new Error('clicking "Stop My Server" sent no stop request');
+      process.stderr.write(`[browser] no stop request after click ${attempt}; clicking again\n`);
+    }
     // The hub's page hides the stop button once the spawner's stop() returned.
     await page.locator('#stop').waitFor({ state: 'hidden', timeout: 120_000 });
   });
