@@ -19,6 +19,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use thiserror::Error;
 
 const REQUEST_TAG: u8 = 0x01;
+/// Longest encoded client address: family, an IPv6 address, a port.
+const MAX_ADDR_LEN: usize = 1 + 16 + 2;
 const RESPONSE_TAG: u8 = 0x02;
 /// Most header fields one head may carry.
 pub const MAX_HEADER_COUNT: usize = 1024;
@@ -88,7 +90,7 @@ impl RequestHead {
             .target
             .path_and_query()
             .map_or(1, |pq| pq.as_str().len());
-        let len = 1 + 2 + self.method.as_str().len() + 4 + target + 19;
+        let len = 1 + 2 + self.method.as_str().len() + 4 + target + MAX_ADDR_LEN;
         let mut out =
             Vec::with_capacity(crate::FRAME_HEADER_LEN + len + headers_len(&self.headers));
         crate::encode_frame_with(&mut out, |out| self.encode(out));
@@ -237,13 +239,16 @@ fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     }
 }
 
-/// Names the relay adds to every request that are not among the `http` crate's standard
-/// names: matched here, so that decoding them allocates nothing.
-static FORWARDED_NAMES: [HeaderName; 3] = [
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-proto"),
-];
+/// Set by the relay: the client's address as the relay's TCP peer saw it.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Set by the relay: always `https` (the front door, or the TLS load balancer before it).
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// Set by the relay: the host (and port) the client asked for.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The names the relay adds to every request that are not among the `http` crate's
+/// standard names: matched when decoding, so that they allocate nothing.
+static FORWARDED_NAMES: [HeaderName; 3] = [X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO];
 
 fn header_name(name: &[u8]) -> Result<HeaderName, HeadError> {
     if let Some(known) = FORWARDED_NAMES

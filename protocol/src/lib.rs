@@ -38,7 +38,9 @@ pub mod upgrade;
 pub use codes::{CloseCode, StreamCode};
 pub use control::{AccessMode, ControlMessage, JobInfo, RefusalCode, SessionLimits, Shares, Token};
 pub use frame::{decode_frame, encode_frame, encode_frame_with, FrameError, FRAME_HEADER_LEN};
-pub use head::{HeadError, RequestHead, ResponseHead};
+pub use head::{
+    HeadError, RequestHead, ResponseHead, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
+};
 #[cfg(feature = "tokio-io")]
 pub use io::{read_frame, write_frame, ReadFrameError};
 

@@ -1,7 +1,7 @@
 //! Header rewriting at the front door: what the app sees and what the browser gets back.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use jobgate_protocol::upgrade;
+use jobgate_protocol::{upgrade, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use std::net::IpAddr;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1), never forwarded.
@@ -47,13 +47,6 @@ const SPOOFABLE: [HeaderName; 19] = [
     HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-forwarded-uri"),
 ];
-
-/// Set by the relay: the client's address as the relay's TCP peer saw it.
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-/// Set by the relay: always `https` (the front door, or the TLS load balancer before it).
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-/// Set by the relay: the host (and port) the client asked for.
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Response fields an app must not send to the browser, because their effect reaches
 /// beyond the session's own origin (all sessions are sibling names under one registrable

@@ -127,7 +127,6 @@ impl RecvStream {
                 if let Some((_, end)) = decode_frame(&chunk, max)? {
                     return Ok(Some(self.keep_after(chunk, end)));
                 }
-                gathered.reserve(chunk.len());
             }
             gathered.extend_from_slice(&chunk);
             if let Some((_, end)) = decode_frame(&gathered, max)? {
@@ -145,6 +144,15 @@ impl RecvStream {
         bytes.slice(FRAME_HEADER_LEN..end)
     }
 
+    /// Up to `max` of the bytes kept by [`read_frame`](Self::read_frame), if any remain.
+    fn take_unread(&mut self, max: usize) -> Option<Bytes> {
+        let unread = self.unread.as_mut()?;
+        if unread.len() > max {
+            return Some(unread.split_to(max));
+        }
+        self.unread.take()
+    }
+
     /// Reads the next chunk of at most `max` bytes; `None` at the end of the stream.
     pub async fn read_chunk(&mut self, max: usize) -> io::Result<Option<Bytes>> {
         std::future::poll_fn(|cx| self.poll_read_chunk(cx, max)).await
@@ -156,15 +164,7 @@ impl RecvStream {
         cx: &mut Context<'_>,
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
-        if let Some(unread) = self.unread.as_mut() {
-            let chunk = if unread.len() <= max {
-                std::mem::take(unread)
-            } else {
-                unread.split_to(max)
-            };
-            if unread.is_empty() {
-                self.unread = None;
-            }
+        if let Some(chunk) = self.take_unread(max) {
             return Poll::Ready(Ok(Some(chunk)));
         }
         match &mut self.inner {
@@ -258,13 +258,8 @@ impl AsyncRead for RecvStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(unread) = this.unread.as_mut() {
-            let n = unread.len().min(buf.remaining());
-            buf.put_slice(&unread[..n]);
-            bytes::Buf::advance(unread, n);
-            if unread.is_empty() {
-                this.unread = None;
-            }
+        if let Some(chunk) = this.take_unread(buf.remaining()) {
+            buf.put_slice(&chunk);
             return Poll::Ready(Ok(()));
         }
         match &mut this.inner {
