@@ -165,7 +165,9 @@ impl Opts {
                 * 1024
                 * 1024,
             ws_rtt_samples: if quick { 500 } else { 2000 },
-            ws_oneway_bytes: if quick { 64 << 20 } else { 256 << 20 },
+            ws_oneway_bytes: env_or("JOBGATE_BENCH_WS_MIB", if quick { 64u64 } else { 256 })
+                * 1024
+                * 1024,
             agents: env_or("JOBGATE_BENCH_AGENTS", if quick { 100 } else { 1000 }),
             websockets: env_or(
                 "JOBGATE_BENCH_WEBSOCKETS",

@@ -116,6 +116,8 @@ pub fn scenario_ws(
             let rtt = ws_rtt(&mut ws, opts.ws_rtt_samples).await?;
             let _ = ws.close(None).await;
             let mut sink = ws_connect(&v.target, "/ws-sink").await?;
+            // A line to start a profiler on (perf record/sched for the one-way run only).
+            eprintln!("  rep {rep} {}: one way starts", v.name);
             let before = v.cpu.snapshot();
             let client_before = cpu_us(UsageWho::RUSAGE_SELF);
             let rate = ws_oneway(&mut sink, opts.ws_oneway_bytes).await?;
