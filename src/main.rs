@@ -17,6 +17,14 @@ mod pki;
 mod relay_cmd;
 mod status;
 
+/// mimalloc rather than glibc's malloc: per request the agent and the relay allocate and
+/// free header maps, task cells and packet buffers of 1-4 KiB, which glibc serves from its
+/// slow path (measured: 12 % less CPU per request, 13 % more requests per second at 50
+/// connections; more memory per idle agent on the relay, 48.5 KiB against ~43 at 10,000
+/// agents, within its 64 KiB budget).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let (cli, matches) = cli::Cli::parse_with_matches();
     if let Some((parent, pgid)) = cli.app_guard() {
