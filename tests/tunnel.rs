@@ -187,16 +187,15 @@ async fn a_256_mib_upload_and_download_stream_with_bounded_memory() {
     let relay_after = peak_rss_kib(relay.proc.pid());
     let agent_after = peak_rss_kib(agent.proc.pid());
     eprintln!("peak RSS KiB: relay {relay_before} -> {relay_after}, agent {agent_before} -> {agent_after}");
-    assert!(
-        relay_after - relay_before < MAX_GROWTH_KIB,
-        "relay grew {} KiB",
-        relay_after - relay_before
+    // The kernel records the peak lazily: read while resident memory was above the recorded
+    // peak, `VmHWM` shows that, and a later read after the allocator returned pages can show
+    // less. A smaller "after" is no growth.
+    let (relay_grew, agent_grew) = (
+        relay_after.saturating_sub(relay_before),
+        agent_after.saturating_sub(agent_before),
     );
-    assert!(
-        agent_after - agent_before < MAX_GROWTH_KIB,
-        "agent grew {} KiB",
-        agent_after - agent_before
-    );
+    assert!(relay_grew < MAX_GROWTH_KIB, "relay grew {relay_grew} KiB");
+    assert!(agent_grew < MAX_GROWTH_KIB, "agent grew {agent_grew} KiB");
 }
 
 /// The suite a TLS client gets from the relay's front door when it offers `suites`.
