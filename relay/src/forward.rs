@@ -6,6 +6,7 @@ use crate::access::{self, Decision};
 use crate::body::RelayBody;
 use crate::headers;
 use crate::metrics::OwnedGaugeGuard;
+use crate::names::SessionName;
 use crate::pages::Page;
 use crate::routes::{name_from_host, Route, Session};
 use crate::Shared;
@@ -18,7 +19,7 @@ use jobgate_transport::body::{abandon, pipe, pump_body, StreamBody};
 use jobgate_transport::{RecvStream, SendStream};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// A front-door connection's client, as each of its requests needs it.
@@ -40,25 +41,37 @@ impl Client {
     }
 }
 
-/// The hyper service of the front door: every request, on every connection.
-pub(crate) async fn handle(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-    client: Client,
-) -> Result<Response<RelayBody>, Infallible> {
-    let response = route(&shared, req, client).await;
-    shared.metrics.count_response(&response);
-    Ok(response)
+/// What the synchronous part of a request's trip decided: routing, access checks and the
+/// head for the agent need no waiting, so they run before the request's future exists. The
+/// future then holds only what the exchange with the agent needs, not the request's
+/// parts several times over (hyper moves that future into place for every request).
+pub(crate) enum Routed {
+    /// Answered here, without an agent.
+    Answer(Response<RelayBody>),
+    /// A page of the sign-on host (rare: boxed, like the queued path).
+    Login(Box<Request<Incoming>>),
+    /// A name with no live session while agents wait in the queue.
+    Queued(SessionName, Box<Request<Incoming>>),
+    /// On to the session's agent.
+    Forward(Exchange),
 }
 
-async fn route(
-    shared: &Arc<Shared>,
-    req: Request<Incoming>,
-    client: Client,
-) -> Response<RelayBody> {
+/// A request ready for its agent: the encoded head, the body still to stream, and the
+/// in-flight counts it holds until its response head is ready.
+pub(crate) struct Exchange {
+    flight: InFlight,
+    frame: Bytes,
+    body: Incoming,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// What an error page needs of the request.
+    html: bool,
+}
+
+/// Routes a request and prepares it for its agent, without waiting on anything.
+pub(crate) fn route(shared: &Arc<Shared>, req: Request<Incoming>, client: &Client) -> Routed {
     if let Err(why) = unambiguous(&req) {
         tracing::debug!(client = %client.addr, "rejected an ambiguous request: {why}");
-        return Page::BadRequest.render_closing(req.headers());
+        return Routed::Answer(Page::BadRequest.render_closing(req.headers()));
     }
     // Only a bodiless WebSocket handshake passes as an upgrade (see `headers`); anything
     // else that asks for one is refused here, before it can reach an app, and the
@@ -67,17 +80,15 @@ async fn route(
         Ok(upgrade) => upgrade,
         Err(why) => {
             tracing::debug!(client = %client.addr, "refused an upgrade request: {why}");
-            return Page::BadRequest.render_closing(req.headers());
+            return Routed::Answer(Page::BadRequest.render_closing(req.headers()));
         }
     };
     let Some(host) = request_host(&req) else {
-        return Page::BadRequest.render(req.headers());
+        return Routed::Answer(Page::BadRequest.render(req.headers()));
     };
     if let Some(signon) = &shared.signon {
         if signon.is_login_host(host.as_bytes()) {
-            // Boxed, like the queued path below: the rare paths' futures would otherwise
-            // make every request's future (moved into place per request) twice as big.
-            return Box::pin(crate::signon::serve_login_host(shared, req)).await;
+            return Routed::Login(Box::new(req));
         }
     }
     let Some(name) = host
@@ -91,9 +102,14 @@ async fn route(
             req.uri().path().strip_prefix(crate::signon::COMMAND_PATHS),
         ) {
             let post = req.method() == http::Method::POST;
-            return crate::signon::serve_command(signon, rest, post, req.headers());
+            return Routed::Answer(crate::signon::serve_command(
+                signon,
+                rest,
+                post,
+                req.headers(),
+            ));
         }
-        return Page::NotASession.render(req.headers());
+        return Routed::Answer(Page::NotASession.render(req.headers()));
     };
     let session = match shared.routes.route(&name) {
         Some(Route::Live(session)) => session,
@@ -102,24 +118,90 @@ async fn route(
         Some(Route::Parked) | None
             if crate::cluster::held_elsewhere(shared, name.as_str()).is_some() =>
         {
-            return Page::Misdirected.render(req.headers())
+            return Routed::Answer(Page::Misdirected.render(req.headers()))
         }
-        Some(Route::Parked) => return Page::Reconnecting.render(req.headers()),
-        None if shared.queued.is_empty() => return Page::NoSession.render(req.headers()),
-        None => {
+        Some(Route::Parked) => return Routed::Answer(Page::Reconnecting.render(req.headers())),
+        None if shared.queued.is_empty() => {
+            return Routed::Answer(Page::NoSession.render(req.headers()))
+        }
+        None => return Routed::Queued(name, Box::new(req)),
+    };
+    let flight = InFlight::enter(shared, session);
+    if flight.session_count > shared.config.max_streams_per_agent as usize {
+        return Routed::Answer(Page::Busy.render(req.headers()));
+    }
+    prepare(shared, flight, req, client, &host, upgrade)
+}
+
+/// Checks a routed request against its session's lock and encodes its head for the agent.
+fn prepare(
+    shared: &Shared,
+    flight: InFlight,
+    mut req: Request<Incoming>,
+    client: &Client,
+    host: &HeaderValue,
+    upgrade: Option<HeaderValue>,
+) -> Routed {
+    let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let session = &flight.session;
+    if matches!(session.lock, access::SessionLock::Owner) {
+        if let Decision::Answer(response) = crate::signon::gate(shared, session, &mut parts) {
+            return Routed::Answer(response);
+        }
+    }
+    if let Decision::Answer(response) =
+        access::check(&session.lock, &session.name, &session.origin, &mut parts)
+    {
+        return Routed::Answer(response);
+    }
+    // What an error page needs of the request, kept before the headers move on (a copy
+    // of the whole map here cost every request a clone of each field).
+    let html = crate::pages::wants_html(&parts.headers);
+    headers::for_app(
+        &mut parts.headers,
+        host,
+        client.forwarded_for.clone(),
+        upgrade,
+    );
+    let head = RequestHead {
+        method: parts.method,
+        target: parts.uri,
+        headers: parts.headers,
+        client: Some(client.addr),
+    };
+    session.requests.fetch_add(1, Ordering::Relaxed);
+    Routed::Forward(Exchange {
+        flight,
+        frame: head.to_frame().into(),
+        body,
+        on_upgrade,
+        html,
+    })
+}
+
+/// The hyper service of the front door, after [`route`]: every request, on every
+/// connection.
+pub(crate) async fn answer(
+    shared: Arc<Shared>,
+    routed: Routed,
+) -> Result<Response<RelayBody>, Infallible> {
+    let response = match routed {
+        Routed::Answer(response) => response,
+        Routed::Forward(exchange) => forward(exchange).await,
+        // Boxed: the rare paths' futures would otherwise make every request's future
+        // (moved into place per request) several times bigger.
+        Routed::Login(req) => Box::pin(crate::signon::serve_login_host(&shared, *req)).await,
+        Routed::Queued(name, req) => {
             let headers = req.headers().clone();
-            return match Box::pin(crate::queued::serve(shared, name, req)).await {
+            match Box::pin(crate::queued::serve(&shared, name, *req)).await {
                 Some(page) => page,
                 None => Page::NoSession.render(&headers),
-            };
+            }
         }
     };
-    let _in_flight = InFlight::enter(&shared.in_flight);
-    let session_flight = InFlight::enter(&session.in_flight);
-    if session_flight.count > shared.config.max_streams_per_agent as usize {
-        return Page::Busy.render(req.headers());
-    }
-    forward(shared, &session, req, host, client, upgrade).await
+    shared.metrics.count_response(&response);
+    Ok(response)
 }
 
 /// Counts an open WebSocket (or other upgraded connection) on its session until dropped,
@@ -139,23 +221,31 @@ impl Drop for OpenWebSocket {
     }
 }
 
-/// Counts a request as in flight until its response head is ready (or it is dropped).
-struct InFlight<'a> {
-    counter: &'a AtomicUsize,
-    /// Requests in flight, this one included, when it entered.
-    count: usize,
+/// Counts a request as in flight, on the relay and on its session, until its response
+/// head is ready (or it is dropped).
+struct InFlight {
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    /// The session's requests in flight, this one included, when it entered.
+    session_count: usize,
 }
 
-impl<'a> InFlight<'a> {
-    fn enter(counter: &'a AtomicUsize) -> Self {
-        let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
-        Self { counter, count }
+impl InFlight {
+    fn enter(shared: &Arc<Shared>, session: Arc<Session>) -> Self {
+        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let session_count = session.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        Self {
+            shared: shared.clone(),
+            session,
+            session_count,
+        }
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.counter.fetch_sub(1, Ordering::Relaxed);
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.session.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -199,40 +289,16 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
     req.headers().get(header::HOST).cloned()
 }
 
-async fn forward(
-    shared: &Arc<Shared>,
-    session: &Arc<Session>,
-    mut req: Request<Incoming>,
-    host: HeaderValue,
-    client: Client,
-    upgrade: Option<HeaderValue>,
-) -> Response<RelayBody> {
-    let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    if matches!(session.lock, access::SessionLock::Owner) {
-        if let Decision::Answer(response) = crate::signon::gate(shared, session, &mut parts) {
-            return response;
-        }
-    }
-    if let Decision::Answer(response) =
-        access::check(&session.lock, &session.name, &session.origin, &mut parts)
-    {
-        return response;
-    }
-    // What an error page needs of the request, kept before the headers move on (a copy
-    // of the whole map here cost every request a clone of each field).
-    let html = crate::pages::wants_html(&parts.headers);
-    headers::for_app(&mut parts.headers, &host, client.forwarded_for, upgrade);
-    let head = RequestHead {
-        method: parts.method,
-        target: parts.uri,
-        headers: parts.headers,
-        client: Some(client.addr),
-    };
-
-    session
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+async fn forward(exchange: Exchange) -> Response<RelayBody> {
+    let Exchange {
+        flight,
+        frame,
+        body,
+        on_upgrade,
+        html,
+    } = exchange;
+    let shared = &flight.shared;
+    let session = &flight.session;
     // A connection that fails here is an agent that just went away: its name is parked
     // (or ended) a moment later, so the client is told to retry rather than given a 502.
     let Ok((mut send, recv)) = session.connection.open_bi().await else {
@@ -243,7 +309,7 @@ async fn forward(
         return Page::Reconnecting.render_as(html);
     };
     // Handed over as it is (no copy into the stream's buffer).
-    if send.write_chunk(head.to_frame().into()).await.is_err() {
+    if send.write_chunk(frame).await.is_err() {
         return Page::Reconnecting.render_as(html);
     }
 
@@ -404,5 +470,19 @@ impl Drop for PendingAnswer<'_> {
         if !self.answered {
             self.recv.stop(StreamCode::Cancelled);
         }
+    }
+}
+#[cfg(test)]
+mod tests {
+    fn size_of_answer<A, B, F>(_: impl Fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn a_requests_future_stays_small() {
+        // hyper moves this future into place for every request: it was 3,288 bytes when
+        // routing ran inside it (each async layer kept its own copy of the request).
+        let size = size_of_answer(super::answer);
+        assert!(size <= 1_536, "the request future grew to {size} bytes");
     }
 }

@@ -497,7 +497,9 @@ where
         let client = crate::forward::Client::new(peer);
         service_fn(move |req| {
             let active = ActiveRequest::enter(&activity);
-            let answer = crate::forward::handle(shared.clone(), req, client.clone());
+            // Routed before the future is made, so the future stays small (see `Routed`).
+            let routed = crate::forward::route(&shared, req, &client);
+            let answer = crate::forward::answer(shared.clone(), routed);
             async move {
                 let response = answer.await?;
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody {
