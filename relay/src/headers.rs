@@ -121,25 +121,52 @@ fn remove_hop_by_hop_and(
     also: &[HeaderName],
     lookalike: fn(&HeaderName) -> bool,
 ) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    remove_connection_and_named(headers);
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| {
-            HOP_BY_HOP.contains(name)
-                || also.contains(name)
-                || named.contains(name)
-                || lookalike(name)
-        })
+        .filter(|name| HOP_BY_HOP.contains(name) || also.contains(name) || lookalike(name))
         .cloned()
         .collect();
     for name in doomed {
         headers.remove(name);
+    }
+}
+
+/// Removes `Connection` and every field it names (RFC 9110 §7.6.1). Each token is looked
+/// up as text: nothing is allocated for the usual `Connection: keep-alive` of an answer
+/// (collecting the names first cost three allocations per response), and a long list
+/// costs one lookup per token rather than one comparison per token and field.
+fn remove_connection_and_named(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    // A clone of a value is a reference count, not a copy.
+    let (Some(first), more) = (values.next().cloned(), values.next().is_some()) else {
+        return;
+    };
+    if more {
+        // Rare: several `Connection` fields.
+        let all: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        headers.remove(header::CONNECTION);
+        for value in &all {
+            remove_named(headers, value);
+        }
+    } else {
+        headers.remove(header::CONNECTION);
+        remove_named(headers, &first);
+    }
+}
+
+/// Removes the fields a `Connection` value lists (names that are not valid field names
+/// name nothing).
+fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
+    let Ok(list) = connection.to_str() else {
+        return;
+    };
+    for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        headers.remove(token);
     }
 }
 
@@ -294,6 +321,40 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "abc.example.org");
         assert_eq!(h["host"], "abc.example.org");
         assert_eq!(h["cookie"], "a=1; b=2");
+    }
+
+    #[test]
+    fn every_field_any_connection_field_names_is_dropped() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "connection",
+            HeaderValue::from_static("X-One , ,keep-alive"),
+        );
+        h.append(
+            "connection",
+            HeaderValue::from_static("x-two,not a name,x-ONE"),
+        );
+        for name in ["x-one", "x-two", "keep-alive", "x-kept"] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        for_client(&mut h, false);
+        assert!(h.get("connection").is_none());
+        assert!(h.get("x-one").is_none());
+        assert!(h.get("x-two").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert_eq!(h["x-kept"], "1");
+
+        // A long list names nothing present: one lookup per token, and the rest stays.
+        let list = vec!["x-absent"; 10_000].join(",");
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_str(&list).expect("a valid value"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        for_client(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-kept"], "1");
     }
 
     #[test]
