@@ -312,7 +312,7 @@ pub fn fmt_num(x: f64, unit: &str) -> String {
     match unit {
         "KiB" | "ratio" => format!("{x:.1}"),
         "ms" if x < 100.0 => format!("{x:.1}"),
-        "s" => format!("{x:.2}"),
+        "s" | "×" => format!("{x:.2}"),
         _ if x.abs() >= 100.0 => format!("{x:.0}"),
         _ => format!("{x:.1}"),
     }

@@ -42,6 +42,7 @@ pub fn scenario_rps(
                         ];
                     }
                     add_cpu_detail(m, &v.name, &r.cpu_us_per_req);
+                    record_tunnel_cpu(report, &v.name, &r.cpu_us_per_req);
                     let total: f64 = r.cpu_us_per_req.values().sum();
                     report
                         .metric("rps.h1.cpu", SC1, "server CPU per request", "µs", false)
@@ -91,6 +92,7 @@ pub fn scenario_rps(
                 }
             }
         });
+        record_spread(report);
     }
     if tools.h2load.is_none() {
         report.skipped.push(missing("req/s HTTP/2", "h2load"));
@@ -125,4 +127,95 @@ pub fn scenario_rps(
             Err(e) => record_error(report, ("rps.h2", SC2, "req/s", "req/s", true), &v.name, &e),
         }
     });
+}
+
+/// The processes that serve the static GETs themselves (not part of a tunnel).
+const BACKENDS: [&str; 2] = ["nginx", "backend"];
+
+/// The tunnel's own CPU per request (relay + agent; rathole's server + client), with its
+/// target, and the same over the backend's CPU per request in that repetition: the
+/// backend is the same binary in every variant, so the quotient stays comparable when the
+/// machine as a whole gets slower or faster between repetitions (seen here: nginx's own
+/// CPU per request moving 15–21 µs), which the raw figure does not.
+fn record_tunnel_cpu(
+    report: &mut Report,
+    variant: &str,
+    cpu: &std::collections::BTreeMap<String, f64>,
+) {
+    const SC1: &str = "2 small GET, h1 50 conns";
+    let tunnel: Vec<f64> = cpu
+        .iter()
+        .filter(|(process, _)| !BACKENDS.contains(&process.as_str()))
+        .map(|(_, us)| *us)
+        .collect();
+    if tunnel.is_empty() {
+        return; // direct: no tunnel
+    }
+    let tunnel: f64 = tunnel.iter().sum();
+    let m = report.metric(
+        "rps.h1.tunnel_cpu",
+        SC1,
+        "tunnel CPU per request (relay + agent)",
+        "µs",
+        false,
+    );
+    m.samples
+        .entry(variant.to_owned())
+        .or_default()
+        .push(tunnel);
+    if m.targets.is_empty() {
+        m.targets = vec![Target::Max(30.0)];
+    }
+    let backend: f64 = cpu
+        .iter()
+        .filter(|(process, _)| BACKENDS.contains(&process.as_str()))
+        .map(|(_, us)| *us)
+        .sum();
+    if backend > 0.0 {
+        report
+            .metric(
+                "rps.h1.tunnel_cpu_per_backend",
+                SC1,
+                "tunnel CPU ÷ the backend's, per request",
+                "×",
+                false,
+            )
+            .samples
+            .entry(variant.to_owned())
+            .or_default()
+            .push(tunnel / backend);
+    }
+}
+
+/// Run-to-run spread of each variant's c50 req/s: the slowest repetition over the
+/// fastest (1.0 = steady), with the target.
+fn record_spread(report: &mut Report) {
+    const SC1: &str = "2 small GET, h1 50 conns";
+    let Some(rps) = report.get("rps.h1") else {
+        return;
+    };
+    let spreads: Vec<(String, f64)> = rps
+        .samples
+        .iter()
+        .filter(|(_, reps)| reps.len() > 1)
+        .filter_map(|(variant, reps)| {
+            let min = reps.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = reps.iter().copied().fold(0.0, f64::max);
+            (max > 0.0).then(|| (variant.clone(), min / max))
+        })
+        .collect();
+    if spreads.is_empty() {
+        return; // one repetition: no spread
+    }
+    let m = report.metric(
+        "rps.h1.spread",
+        SC1,
+        "spread of req/s (slowest ÷ fastest rep)",
+        "×",
+        true,
+    );
+    for (variant, spread) in spreads {
+        m.samples.entry(variant).or_default().push(spread);
+    }
+    m.targets = vec![Target::Min(0.9)];
 }
