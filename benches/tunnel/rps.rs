@@ -6,6 +6,9 @@ use crate::setup::{missing, Setup, Tools};
 use crate::tools::{h2load, wrk, HttpVariant};
 use crate::Opts;
 
+const SC1: &str = "2 small GET, h1 50 conns";
+const SC2: &str = "2 small GET, h2 10×10";
+
 pub fn scenario_rps(
     opts: &Opts,
     tools: &Tools,
@@ -13,8 +16,6 @@ pub fn scenario_rps(
     variants: &[HttpVariant],
     report: &mut Report,
 ) {
-    const SC1: &str = "2 small GET, h1 50 conns";
-    const SC2: &str = "2 small GET, h2 10×10";
     if tools.wrk.is_none() {
         report.skipped.push(missing("req/s HTTP/1.1", "wrk"));
     } else {
@@ -142,16 +143,18 @@ fn record_tunnel_cpu(
     variant: &str,
     cpu: &std::collections::BTreeMap<String, f64>,
 ) {
-    const SC1: &str = "2 small GET, h1 50 conns";
-    let tunnel: Vec<f64> = cpu
-        .iter()
-        .filter(|(process, _)| !BACKENDS.contains(&process.as_str()))
-        .map(|(_, us)| *us)
-        .collect();
-    if tunnel.is_empty() {
+    let (mut tunnel, mut backend, mut tunnel_processes) = (0.0, 0.0, 0);
+    for (process, us) in cpu {
+        if BACKENDS.contains(&process.as_str()) {
+            backend += us;
+        } else {
+            tunnel += us;
+            tunnel_processes += 1;
+        }
+    }
+    if tunnel_processes == 0 {
         return; // direct: no tunnel
     }
-    let tunnel: f64 = tunnel.iter().sum();
     let m = report.metric(
         "rps.h1.tunnel_cpu",
         SC1,
@@ -166,11 +169,6 @@ fn record_tunnel_cpu(
     if m.targets.is_empty() {
         m.targets = vec![Target::Max(30.0)];
     }
-    let backend: f64 = cpu
-        .iter()
-        .filter(|(process, _)| BACKENDS.contains(&process.as_str()))
-        .map(|(_, us)| *us)
-        .sum();
     if backend > 0.0 {
         report
             .metric(
@@ -190,7 +188,6 @@ fn record_tunnel_cpu(
 /// Run-to-run spread of each variant's c50 req/s: the slowest repetition over the
 /// fastest (1.0 = steady), with the target.
 fn record_spread(report: &mut Report) {
-    const SC1: &str = "2 small GET, h1 50 conns";
     let Some(rps) = report.get("rps.h1") else {
         return;
     };

@@ -142,20 +142,20 @@ fn remove_connection_and_named(headers: &mut HeaderMap) {
     let (Some(first), more) = (values.next().cloned(), values.next().is_some()) else {
         return;
     };
-    if more {
-        // Rare: several `Connection` fields.
-        let all: Vec<HeaderValue> = headers
+    // Several `Connection` fields are rare; an empty `Vec` allocates nothing.
+    let rest: Vec<HeaderValue> = if more {
+        headers
             .get_all(header::CONNECTION)
             .iter()
+            .skip(1)
             .cloned()
-            .collect();
-        headers.remove(header::CONNECTION);
-        for value in &all {
-            remove_named(headers, value);
-        }
+            .collect()
     } else {
-        headers.remove(header::CONNECTION);
-        remove_named(headers, &first);
+        Vec::new()
+    };
+    headers.remove(header::CONNECTION);
+    for value in std::iter::once(&first).chain(&rest) {
+        remove_named(headers, value);
     }
 }
 
