@@ -7,6 +7,8 @@ use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
+use jobgate_harness::client::{client_tls, ws_connect, Ws, WsTarget};
+use jobgate_harness::process::raise_nofile;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -239,4 +241,56 @@ async fn the_relay_picks_aes_128_gcm_unless_the_client_offers_only_aes_256() {
         negotiated_suite(&env, relay.https_port, Some(&only_256)).await,
         rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
     );
+}
+
+/// More WebSockets at once than an agent first lets the relay open streams for.
+const MANY_SOCKETS: usize = 1_300;
+/// WebSocket handshakes (or echoes) in flight at once while the test sets them up.
+const OPENING_AT_ONCE: usize = 64;
+
+#[tokio::test]
+async fn one_agent_holds_more_websockets_at_once_than_its_first_stream_allowance() {
+    // The agent starts by letting the relay open INITIAL_INCOMING_STREAMS streams and
+    // raises that as they fill; were it stuck there, the sockets past it would wait for
+    // stream credit that never comes and their handshakes would time out.
+    assert!(MANY_SOCKETS > jobgate_agent::dial::INITIAL_INCOMING_STREAMS as usize);
+    raise_nofile().unwrap_or_else(|e| panic!("{e}"));
+    let env = TestEnv::new("allowance");
+    let relay = start_relay(&env, &[]);
+    let token = env.token_file("alice");
+    let agent = start_demo_agent(&env, &relay, &token, "sockets");
+    let target = WsTarget::Relay {
+        port: relay.https_port,
+        tls: client_tls(&env.ca, &[b"http/1.1"]).unwrap_or_else(|e| panic!("{e}")),
+        session: agent.session().unwrap_or_else(|e| panic!("{e}")),
+    };
+
+    let opening = futures_util::stream::iter(0..MANY_SOCKETS)
+        .map(|_| ws_connect(&target, "/ws"))
+        .buffer_unordered(OPENING_AT_ONCE)
+        .collect::<Vec<_>>();
+    let opened = tokio::time::timeout(std::time::Duration::from_secs(60), opening)
+        .await
+        .expect("every WebSocket opens");
+    let mut sockets: Vec<Ws> = opened
+        .into_iter()
+        .map(|ws| ws.unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    assert_eq!(sockets.len(), MANY_SOCKETS);
+
+    // All of them open at once, and each still echoes on its own stream.
+    let echoes = futures_util::stream::iter(sockets.iter_mut().enumerate())
+        .map(|(i, ws)| async move {
+            ws.send(Message::Text(format!("socket {i}")))
+                .await
+                .expect("send");
+            let echoed = ws.next().await.expect("message").expect("ok");
+            assert_eq!(echoed, Message::Text(format!("socket {i}")));
+        })
+        .buffer_unordered(OPENING_AT_ONCE)
+        .count();
+    let echoed = tokio::time::timeout(std::time::Duration::from_secs(60), echoes)
+        .await
+        .expect("every WebSocket echoes");
+    assert_eq!(echoed, MANY_SOCKETS);
 }

@@ -1,6 +1,7 @@
 //! Serving the relay's request streams: each one becomes an HTTP/1.1 exchange with the
 //! local app, its response streamed back; a `101` turns the stream into a byte pipe.
 
+use crate::dial::{INITIAL_INCOMING_STREAMS, MAX_INCOMING_STREAMS};
 use crate::target::TargetPool;
 use bytes::Bytes;
 use http::{header, HeaderMap, Request, StatusCode};
@@ -9,18 +10,95 @@ use jobgate_protocol::upgrade;
 use jobgate_protocol::{RequestHead, ResponseHead, StreamCode, MAX_HEAD_FRAME};
 use jobgate_transport::body::{abandon, pipe, pump_body, StreamBody};
 use jobgate_transport::{Connection, ConnectionError, RecvStream, SendStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 
 /// Serves every stream the relay opens until the connection ends, and says why it ended.
 pub async fn serve_streams(connection: Connection, pool: Arc<TargetPool>) -> ConnectionError {
+    let session = Arc::new(SessionStreams {
+        pool,
+        open: AtomicUsize::new(0),
+    });
+    let mut allowance = StreamAllowance::new(INITIAL_INCOMING_STREAMS, MAX_INCOMING_STREAMS);
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(send, recv, pool.clone()));
+                let open = OpenStream::new(&session);
+                if let Some(more) = allowance.raise_for(open.count) {
+                    connection.allow_incoming_streams(more);
+                }
+                tokio::spawn(serve_stream(send, recv, open));
             }
             Err(e) => return e,
         }
+    }
+}
+
+/// What the streams of one connection share: the app's connections, and how many of the
+/// relay's streams are being served now.
+struct SessionStreams {
+    pool: Arc<TargetPool>,
+    open: AtomicUsize,
+}
+
+/// One stream being served; counted among the connection's open streams until dropped.
+struct OpenStream {
+    session: Arc<SessionStreams>,
+    /// Open streams, this one included, when it was accepted.
+    count: usize,
+}
+
+impl OpenStream {
+    fn new(session: &Arc<SessionStreams>) -> Self {
+        let count = session.open.fetch_add(1, Ordering::Relaxed) + 1;
+        Self {
+            session: session.clone(),
+            count,
+        }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.session.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How many streams the relay may have open at once on one connection. It starts small,
+/// because quinn's stream tables grow with the allowance rather than with use, and doubles
+/// whenever the open streams pass three quarters of it, so the relay gets more credit
+/// well before it would have to wait for some (a `MAX_STREAMS` frame takes one round
+/// trip). It never shrinks: tables that grew once stay grown in quinn anyway.
+#[derive(Debug)]
+pub struct StreamAllowance {
+    now: u32,
+    most: u32,
+}
+
+impl StreamAllowance {
+    /// An allowance of `initial` streams that may grow to `most`.
+    pub fn new(initial: u32, most: u32) -> Self {
+        Self {
+            now: initial.clamp(1, most.max(1)),
+            most: most.max(1),
+        }
+    }
+
+    /// The allowance now.
+    pub fn now(&self) -> u32 {
+        self.now
+    }
+
+    /// With `open` streams open: the new, larger allowance to give the relay, if it is
+    /// time to raise it.
+    pub fn raise_for(&mut self, open: usize) -> Option<u32> {
+        let threshold = self.now as usize - self.now as usize / 4;
+        if open <= threshold || self.now >= self.most {
+            return None;
+        }
+        self.now = self.now.saturating_mul(2).min(self.most);
+        Some(self.now)
     }
 }
 
@@ -28,7 +106,8 @@ pub async fn serve_streams(connection: Connection, pool: Arc<TargetPool>) -> Con
 // response head) are plain functions or blocks: what an async fn keeps in scope across an
 // `.await` is stored in its future, moved values included, and this future is copied into
 // its task for every request.
-async fn serve_stream(mut send: SendStream, mut recv: RecvStream, pool: Arc<TargetPool>) {
+async fn serve_stream(mut send: SendStream, mut recv: RecvStream, open: OpenStream) {
+    let pool = &open.session.pool;
     let decoded = match recv.read_frame(MAX_HEAD_FRAME).await {
         Ok(Some(payload)) => decode_request_head(&payload),
         _ => Err(None),
@@ -195,6 +274,36 @@ mod tests {
         // request and the response were all kept in scope across every `.await`.
         let size = size_of_task(serve_stream);
         assert!(size <= 1_600, "the stream's task grew to {size} bytes");
+    }
+
+    #[test]
+    fn the_stream_allowance_doubles_as_streams_fill_it_up_to_the_most() {
+        let mut allowance = StreamAllowance::new(1_024, 16_384);
+        assert_eq!(allowance.now(), 1_024);
+        // Up to three quarters open, the relay has enough credit.
+        assert_eq!(allowance.raise_for(1), None);
+        assert_eq!(allowance.raise_for(768), None);
+        assert_eq!(allowance.raise_for(769), Some(2_048));
+        assert_eq!(allowance.raise_for(769), None, "raised once per threshold");
+        assert_eq!(allowance.raise_for(1_537), Some(4_096));
+        assert_eq!(allowance.raise_for(3_073), Some(8_192));
+        assert_eq!(allowance.raise_for(8_000), Some(16_384));
+        assert_eq!(allowance.raise_for(16_384), None, "never past the most");
+        assert_eq!(allowance.now(), 16_384);
+        // Fewer open streams never take credit back.
+        assert_eq!(allowance.raise_for(0), None);
+        assert_eq!(allowance.now(), 16_384);
+    }
+
+    #[test]
+    fn a_stream_allowance_stays_within_its_bounds() {
+        assert_eq!(StreamAllowance::new(0, 16).now(), 1);
+        assert_eq!(StreamAllowance::new(64, 16).now(), 16);
+        let mut one = StreamAllowance::new(1, 3);
+        assert_eq!(one.raise_for(1), None);
+        assert_eq!(one.raise_for(2), Some(2));
+        assert_eq!(one.raise_for(3), Some(3));
+        assert_eq!(one.raise_for(usize::MAX), None);
     }
 
     #[test]

@@ -165,6 +165,14 @@ impl Connection {
         }
     }
 
+    /// Lets the peer have up to `count` bidirectional streams open at once (QUIC: a
+    /// `MAX_STREAMS` frame goes out; the TCP transport's limit is fixed by yamux's settings).
+    pub fn allow_incoming_streams(&self, count: u32) {
+        if let Connection::Quic(c) = self {
+            c.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(count));
+        }
+    }
+
     /// Bytes received and sent so far (UDP payloads on QUIC, TLS bytes on TCP).
     pub fn bytes(&self) -> (u64, u64) {
         match self {
