@@ -24,8 +24,8 @@ pub async fn serve_streams(connection: Connection, pool: Arc<TargetPool>) -> Con
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
-                let open = OpenStream::new(&session);
-                if let Some(more) = allowance.raise_for(open.count) {
+                let (open, count) = OpenStream::new(&session);
+                if let Some(more) = allowance.raise_for(count) {
                     connection.allow_incoming_streams(more);
                 }
                 tokio::spawn(serve_stream(send, recv, open));
@@ -45,17 +45,16 @@ struct SessionStreams {
 /// One stream being served; counted among the connection's open streams until dropped.
 struct OpenStream {
     session: Arc<SessionStreams>,
-    /// Open streams, this one included, when it was accepted.
-    count: usize,
 }
 
 impl OpenStream {
-    fn new(session: &Arc<SessionStreams>) -> Self {
+    /// Counts a newly accepted stream; also returns how many are open now, this one included.
+    fn new(session: &Arc<SessionStreams>) -> (Self, usize) {
         let count = session.open.fetch_add(1, Ordering::Relaxed) + 1;
-        Self {
+        let open = Self {
             session: session.clone(),
-            count,
-        }
+        };
+        (open, count)
     }
 }
 
