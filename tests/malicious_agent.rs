@@ -66,10 +66,15 @@ fn client_config(env: &TestEnv) -> quinn::ClientConfig {
 
 /// A QUIC connection to the relay, nothing sent on it yet.
 async fn dial(fx: &Fixture) -> (quinn::Endpoint, Connection) {
+    dial_with(fx, client_config(&fx.env)).await
+}
+
+/// [`dial`] with the agent's own QUIC settings.
+async fn dial_with(fx: &Fixture, config: quinn::ClientConfig) -> (quinn::Endpoint, Connection) {
     let endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("endpoint");
     let addr = ([127, 0, 0, 1], fx.relay.quic_port).into();
     let connecting = endpoint
-        .connect_with(client_config(&fx.env), addr, "localhost")
+        .connect_with(config, addr, "localhost")
         .expect("connect");
     let connection = tokio::time::timeout(Duration::from_secs(10), connecting)
         .await
@@ -118,7 +123,12 @@ impl Evil {
 
 /// Dials and completes Hello → Welcome like an honest agent would.
 async fn evil_session(fx: &Fixture) -> Evil {
-    let (endpoint, connection) = dial(fx).await;
+    evil_session_with(fx, client_config(&fx.env)).await
+}
+
+/// [`evil_session`] with the agent's own QUIC settings.
+async fn evil_session_with(fx: &Fixture, config: quinn::ClientConfig) -> Evil {
+    let (endpoint, connection) = dial_with(fx, config).await;
     let session = hand_made_session(&connection, &hello(&fx.evil_token))
         .await
         .expect("Welcome");
@@ -775,6 +785,60 @@ async fn extra_agent_streams_are_refused_by_flow_control_and_change_nothing() {
     // The agent's own mapping still works: nothing was confused.
     let (status, _, body) = get(&fx.env, port, &evil.host, &evil.path("/ok")).await;
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"evil-ok"[..]));
+}
+
+/// What the relay waits for an agent's stream credit (`STREAM_CREDIT_TIMEOUT` in
+/// `relay/src/forward.rs`).
+const STREAM_CREDIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn agent_that_allows_no_streams_gets_its_clients_a_503_not_a_hang() {
+    let fx = fixture("no-credit");
+    // The agent lets the relay open no request stream at all, and never raises it.
+    let mut config = client_config(&fx.env);
+    config.transport_config(jobgate_protocol::quic::transport_config(
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+        0,
+    ));
+    let evil = evil_session_with(&fx, config).await;
+    let port = fx.relay.https_port;
+
+    let asking = async {
+        let asked = Instant::now();
+        let answer = tokio::time::timeout(
+            STREAM_CREDIT_TIMEOUT * 3,
+            get(&fx.env, port, &evil.host, &evil.path("/")),
+        )
+        .await;
+        (answer, asked.elapsed())
+    };
+    // Nobody else waits with it.
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_serves(&fx, "while a request waits for stream credit").await;
+    };
+    let ((answer, waited), ()) = tokio::join!(asking, meanwhile);
+    let Ok((status, _, _)) = answer else {
+        panic!("the client still waits after {waited:?} for an agent that allows no streams");
+    };
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "answer after {waited:?} for an agent that allows no streams"
+    );
+    assert!(
+        waited >= STREAM_CREDIT_TIMEOUT - Duration::from_millis(500),
+        "the relay gave up after {waited:?}, before the agent had {STREAM_CREDIT_TIMEOUT:?} \
+         to allow a stream"
+    );
+    // The agent's connection stays up: it broke no protocol rule.
+    assert!(
+        evil.connection.close_reason().is_none(),
+        "the agent's connection ended: {:?}",
+        evil.connection.close_reason()
+    );
+    assert_serves(&fx, "after a request to an agent that allows no streams").await;
 }
 
 // --- (d) An agent that never reads ---------------------------------------------------------

@@ -18,9 +18,18 @@ use jobgate_protocol::{ReadFrameError, RequestHead, ResponseHead, StreamCode, MA
 use jobgate_transport::body::{abandon, pipe, pump_body, StreamBody};
 use jobgate_transport::{RecvStream, SendStream};
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+/// How long a request waits for its agent to allow one more stream. An honest agent
+/// raises its allowance before it runs out (a round trip), so a request that waits this
+/// long is at an agent that gives no credit at all (broken or hostile): its client gets
+/// `503` rather than waiting with it.
+pub(crate) const STREAM_CREDIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A front-door connection's client, as each of its requests needs it.
 #[derive(Clone)]
@@ -301,8 +310,9 @@ async fn forward(exchange: Exchange) -> Response<RelayBody> {
     let session = &flight.session;
     // A connection that fails here is an agent that just went away: its name is parked
     // (or ended) a moment later, so the client is told to retry rather than given a 502.
-    let Ok((mut send, recv)) = session.connection.open_bi().await else {
-        // A live TCP-transport connection refuses opens beyond its stream cap.
+    let Some(Ok((mut send, recv))) = open_stream(&session.connection).await else {
+        // A live connection with no stream to give: the agent's credit ran out (QUIC) or
+        // its stream cap was reached (the TCP transport refuses at once).
         if session.connection.close_reason().is_none() {
             return Page::Busy.render_as(html);
         }
@@ -409,6 +419,19 @@ async fn forward(exchange: Exchange) -> Response<RelayBody> {
     headers::for_client(&mut response_headers, switching);
     *response.headers_mut() = response_headers;
     response
+}
+
+/// Opens the request's stream to the agent, giving up (`None`) after
+/// [`STREAM_CREDIT_TIMEOUT`]. The open is normally ready at once, so it is polled once
+/// before a timer is armed: the common case pays for no timer.
+async fn open_stream(
+    connection: &jobgate_transport::Connection,
+) -> Option<Result<(SendStream, RecvStream), jobgate_transport::ConnectionError>> {
+    let mut open = std::pin::pin!(connection.open_bi());
+    match std::future::poll_fn(|cx| Poll::Ready(open.as_mut().poll(cx))).await {
+        Poll::Ready(opened) => Some(opened),
+        Poll::Pending => tokio::time::timeout(STREAM_CREDIT_TIMEOUT, open).await.ok(),
+    }
 }
 
 /// Reads the response head, giving up (`None`) after `limit`.
