@@ -99,3 +99,28 @@ where
         writeln!(writer)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::level_filters::LevelFilter;
+
+    /// What `RUST_LOG` (or the default) asks the diagnostics layer for, at most.
+    fn diagnostics_level(default: &str) -> LevelFilter {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+            .max_level_hint()
+            .unwrap_or(LevelFilter::TRACE)
+    }
+
+    // The only test that installs the process's subscriber (it is global).
+    #[test]
+    fn library_debug_and_trace_calls_are_skipped_unless_asked_for() {
+        init_logging("warn", LogFormat::Text);
+        // The user's lines need `info`; more only where `RUST_LOG` asks for more. At
+        // `TRACE` every library `trace!` (yamux logs one per frame) would be built and
+        // filtered at run time.
+        let expected = diagnostics_level("warn").max(LevelFilter::INFO);
+        assert_eq!(LevelFilter::current(), expected);
+    }
+}
