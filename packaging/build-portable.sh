@@ -12,7 +12,9 @@
 # The check: the highest GLIBC_x.y symbol version the binary needs is printed and must be
 # ≤ 2.17, and the binary must run `jobgate demo` and serve its page through its own relay.
 # Environment: PORTABLE_VENV (default target/portable-venv), PORTABLE_GLIBC (default 2.17),
-# PORTABLE_SKIP_DEMO=1 to skip the run check (e.g. when ports 8443/7443 are taken).
+# PORTABLE_SKIP_DEMO=1 to skip the run check (e.g. when ports 8443/7443 are taken),
+# PORTABLE_PGO_PROFILE=path/to/jobgate.profdata to build with a profile
+# (packaging/build-pgo.sh makes one and passes it with PGO_PORTABLE=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -34,6 +36,10 @@ if [ ! -x "$VENV/bin/cargo-zigbuild" ] || ! "$VENV/bin/python3" -m ziglang versi
 fi
 export PATH="$VENV/bin:$PATH"
 
+if [ -n "${PORTABLE_PGO_PROFILE:-}" ]; then
+	echo "[portable] with the profile $PORTABLE_PGO_PROFILE (profile-guided optimisation)"
+	export RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PORTABLE_PGO_PROFILE"
+fi
 echo "[portable] building jobgate for $TRIPLE with glibc $GLIBC symbols (release, stripped)"
 # A target dir of its own: the zig-linked artefacts must not mix with the host build's.
 CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols \

@@ -15,6 +15,8 @@ const STDERR_DRAIN: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(20);
 /// How long [`Proc::wait_for_socket`] waits for a unix socket to appear.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
+/// How long a process collecting a profile gets to exit on `SIGTERM` when dropped.
+const PROFILE_EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// Which stderr lines a process's reader thread also copies to our own stderr.
 pub type EchoFilter = fn(&str) -> bool;
@@ -259,6 +261,15 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // A binary built to collect a profile (`-Cprofile-generate`, as
+        // `packaging/build-pgo.sh` does) writes it when it exits on its own: it is asked
+        // to stop first, and killed only if it does not.
+        if std::env::var_os("LLVM_PROFILE_FILE").is_some() {
+            self.signal(nix::sys::signal::Signal::SIGTERM);
+            if self.try_wait_exit(PROFILE_EXIT_WAIT).is_ok() {
+                return;
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

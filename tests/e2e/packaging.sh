@@ -95,6 +95,9 @@ if command -v zsh >/dev/null; then zsh -n <("$JOBGATE_BIN" completions zsh) || d
 if command -v fish >/dev/null; then "$JOBGATE_BIN" completions fish | fish --no-execute || die "fish completions do not parse"; fi
 
 # --- 4. the portable binary -------------------------------------------------------------
+# The PGO build (packaging/build-pgo.sh) takes ~20 minutes, too long for CI: it is run by
+# hand (docs/performance.md, seventh pass); here it must at least parse.
+bash -n "$REPO_ROOT/packaging/build-pgo.sh" || die "packaging/build-pgo.sh does not parse"
 if [ "${E2E_SKIP_PORTABLE:-0}" = 1 ]; then
 	log "portable build skipped (E2E_SKIP_PORTABLE=1)"
 else
