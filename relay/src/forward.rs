@@ -29,7 +29,7 @@ use std::time::Duration;
 /// raises its allowance before it runs out (a round trip), so a request that waits this
 /// long is at an agent that gives no credit at all (broken or hostile): its client gets
 /// `503` rather than waiting with it.
-pub(crate) const STREAM_CREDIT_TIMEOUT: Duration = Duration::from_secs(10);
+const STREAM_CREDIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A front-door connection's client, as each of its requests needs it.
 #[derive(Clone)]
