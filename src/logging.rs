@@ -31,8 +31,7 @@ pub fn init_logging(default: &str, format: LogFormat) {
     // The user's lines have a layer of their own (text: `off` here) or are always on
     // in the one JSON stream (`info`).
     let diagnostics = |user_level: &str| {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        let filter = diagnostics_filter(default);
         match format!("{user_target}={user_level}").parse() {
             Ok(directive) => filter.add_directive(directive),
             Err(_) => filter,
@@ -74,6 +73,12 @@ pub fn init_logging(default: &str, format: LogFormat) {
     };
 }
 
+/// The diagnostics `RUST_LOG` asks for, or `default`.
+fn diagnostics_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+}
+
 /// `jobgate: <message>` (`jobgate: warning: …` for warnings): the agent's lines for the
 /// person who reads the job's output, as they always looked.
 struct UserLine;
@@ -105,14 +110,6 @@ mod tests {
     use super::*;
     use tracing::level_filters::LevelFilter;
 
-    /// What `RUST_LOG` (or the default) asks the diagnostics layer for, at most.
-    fn diagnostics_level(default: &str) -> LevelFilter {
-        tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
-            .max_level_hint()
-            .unwrap_or(LevelFilter::TRACE)
-    }
-
     // The only test that installs the process's subscriber (it is global).
     #[test]
     fn library_debug_and_trace_calls_are_skipped_unless_asked_for() {
@@ -120,7 +117,8 @@ mod tests {
         // The user's lines need `info`; more only where `RUST_LOG` asks for more. At
         // `TRACE` every library `trace!` (yamux logs one per frame) would be built and
         // filtered at run time.
-        let expected = diagnostics_level("warn").max(LevelFilter::INFO);
+        let asked = diagnostics_filter("warn").max_level_hint();
+        let expected = asked.unwrap_or(LevelFilter::TRACE).max(LevelFilter::INFO);
         assert_eq!(LevelFilter::current(), expected);
     }
 }
