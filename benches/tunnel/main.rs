@@ -26,8 +26,9 @@
 //! arguments after `--` work too), `JOBGATE_BENCH_WITHOUT` (e.g. `nginx,wrk`: behave as if
 //! missing), `JOBGATE_BENCH_BIN` (benchmark another jobgate binary),
 //! `JOBGATE_BENCH_COMPARE` (a second jobgate binary run side by side as variant `cmp-wN`,
-//! for before/after numbers), `JOBGATE_BENCH_TCP=0` (leave out variant `tcp-wN`: the same
-//! binary with its agents on the TCP transport, measured beside QUIC), `JOBGATE_BENCH_HOP=0`
+//! and `cmp-tcp-wN` beside `tcp-wN`, for before/after numbers), `JOBGATE_BENCH_TCP=0`
+//! (leave out variant `tcp-wN`: the same binary with its agents on the TCP transport,
+//! measured beside QUIC), `JOBGATE_BENCH_HOP=0`
 //! (leave out variant `hop-wN`: two relays sharing names through a real etcd, clients sent
 //! to the relay without the agents, so every connection crosses the peer link — the extra
 //! hop of a cluster; needs `etcd` on `$PATH` or `$JOBGATE_ETCD`),
@@ -261,6 +262,14 @@ impl Servers {
                 opts.workers[0],
                 StackKind::Tcp,
             ));
+            if let Some(other) = &opts.compare {
+                builds.push((
+                    format!("cmp-tcp-w{}", opts.workers[0]),
+                    other.clone(),
+                    opts.workers[0],
+                    StackKind::Tcp,
+                ));
+            }
         }
         let etcd_found = std::env::var_os("JOBGATE_ETCD").is_some()
             || jobgate_harness::process::which("etcd").is_some();

@@ -113,6 +113,23 @@ impl Shared {
     }
 }
 
+impl MuxRecv {
+    /// Reads into `dst`, which is already initialised. tokio's `AsyncRead` goes through
+    /// `Compat`, which zeroes all of a fresh `ReadBuf`'s room before every read (yamux
+    /// reads into `&mut [u8]`); a caller that keeps a zeroed buffer across reads (the
+    /// chunked reads of [`RecvStream`](crate::RecvStream)) pays that once per buffer.
+    pub(crate) fn poll_read_slice(
+        &self,
+        cx: &mut Context<'_>,
+        dst: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let shared = &self.0;
+        shared.poll(&shared.waiters.read, cx, |s, c| {
+            futures_util::io::AsyncRead::poll_read(Pin::new(Pin::into_inner(s).get_mut()), c, dst)
+        })
+    }
+}
+
 impl AsyncRead for MuxRecv {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -1,7 +1,7 @@
 //! A stream's two halves over either transport, as tokio readers/writers.
 
 use crate::split::{MuxRecv, MuxSend};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use jobgate_protocol::{decode_frame, ReadFrameError, StreamCode, FRAME_HEADER_LEN};
 use std::future::Future;
 use std::io;
@@ -9,11 +9,13 @@ use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-/// Buffer kept per TCP-transport receive half for chunked reads: yamux hands data over
-/// by copy, so a reused buffer avoids an allocation per chunk.
-const TCP_READ_BUFFER: usize = 64 * 1024;
-/// Below this much room left in that buffer, a fresh one is taken.
-const TCP_READ_MIN_ROOM: usize = 4 * 1024;
+/// First buffer of a TCP-transport receive half's chunked reads: a head and a small body
+/// fit, and an idle stream (an open WebSocket) holds no more than this.
+const TCP_READ_FIRST: usize = 4 * 1024;
+/// Largest such buffer: a read that fills its room doubles the next buffer up to this.
+const TCP_READ_MAX: usize = 64 * 1024;
+/// A fresh buffer is taken when less than this fraction of the current size is left.
+const TCP_READ_REFILL_FRACTION: usize = 8;
 
 /// The sending half of a bidirectional stream.
 #[derive(Debug)]
@@ -39,7 +41,43 @@ enum RecvInner {
     /// A QUIC stream.
     Quic(quinn::RecvStream),
     /// A yamux stream, with the buffer its chunked reads fill.
-    Tcp(MuxRecv, BytesMut),
+    Tcp(MuxRecv, TcpReadBuffer),
+}
+
+/// Where a yamux receive half's chunked reads land. yamux hands data over by copy into an
+/// initialised slice, so the buffer is zeroed once when taken (not before every read) and
+/// chunks are split off its front; it starts small and grows while reads fill it (bulk).
+#[derive(Debug, Default)]
+struct TcpReadBuffer {
+    /// Zeroed room; every byte of it is initialised (its length, not its capacity).
+    room: BytesMut,
+    /// Size of the next fresh buffer.
+    next: usize,
+}
+
+impl TcpReadBuffer {
+    /// Reads at most `max` bytes from `recv` into the room; `None` at the end of the stream.
+    fn poll_read(
+        &mut self,
+        recv: &MuxRecv,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        let size = self.next.max(TCP_READ_FIRST);
+        if self.room.len() < size / TCP_READ_REFILL_FRACTION {
+            self.room = BytesMut::zeroed(size);
+        }
+        let want = self.room.len().min(max);
+        let n = std::task::ready!(recv.poll_read_slice(cx, &mut self.room[..want]))?;
+        if n == 0 {
+            return Poll::Ready(Ok(None));
+        }
+        if n == self.room.len() {
+            // More was probably waiting: a bigger buffer next time.
+            self.next = (size * 2).min(TCP_READ_MAX);
+        }
+        Poll::Ready(Ok(Some(self.room.split_to(n).freeze())))
+    }
 }
 
 impl SendStream {
@@ -102,7 +140,7 @@ impl RecvStream {
     /// The receiving half of a yamux stream.
     pub(crate) fn tcp(recv: MuxRecv) -> Self {
         Self {
-            inner: RecvInner::Tcp(recv, BytesMut::new()),
+            inner: RecvInner::Tcp(recv, TcpReadBuffer::default()),
             unread: None,
         }
     }
@@ -177,23 +215,7 @@ impl RecvStream {
                     Err(e) => Poll::Ready(Err(io::Error::from(e))),
                 }
             }
-            RecvInner::Tcp(r, buf) => {
-                // Chunks are split off one buffer; a fresh one only when little room is left.
-                if buf.capacity() < TCP_READ_MIN_ROOM {
-                    buf.reserve(TCP_READ_BUFFER);
-                }
-                let room = buf.capacity().min(max);
-                let mut limited = (&mut *buf).limit(room);
-                let n = std::task::ready!(tokio_util::io::poll_read_buf(
-                    Pin::new(&mut *r),
-                    cx,
-                    &mut limited
-                ))?;
-                if n == 0 {
-                    return Poll::Ready(Ok(None));
-                }
-                Poll::Ready(Ok(Some(buf.split().freeze())))
-            }
+            RecvInner::Tcp(r, buf) => buf.poll_read(r, cx, max),
         }
     }
 

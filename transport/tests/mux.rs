@@ -1,5 +1,6 @@
 //! The TCP transport over a real loopback TCP connection: streams both ways, byte-exact
-//! bulk, many concurrent streams, a stalled reader not blocking other streams, close.
+//! bulk, many concurrent streams, a stalled reader not blocking other streams, close, the
+//! size of chunked reads.
 
 use jobgate_protocol::CloseCode;
 use jobgate_transport::{Connection, MuxConnection, Role, TransportKind};
@@ -351,4 +352,34 @@ async fn a_head_frame_is_read_whole_and_what_follows_it_stays_for_the_body() {
         let (head, _) = read_head_and_rest(&server, limit).await;
         assert!(head.is_err(), "{why}: {head:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_reads_start_small_and_grow_while_data_waits() {
+    let (client, server) = pair().await;
+    let data = pattern(192 * 1024, 7);
+    let (mut send, _recv) = client.open_bi().await.expect("open");
+    // Within yamux's 256 KiB stream window: all of it can wait at the receiver unread.
+    send.write_all(&data).await.expect("write");
+    send.shutdown().await.expect("finish");
+    let accepted = tokio::time::timeout(PATIENCE, server.accept_bi()).await;
+    let (_send, mut recv) = accepted.expect("a stream in time").expect("accept");
+    // Let every frame reach the receiving end before the first read.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut sizes = Vec::new();
+    let mut back = Vec::new();
+    while let Some(chunk) = recv.read_chunk(usize::MAX).await.expect("chunk") {
+        sizes.push(chunk.len());
+        back.extend_from_slice(&chunk);
+    }
+    assert_eq!(back, data, "byte-exact");
+    // A stream that only ever carries a head (an idle WebSocket) holds a small buffer...
+    assert!(sizes[0] <= 4 * 1024, "first read is small: {sizes:?}");
+    // ...and one carrying bulk gets bigger reads, up to a bound.
+    assert!(
+        sizes.contains(&(64 * 1024)),
+        "reads grow to 64 KiB while data waits: {sizes:?}"
+    );
+    assert!(sizes.iter().all(|&n| n <= 64 * 1024), "{sizes:?}");
 }
