@@ -9,13 +9,14 @@ use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-/// First buffer of a TCP-transport receive half's chunked reads: a head and a small body
-/// fit, and an idle stream (an open WebSocket) holds no more than this.
+/// What the first chunked read of a TCP-transport receive half asks for: a head and a
+/// small body fit.
 const TCP_READ_FIRST: usize = 4 * 1024;
-/// Largest such buffer: a read that fills its room doubles the next buffer up to this.
+/// Most a chunked read asks for: reads that get all they asked for double the next ask up
+/// to this (bulk); a read of less than [`TCP_READ_SMALL`] drops the ask back to the first.
 const TCP_READ_MAX: usize = 64 * 1024;
-/// A fresh buffer is taken when less than this fraction of the current size is left.
-const TCP_READ_REFILL_FRACTION: usize = 8;
+/// Below this, a read counts as small traffic (a keystroke on a WebSocket).
+const TCP_READ_SMALL: usize = 1024;
 
 /// The sending half of a bidirectional stream.
 #[derive(Debug)]
@@ -44,15 +45,28 @@ enum RecvInner {
     Tcp(MuxRecv, TcpReadBuffer),
 }
 
-/// Where a yamux receive half's chunked reads land. yamux hands data over by copy into an
-/// initialised slice, so the buffer is zeroed once when taken (not before every read) and
-/// chunks are split off its front; it starts small and grows while reads fill it (bulk).
-#[derive(Debug, Default)]
+/// Where a yamux receive half's chunked reads land. yamux copies into an initialised
+/// slice, so the buffer is zeroed once when taken (not before every read, as tokio's
+/// `ReadBuf` path through `Compat` does) and chunks are split off its front. A buffer is
+/// twice the current ask and is replaced when less than half an ask is left, so a read
+/// gets room for what yamux holds (the chunk size sets how many writes the far side
+/// makes) while zeroing stays within ~1.3× of what is read; a stream that only carried a
+/// head (an idle WebSocket) holds 8 KiB.
+#[derive(Debug)]
 struct TcpReadBuffer {
     /// Zeroed room; every byte of it is initialised (its length, not its capacity).
     room: BytesMut,
-    /// Size of the next fresh buffer.
-    next: usize,
+    /// What the next read asks for.
+    ask: usize,
+}
+
+impl Default for TcpReadBuffer {
+    fn default() -> Self {
+        Self {
+            room: BytesMut::new(),
+            ask: TCP_READ_FIRST,
+        }
+    }
 }
 
 impl TcpReadBuffer {
@@ -63,20 +77,26 @@ impl TcpReadBuffer {
         cx: &mut Context<'_>,
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
-        let size = self.next.max(TCP_READ_FIRST);
-        if self.room.len() < size / TCP_READ_REFILL_FRACTION {
-            self.room = BytesMut::zeroed(size);
+        if self.room.len() < self.ask / 2 {
+            self.room = BytesMut::zeroed(2 * self.ask);
         }
-        let want = self.room.len().min(max);
+        let want = self.room.len().min(self.ask).min(max);
         let n = std::task::ready!(recv.poll_read_slice(cx, &mut self.room[..want]))?;
         if n == 0 {
             return Poll::Ready(Ok(None));
         }
-        if n == self.room.len() {
-            // More was probably waiting: a bigger buffer next time.
-            self.next = (size * 2).min(TCP_READ_MAX);
+        let chunk = self.room.split_to(n).freeze();
+        if n == want {
+            // More was probably waiting: ask for more next time.
+            self.ask = (self.ask * 2).min(TCP_READ_MAX);
+        } else if n < TCP_READ_SMALL && self.ask > TCP_READ_FIRST {
+            // Traffic turned sparse: an idle stream should not keep a bulk-sized buffer.
+            self.ask = TCP_READ_FIRST;
+            if self.room.len() > 2 * self.ask {
+                self.room = BytesMut::new();
+            }
         }
-        Poll::Ready(Ok(Some(self.room.split_to(n).freeze())))
+        Poll::Ready(Ok(Some(chunk)))
     }
 }
 
