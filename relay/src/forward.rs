@@ -505,7 +505,8 @@ mod tests {
     fn a_requests_future_stays_small() {
         // hyper moves this future into place for every request: it was 3,288 bytes when
         // routing ran inside it (each async layer kept its own copy of the request).
+        // 1,552 since a TCP-transport stream remembers how much its next read asks for.
         let size = size_of_answer(super::answer);
-        assert!(size <= 1_536, "the request future grew to {size} bytes");
+        assert!(size <= 1_600, "the request future grew to {size} bytes");
     }
 }
