@@ -365,7 +365,13 @@ async fn chunked_reads_start_small_and_grow_while_data_waits() {
     let accepted = tokio::time::timeout(PATIENCE, server.accept_bi()).await;
     let (_send, mut recv) = accepted.expect("a stream in time").expect("accept");
     // Let every frame reach the receiving end before the first read.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let arrived = tokio::time::timeout(PATIENCE, async {
+        while server.bytes().0 < data.len() as u64 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    arrived.await.expect("all of it arrives");
+    tokio::time::sleep(Duration::from_millis(50)).await;
 
     let mut sizes = Vec::new();
     let mut back = Vec::new();
