@@ -33,11 +33,19 @@ pub fn scenario_scale(
             .errors
             .push(format!("{primary}: {e:#}"));
     }
-    if let Err(e) = scenario_scale_ws(opts, setup, runtime, report) {
+    if let Err(e) = scenario_scale_ws(opts, setup, runtime, report, false) {
         report
             .metric("scale.ws", SC, "relay RSS per idle WebSocket", "KiB", false)
             .errors
             .push(format!("{primary}: {e:#}"));
+    }
+    if opts.tcp {
+        if let Err(e) = scenario_scale_ws(opts, setup, runtime, report, true) {
+            report
+                .metric("scale.ws", SC, "relay RSS per idle WebSocket", "KiB", false)
+                .errors
+                .push(format!("tcp-w{}: {e:#}", opts.workers[0]));
+        }
     }
 }
 
@@ -209,18 +217,36 @@ fn scenario_scale_agents(
     Ok(())
 }
 
-/// Relay RSS per idle WebSocket: N upgraded connections through one relay and agent.
+/// Most idle WebSockets opened through a TCP-transport agent: the relay lets such an agent
+/// have 256 streams at once (`TCP_AGENT_STREAMS` in relay/src/agents.rs: yamux's fixed
+/// 256 KiB window per stream bounds what it may buffer), less the warm-up sockets.
+const TCP_MAX_WEBSOCKETS: usize = 200;
+
+/// Relay RSS per idle WebSocket: N upgraded connections through one relay and agent,
+/// the agent on QUIC or (`tcp`) on the TCP transport.
 fn scenario_scale_ws(
     opts: &Opts,
     setup: &Setup,
     runtime: &tokio::runtime::Runtime,
     report: &mut Report,
+    tcp: bool,
 ) -> Result<()> {
-    let n = opts.websockets;
-    eprintln!("[scale] {n} idle WebSockets through one relay");
+    // A TCP-transport session carries fewer streams at once; per socket, fewer measure
+    // the same.
+    let n = if tcp {
+        opts.websockets.min(TCP_MAX_WEBSOCKETS)
+    } else {
+        opts.websockets
+    };
+    let transport = if tcp { "TCP" } else { "QUIC" };
+    eprintln!("[scale] {n} idle WebSockets through one relay (agent on {transport})");
     let (backend, backend_port) = start_backend(setup)?;
     let relay = setup.start_relay(opts.workers[0], &[])?;
     let mut c = setup.agent_command(&relay, opts.workers[0]);
+    if tcp {
+        c.args(["--transport", "tcp", "--relay-tcp"])
+            .arg(format!("127.0.0.1:{}", relay.https_port));
+    }
     c.arg("--to").arg(format!("127.0.0.1:{backend_port}"));
     let agent = launch_agent(c)?;
     let target = WsTarget::Relay {
@@ -276,11 +302,15 @@ fn scenario_scale_ws(
     drop(agent);
     drop(relay);
     drop(backend);
-    let primary = variant_name(opts.workers[0]);
+    let primary = if tcp {
+        format!("tcp-w{}", opts.workers[0])
+    } else {
+        variant_name(opts.workers[0])
+    };
     let m = report.metric("scale.ws", SC, "relay RSS per idle WebSocket", "KiB", false);
     m.samples.entry(primary.clone()).or_default().push(per_ws);
     m.targets = vec![Target::Max(16.0)];
-    m.detail.insert("run".into(), detail);
+    m.detail.insert(format!("run {primary}"), detail);
     report
         .metric(
             "scale.ws.agent",
