@@ -50,8 +50,8 @@ enum RecvInner {
 /// `ReadBuf` path through `Compat` does) and chunks are split off its front. A buffer is
 /// twice the current ask and is replaced when less than half an ask is left, so a read
 /// gets room for what yamux holds (the chunk size sets how many writes the far side
-/// makes) while zeroing stays within ~1.3× of what is read; a stream that only carried a
-/// head (an idle WebSocket) holds 8 KiB.
+/// makes) while zeroing stays within ~1.3× of what is read. At the first ask the buffer
+/// is just the ask: a stream that only carried a head (an idle WebSocket) holds 4 KiB.
 #[derive(Debug)]
 struct TcpReadBuffer {
     /// Zeroed room; every byte of it is initialised (its length, not its capacity).
@@ -78,7 +78,13 @@ impl TcpReadBuffer {
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
         if self.room.len() < self.ask / 2 {
-            self.room = BytesMut::zeroed(2 * self.ask);
+            // At the first ask, one ask: most streams carry a head and little else.
+            let size = if self.ask == TCP_READ_FIRST {
+                TCP_READ_FIRST
+            } else {
+                2 * self.ask
+            };
+            self.room = BytesMut::zeroed(size);
         }
         let want = self.room.len().min(self.ask).min(max);
         let n = std::task::ready!(recv.poll_read_slice(cx, &mut self.room[..want]))?;
@@ -92,7 +98,7 @@ impl TcpReadBuffer {
         } else if n < TCP_READ_SMALL && self.ask > TCP_READ_FIRST {
             // Traffic turned sparse: an idle stream should not keep a bulk-sized buffer.
             self.ask = TCP_READ_FIRST;
-            if self.room.len() > 2 * self.ask {
+            if self.room.len() > self.ask {
                 self.room = BytesMut::new();
             }
         }
