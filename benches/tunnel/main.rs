@@ -257,14 +257,14 @@ impl Servers {
         }
         if opts.tcp {
             builds.push((
-                format!("tcp-w{}", opts.workers[0]),
+                setup::tcp_variant_name(opts.workers[0]),
                 setup.bin.clone(),
                 opts.workers[0],
                 StackKind::Tcp,
             ));
             if let Some(other) = &opts.compare {
                 builds.push((
-                    format!("cmp-tcp-w{}", opts.workers[0]),
+                    format!("cmp-{}", setup::tcp_variant_name(opts.workers[0])),
                     other.clone(),
                     opts.workers[0],
                     StackKind::Tcp,

@@ -1,7 +1,7 @@
 //! Scenario 5: relay (and agent) memory per idle agent and per idle WebSocket.
 
 use crate::report::{Report, Target};
-use crate::setup::{start_backend, variant_name, Setup};
+use crate::setup::{start_backend, tcp_variant_name, use_tcp_transport, variant_name, Setup};
 use crate::Opts;
 use anyhow::{bail, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -33,19 +33,26 @@ pub fn scenario_scale(
             .errors
             .push(format!("{primary}: {e:#}"));
     }
-    if let Err(e) = scenario_scale_ws(opts, setup, runtime, report, false) {
-        report
-            .metric("scale.ws", SC, "relay RSS per idle WebSocket", "KiB", false)
-            .errors
-            .push(format!("{primary}: {e:#}"));
-    }
-    if opts.tcp {
-        if let Err(e) = scenario_scale_ws(opts, setup, runtime, report, true) {
+    for tcp in [false, true] {
+        if tcp && !opts.tcp {
+            continue;
+        }
+        if let Err(e) = scenario_scale_ws(opts, setup, runtime, report, tcp) {
+            let variant = ws_variant(opts, tcp);
             report
                 .metric("scale.ws", SC, "relay RSS per idle WebSocket", "KiB", false)
                 .errors
-                .push(format!("tcp-w{}: {e:#}", opts.workers[0]));
+                .push(format!("{variant}: {e:#}"));
         }
+    }
+}
+
+/// The variant a WebSocket measurement counts for.
+fn ws_variant(opts: &Opts, tcp: bool) -> String {
+    if tcp {
+        tcp_variant_name(opts.workers[0])
+    } else {
+        variant_name(opts.workers[0])
     }
 }
 
@@ -217,10 +224,9 @@ fn scenario_scale_agents(
     Ok(())
 }
 
-/// Most idle WebSockets opened through a TCP-transport agent: the relay lets such an agent
-/// have 256 streams at once (`TCP_AGENT_STREAMS` in relay/src/agents.rs: yamux's fixed
-/// 256 KiB window per stream bounds what it may buffer), less the warm-up sockets.
-const TCP_MAX_WEBSOCKETS: usize = 200;
+/// Most idle WebSockets opened through a TCP-transport agent: the streams the relay lets
+/// such an agent have at once, less the warm-up sockets and some room.
+const TCP_MAX_WEBSOCKETS: usize = jobgate_relay::agents::TCP_AGENT_STREAMS - 56;
 
 /// Relay RSS per idle WebSocket: N upgraded connections through one relay and agent,
 /// the agent on QUIC or (`tcp`) on the TCP transport.
@@ -244,8 +250,7 @@ fn scenario_scale_ws(
     let relay = setup.start_relay(opts.workers[0], &[])?;
     let mut c = setup.agent_command(&relay, opts.workers[0]);
     if tcp {
-        c.args(["--transport", "tcp", "--relay-tcp"])
-            .arg(format!("127.0.0.1:{}", relay.https_port));
+        use_tcp_transport(&mut c, &relay);
     }
     c.arg("--to").arg(format!("127.0.0.1:{backend_port}"));
     let agent = launch_agent(c)?;
@@ -302,11 +307,7 @@ fn scenario_scale_ws(
     drop(agent);
     drop(relay);
     drop(backend);
-    let primary = if tcp {
-        format!("tcp-w{}", opts.workers[0])
-    } else {
-        variant_name(opts.workers[0])
-    };
+    let primary = ws_variant(opts, tcp);
     let m = report.metric("scale.ws", SC, "relay RSS per idle WebSocket", "KiB", false);
     m.samples.entry(primary.clone()).or_default().push(per_ws);
     m.targets = vec![Target::Max(16.0)];

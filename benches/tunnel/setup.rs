@@ -412,9 +412,7 @@ impl JobgateStack {
         let agent_to = |port: u16| -> Result<AgentProc> {
             let mut command = setup.agent_command_of(bin, &relay, workers);
             if kind == StackKind::Tcp {
-                command
-                    .args(["--transport", "tcp", "--relay-tcp"])
-                    .arg(format!("127.0.0.1:{}", relay.https_port));
+                use_tcp_transport(&mut command, &relay);
             }
             command.arg("--to").arg(format!("127.0.0.1:{port}"));
             Ok(launch_agent(command)?)
@@ -445,4 +443,16 @@ impl JobgateStack {
 
 pub fn variant_name(workers: usize) -> String {
     format!("jobgate-w{workers}")
+}
+
+/// The variant whose agents use the TCP transport.
+pub fn tcp_variant_name(workers: usize) -> String {
+    format!("tcp-w{workers}")
+}
+
+/// Puts an agent command on the TCP transport (TLS to the relay's HTTPS port, yamux).
+pub fn use_tcp_transport(command: &mut Command, relay: &RelayProc) {
+    command
+        .args(["--transport", "tcp", "--relay-tcp"])
+        .arg(format!("127.0.0.1:{}", relay.https_port));
 }

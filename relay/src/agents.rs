@@ -29,7 +29,7 @@ const AGENT_OPENED_STREAMS: u32 = 1;
 /// WebSockets): yamux guarantees each 256 KiB of receive window, so this caps what one
 /// TCP agent can make the relay buffer at 72 MiB ((256 + 32) × 256 KiB; QUIC sessions:
 /// the memory budget's window). Requests beyond it get 503 until streams end.
-const TCP_AGENT_STREAMS: usize = 256;
+pub const TCP_AGENT_STREAMS: usize = 256;
 /// How long a connection that a session moved away from may go on carrying the streams it
 /// had (WebSockets): then they are cut, and browsers reconnect over the new one.
 const MOVED_CONNECTION_GRACE: Duration = Duration::from_secs(600);
