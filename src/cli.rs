@@ -38,6 +38,20 @@ impl Cli {
         }
     }
 
+    /// Runtime worker threads as asked, or as the command needs: a relay serving on
+    /// several cores runs its own runtime per core, and its main runtime only control
+    /// work, so that one is single-threaded unless `--workers` says otherwise.
+    pub fn workers(&self) -> Option<usize> {
+        match &self.command {
+            Command::Relay(args)
+                if self.workers.is_none() && crate::relay_cmd::serves_on_cores(args) =>
+            {
+                Some(1)
+            }
+            _ => self.workers,
+        }
+    }
+
     /// For `__app-guard`: the agent's pid and the app's group. The guard must run before
     /// any runtime thread exists (it blocks signals on its one thread).
     pub fn app_guard(&self) -> Option<(i32, i32)> {
@@ -142,14 +156,9 @@ pub(crate) enum TokenCommand {
     },
 }
 
-/// I/O events the single-threaded runtime takes from the kernel per tick (tokio's default
-/// is 1,024). With fewer, a burst of 50 ready connections is handled in small batches,
-/// so the first requests of a burst are on their way to the next process (relay → agent
-/// → app) while the rest wait, instead of all of them being decoded before any is sent:
-/// the processes of the pipeline overlap rather than take turns. Measured on 2 cores, 50
-/// connections, paired runs (docs/performance.md): +16 to +30 % req/s over the default,
-/// the same CPU per request, the same latency at one connection.
-const IO_EVENTS_PER_TICK: usize = 16;
+/// I/O events the single-threaded runtime takes from the kernel per tick: the relay's
+/// cores use the same (why: its doc).
+const IO_EVENTS_PER_TICK: usize = jobgate_relay::cores::IO_EVENTS_PER_TICK;
 
 /// Builds the tokio runtime: single-threaded for `workers == 1`.
 pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {

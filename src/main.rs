@@ -33,7 +33,7 @@ fn main() -> std::process::ExitCode {
         let code = jobgate_agent::guard::run(parent, pgid);
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    let runtime = match cli::runtime(cli.workers) {
+    let runtime = match cli::runtime(cli.workers()) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("jobgate: cannot start the runtime: {e}");

@@ -30,6 +30,17 @@ pub(crate) struct RelayArgs {
 /// Merges `relay.toml` and the flags given (flags win) into a [`RelayConfig`], deserialized
 /// once. `matches` are the `relay` subcommand's: they say which flags were typed, so a
 /// flag's default never hides the file's key.
+/// Whether the relay will serve on several cores (`--cores` or `cores` in `--config`
+/// above 1): then the main runtime only runs control work and is single-threaded. A file
+/// that cannot be read here is reported when the relay starts.
+pub(crate) fn serves_on_cores(args: &RelayArgs) -> bool {
+    let in_file = || {
+        let table = crate::config::read_table(args.config.as_deref()?).ok()?;
+        table.get("cores")?.as_integer()
+    };
+    args.settings.cores > 1 || in_file().is_some_and(|cores| cores > 1)
+}
+
 fn relay_config(args: RelayArgs, matches: &ArgMatches) -> anyhow::Result<RelayConfig> {
     // The file gets the same strict reading as the agent's: no group/other-writable file,
     // every key a setting (a typo names the nearest one), types checked with its name.
@@ -206,6 +217,32 @@ mod tests {
             config.allow_public,
             "an absent boolean flag must not turn the file's off"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_relay_on_several_cores_keeps_its_main_runtime_single_threaded() {
+        let workers = |argv: &[&str]| {
+            let matches = Cli::command().try_get_matches_from(argv).expect("parse");
+            Cli::from_arg_matches(&matches).expect("cli").workers()
+        };
+        assert_eq!(workers(&["jobgate", "relay"]), None);
+        assert_eq!(workers(&["jobgate", "relay", "--cores", "4"]), Some(1));
+        assert_eq!(
+            workers(&["jobgate", "--workers", "3", "relay", "--cores", "4"]),
+            Some(3),
+            "--workers wins"
+        );
+        assert_eq!(workers(&["jobgate", "agent", "--relay", "r:1"]), None);
+
+        let dir = std::env::temp_dir().join(format!("jobgate-cores-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("relay.toml");
+        std::fs::write(&file, "cores = 8\n").expect("write");
+        let path = file.to_str().expect("utf8");
+        assert_eq!(workers(&["jobgate", "relay", "--config", path]), Some(1));
+        std::fs::write(&file, "cores = 1\n").expect("write");
+        assert_eq!(workers(&["jobgate", "relay", "--config", path]), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

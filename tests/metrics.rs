@@ -194,3 +194,94 @@ async fn healthz_says_draining_while_the_relay_drains() {
         .expect("the slow request finished");
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+/// A relay told to use three cores runs one runtime per core: the kernel spreads client
+/// connections over the cores' listeners, agents go one per core, and everything works as
+/// on one: plain requests, a WebSocket, an agent on the TCP transport, a drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_on_three_cores_spreads_clients_and_agents_and_serves_them_all() {
+    let env = TestEnv::new("cores");
+    let token = env.token_file("alice");
+    let (mut relay, metrics) = start_relay_with_metrics(&env, &["--cores", "3"]);
+    let agents: Vec<AgentProc> = (0..3)
+        .map(|i| start_demo_agent(&env, &relay, &token, &format!("app{i}")))
+        .collect();
+    let tcp_relay = format!("127.0.0.1:{}", relay.https_port);
+    let bin = env.bin.to_string_lossy().into_owned();
+    let tcp_agent = start_agent(
+        &env,
+        &relay,
+        &token,
+        &[
+            "--transport",
+            "tcp",
+            "--relay-tcp",
+            &tcp_relay,
+            "--",
+            &bin,
+            "demo-app",
+            "--listen",
+            "127.0.0.1:{port}",
+            "--label",
+            "tcp",
+        ],
+    );
+    assert!(tcp_agent.proc.stderr().contains("connected over TCP/TLS"));
+
+    // Each GET is a new client connection: 80 of them land on all three listeners.
+    for agent in agents.iter().chain([&tcp_agent]) {
+        for _ in 0..20 {
+            let (status, _, body) =
+                get(&env, relay.https_port, &agent.host(), &agent.path("/echo")).await;
+            assert_eq!(status, StatusCode::OK);
+            assert!(!body.is_empty());
+        }
+    }
+    let text = scrape(metrics, "/metrics").await.1;
+    for core in 0..3 {
+        let clients = metric_sample(
+            &text,
+            &format!("jobgate_core_client_connections_total{{core=\"{core}\"}}"),
+        );
+        assert!(clients > 0.0, "core {core} accepted no client:\n{text}");
+        let agents = metric_sample(
+            &text,
+            &format!("jobgate_core_agent_connections{{core=\"{core}\"}}"),
+        );
+        assert_eq!(agents, 1.0, "core {core}:\n{text}");
+    }
+
+    let agent = &agents[2];
+    let host = agent.host();
+    let tls = tls_connect(&env, relay.https_port, &host, &[b"http/1.1"]).await;
+    let request = format!("wss://{host}:{}{}", relay.https_port, agent.path("/ws"))
+        .into_client_request()
+        .expect("request");
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
+        .await
+        .expect("websocket handshake");
+    for i in 0..10 {
+        ws.send(Message::Text(format!("ping {i}")))
+            .await
+            .expect("send");
+        assert_eq!(
+            ws.next().await.expect("echo").expect("ok"),
+            Message::Text(format!("ping {i}"))
+        );
+    }
+    ws.close(None).await.expect("close");
+
+    // An agent that leaves frees its place on its core.
+    let mut leaving = agents.into_iter().next().expect("first agent");
+    leaving.proc.signal(Signal::SIGTERM);
+    leaving.proc.wait_exit(Duration::from_secs(20));
+    wait_for_sample(metrics, "jobgate_core_agent_connections{core=\"0\"}", 0.0).await;
+
+    relay.proc.signal(Signal::SIGTERM);
+    assert_eq!(
+        relay.proc.wait_exit(Duration::from_secs(20)),
+        0,
+        "{}",
+        relay.proc.stderr()
+    );
+}

@@ -31,7 +31,9 @@
 //! measured beside QUIC), `JOBGATE_BENCH_HOP=0`
 //! (leave out variant `hop-wN`: two relays sharing names through a real etcd, clients sent
 //! to the relay without the agents, so every connection crosses the peer link — the extra
-//! hop of a cluster; needs `etcd` on `$PATH` or `$JOBGATE_ETCD`),
+//! hop of a cluster; needs `etcd` on `$PATH` or `$JOBGATE_ETCD`), `JOBGATE_BENCH_CORES`
+//! (e.g. `2,4`: also variants `cores2-wN`, `cores4-wN`, the relay with `--cores`: one
+//! runtime per core),
 //! `JOBGATE_BENCH_JSON` (output path).
 
 mod bulk;
@@ -127,6 +129,9 @@ pub struct Opts {
     /// Also run variant `hop-wN` (two relays through etcd; clients reach the one without
     /// the agents: the extra hop of a cluster).
     pub hop: bool,
+    /// Also run a variant `coresN-wM` per entry: the relay with `--cores N` (one runtime
+    /// per core), its main runtime and agents with `M` workers.
+    pub cores: Vec<usize>,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -181,6 +186,12 @@ impl Opts {
             compare: std::env::var_os("JOBGATE_BENCH_COMPARE").map(PathBuf::from),
             tcp: std::env::var("JOBGATE_BENCH_TCP").map_or(true, |v| v != "0"),
             hop: std::env::var("JOBGATE_BENCH_HOP").map_or(true, |v| v != "0"),
+            cores: std::env::var("JOBGATE_BENCH_CORES")
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .filter(|n| *n > 1)
+                .collect(),
         }
     }
 
@@ -270,6 +281,14 @@ impl Servers {
                     StackKind::Tcp,
                 ));
             }
+        }
+        for &cores in &opts.cores {
+            builds.push((
+                format!("cores{cores}-w{}", opts.workers[0]),
+                setup.bin.clone(),
+                opts.workers[0],
+                StackKind::Cores(cores),
+            ));
         }
         let etcd_found = std::env::var_os("JOBGATE_ETCD").is_some()
             || jobgate_harness::process::which("etcd").is_some();

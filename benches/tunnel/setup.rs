@@ -359,6 +359,8 @@ pub enum StackKind {
     Tcp,
     /// Two relays sharing names through etcd; clients go to the one without the agents.
     Hop,
+    /// Agents over QUIC, the relay on this many cores (`--cores`).
+    Cores(usize),
 }
 
 /// The flags that make relay `node` of the cluster on `etcd` (the bench's dev PKI for the
@@ -404,6 +406,9 @@ impl JobgateStack {
             _ => None,
         };
         let mut relay_args = vec!["--listen-http".to_owned(), listen_http];
+        if let StackKind::Cores(cores) = kind {
+            relay_args.extend(["--cores".to_owned(), cores.to_string()]);
+        }
         if let Some(etcd) = &etcd {
             relay_args.extend(cluster_args(setup, etcd, "holder"));
         }

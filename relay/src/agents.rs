@@ -81,6 +81,7 @@ pub(crate) fn bind_endpoint(
     server: quinn::ServerConfig,
     reset_key: ring::hmac::Key,
     cid_key: u64,
+    runtime: Arc<dyn quinn::Runtime>,
 ) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(config.listen_quic)?;
     if let Ok(state) = quinn::udp::UdpSocketState::new((&socket).into()) {
@@ -92,12 +93,7 @@ pub(crate) fn bind_endpoint(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    quinn::Endpoint::new(
-        endpoint_config,
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
+    quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
 }
 
 /// Accepts agent connections until the endpoint closes. Connections waiting for their

@@ -32,12 +32,13 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Serves HTTPS on `listener` until the task is aborted.
 pub(crate) async fn serve_https(
     listener: TcpListener,
+    core: usize,
     tls: Arc<rustls::ServerConfig>,
     shared: Arc<Shared>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let accepting = shared.clone();
-    accept_loop(listener, accepting, move |tcp, peer, permit| {
+    accept_loop(listener, core, accepting, move |tcp, peer, permit| {
         let acceptor = acceptor.clone();
         let shared = shared.clone();
         async move {
@@ -353,16 +354,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 }
 
 /// Serves plain HTTP on `listener` (behind a TLS-terminating load balancer).
-pub(crate) async fn serve_http(listener: TcpListener, shared: Arc<Shared>) {
+pub(crate) async fn serve_http(listener: TcpListener, core: usize, shared: Arc<Shared>) {
     let accepting = shared.clone();
-    accept_loop(listener, accepting, move |tcp, peer, permit| {
+    accept_loop(listener, core, accepting, move |tcp, peer, permit| {
         serve_connection(tcp, peer, shared.clone(), permit)
     })
     .await
 }
 
-/// Accepts connections; one over a cap is closed at once, before any TLS work.
-async fn accept_loop<F, Fut>(listener: TcpListener, shared: Arc<Shared>, serve: F)
+/// Accepts connections on `core`'s listener; one over a cap is closed at once, before
+/// any TLS work.
+async fn accept_loop<F, Fut>(listener: TcpListener, core: usize, shared: Arc<Shared>, serve: F)
 where
     F: Fn(TcpStream, SocketAddr, ClientPermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -372,6 +374,7 @@ where
         match listener.accept().await {
             Ok((tcp, peer)) => {
                 backoff.succeeded();
+                shared.core_load.client_accepted(core);
                 match shared.client_caps.admit(peer.ip()) {
                     Ok(permit) => {
                         let _ = tcp.set_nodelay(true);

@@ -20,6 +20,7 @@ pub mod audit;
 mod body;
 pub mod cluster;
 pub mod config;
+pub mod cores;
 pub mod forward;
 pub mod front;
 mod headers;
@@ -100,6 +101,8 @@ pub(crate) struct Shared {
     pub queued: queued::QueuedNames,
     /// The cluster this relay is part of (`cluster_etcd`), if any.
     pub cluster: Option<cluster::Cluster>,
+    /// What each core carries (`cores`), for `/metrics`.
+    pub core_load: Arc<cores::CoreLoad>,
 }
 
 /// A running relay: its bound addresses and its tasks.
@@ -119,6 +122,8 @@ pub struct Relay {
     /// The front door's accept loops (stopped first on drain).
     front: JoinSet<()>,
     tasks: JoinSet<()>,
+    /// The cores' runtimes (`cores` > 1). Last: dropped after everything that runs on them.
+    _cores: cores::Cores,
 }
 
 impl Relay {
@@ -171,9 +176,24 @@ impl Relay {
                 .await
                 .map_err(|source| RelayError::Bind { addr, source })
         };
-        let https = bind(config.listen_https).await?;
+        let cores = cores::Cores::start(config.cores)
+            .map_err(|e| RelayError::Config(format!("cannot start {} cores: {e}", config.cores)))?;
+        // One listener per core (SO_REUSEPORT), or one on this runtime.
+        let bind_front = |addr: SocketAddr| {
+            let (bind, cores) = (&bind, &cores);
+            async move {
+                if cores.handles().is_empty() {
+                    Ok(vec![bind(addr).await?])
+                } else {
+                    cores
+                        .bind_each(addr)
+                        .map_err(|source| RelayError::Bind { addr, source })
+                }
+            }
+        };
+        let https = bind_front(config.listen_https).await?;
         let http = match config.listen_http {
-            Some(addr) => Some(bind(addr).await?),
+            Some(addr) => Some(bind_front(addr).await?),
             None => None,
         };
         let metrics_listener = match config.listen_metrics {
@@ -191,12 +211,35 @@ impl Relay {
             agents::server_config(&config, quic_tls, limits::SMALL_STREAM_WINDOW)
                 .map_err(quic_error)?,
         );
-        let endpoint =
-            agents::bind_endpoint(&config, server, tickets.reset_key(), tickets.cid_key())
-                .map_err(quic_error)?;
-        let https_addr = local_addr(&https, config.listen_https)?;
+        let endpoint = if cores.handles().is_empty() {
+            agents::bind_endpoint(
+                &config,
+                server,
+                tickets.reset_key(),
+                tickets.cid_key(),
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(quic_error)?
+        } else {
+            let spread = cores.quic_runtime();
+            let endpoint = agents::bind_endpoint(
+                &config,
+                server,
+                tickets.reset_key(),
+                tickets.cid_key(),
+                spread.clone(),
+            )
+            .map_err(quic_error)?;
+            spread.spread();
+            endpoint
+        };
+        let first = |listeners: &[TcpListener]| match listeners.first() {
+            Some(listener) => local_addr(listener, config.listen_https),
+            None => Err(RelayError::Config("no listener bound".into())),
+        };
+        let https_addr = first(&https)?;
         let http_addr = match &http {
-            Some(l) => Some(local_addr(l, config.listen_https)?),
+            Some(l) => Some(first(l)?),
             None => None,
         };
         let quic_addr = endpoint.local_addr().map_err(quic_error)?;
@@ -245,14 +288,26 @@ impl Relay {
             signon,
             queued: Default::default(),
             cluster,
+            core_load: cores.load(),
             domain: config.normalized_domain(),
             config,
         });
         state::restore(&shared);
         let mut front = JoinSet::new();
-        front.spawn(front::serve_https(https, front_tls.clone(), shared.clone()));
-        if let Some(http) = http {
-            front.spawn(front::serve_http(http, shared.clone()));
+        let handles = cores.handles();
+        for (core, listener) in https.into_iter().enumerate() {
+            let serve = front::serve_https(listener, core, front_tls.clone(), shared.clone());
+            match handles.get(core) {
+                Some(handle) => front.spawn_on(serve, handle),
+                None => front.spawn(serve),
+            };
+        }
+        for (core, listener) in http.into_iter().flatten().enumerate() {
+            let serve = front::serve_http(listener, core, shared.clone());
+            match handles.get(core) {
+                Some(handle) => front.spawn_on(serve, handle),
+                None => front.spawn(serve),
+            };
         }
         if shared.cluster.is_some() {
             front.spawn(front::serve_peers(front_tls.clone(), shared.clone()));
@@ -280,6 +335,7 @@ impl Relay {
             endpoint,
             front,
             tasks,
+            _cores: cores,
         })
     }
 

@@ -211,6 +211,34 @@ pub(crate) fn render(shared: &Shared) -> String {
             &[("", n(&m.peer_forwarded_connections))],
         );
     }
+    let per_core = shared.core_load.snapshot();
+    if per_core.len() > 1 {
+        let labels: Vec<String> = (0..per_core.len())
+            .map(|core| format!("{{core=\"{core}\"}}"))
+            .collect();
+        let clients: Vec<(&str, f64)> = labels
+            .iter()
+            .zip(&per_core)
+            .map(|(label, (clients, _))| (label.as_str(), *clients as f64))
+            .collect();
+        family(
+            "core_client_connections_total",
+            "counter",
+            "With cores > 1: client connections each core accepted (the kernel spreads them by address).",
+            &clients,
+        );
+        let agents: Vec<(&str, f64)> = labels
+            .iter()
+            .zip(&per_core)
+            .map(|(label, (_, agents))| (label.as_str(), *agents as f64))
+            .collect();
+        family(
+            "core_agent_connections",
+            "gauge",
+            "With cores > 1: agent connections (QUIC) each core drives now.",
+            &agents,
+        );
+    }
     family(
         "agent_tcp_connections_total",
         "counter",
