@@ -33,7 +33,7 @@
 //! to the relay without the agents, so every connection crosses the peer link — the extra
 //! hop of a cluster; needs `etcd` on `$PATH` or `$JOBGATE_ETCD`), `JOBGATE_BENCH_CORES`
 //! (e.g. `2,4`: also variants `cores2-wN`, `cores4-wN`, the relay with `--cores`: one
-//! runtime per core),
+//! runtime per core; `cmp-coresN-wM` with `JOBGATE_BENCH_COMPARE`),
 //! `JOBGATE_BENCH_JSON` (output path).
 
 mod bulk;
@@ -283,8 +283,17 @@ impl Servers {
             }
         }
         for &cores in &opts.cores {
+            let name = format!("cores{cores}-w{}", opts.workers[0]);
+            if let Some(other) = &opts.compare {
+                builds.push((
+                    format!("cmp-{name}"),
+                    other.clone(),
+                    opts.workers[0],
+                    StackKind::Cores(cores),
+                ));
+            }
             builds.push((
-                format!("cores{cores}-w{}", opts.workers[0]),
+                name,
                 setup.bin.clone(),
                 opts.workers[0],
                 StackKind::Cores(cores),

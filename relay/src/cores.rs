@@ -14,8 +14,12 @@
 //! - **Agents.** quinn drives each connection in a task of its own (decrypting packets,
 //!   stream bookkeeping, sending); [`SpreadRuntime`] spawns each new one on the core with
 //!   the fewest agent connections. The endpoint's receive loop (one UDP socket; it routes
-//!   each datagram to its connection by connection ID), agent admission, control
-//!   streams, the admin API and metrics stay on the main runtime.
+//!   each datagram to its connection by connection ID, the decryption is the
+//!   connection's) runs on core 0: measured on 2 cores, 4 of 4 paired runs, that beat a
+//!   thread of its own (c50 +7 %, 5.7 µs less relay + agent CPU per request, c1 p50
+//!   −43 µs), as the agents placed on core 0 then get their datagrams without a hop
+//!   between threads. Agent admission, control streams, the admin API and metrics stay
+//!   on the main runtime.
 //!
 //! A request from a client on one core to an agent on another crosses threads once each
 //! way (the stream is opened on the agent's connection, whose task wakes on its core).
@@ -177,7 +181,7 @@ pub struct SpreadRuntime {
     handles: Vec<Handle>,
     load: Arc<CoreLoad>,
     /// Off while the endpoint is made: its first spawn is the endpoint's own receive
-    /// loop, which stays on the main runtime; every later one is a connection's task.
+    /// loop, which goes to core 0 (with its socket); every later one is a connection's.
     spreading: AtomicBool,
 }
 
@@ -202,7 +206,10 @@ impl Runtime for SpreadRuntime {
 
     fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
         if !self.spreading.load(Relaxed) || self.handles.is_empty() {
-            tokio::spawn(future);
+            match self.handles.first() {
+                Some(first) => first.spawn(future),
+                None => tokio::spawn(future),
+            };
             return;
         }
         let core = self.load.least_loaded();
@@ -222,6 +229,8 @@ impl Runtime for SpreadRuntime {
         &self,
         socket: std::net::UdpSocket,
     ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        // Registered with core 0's reactor, where the receive loop runs.
+        let _on_first = self.handles.first().map(Handle::enter);
         quinn::TokioRuntime.wrap_udp_socket(socket)
     }
 
