@@ -94,8 +94,13 @@ pub(crate) async fn run_relay(args: RelayArgs, matches: &ArgMatches) -> anyhow::
         ));
     }
     relay_says(format_args!(
-        "HTTPS on {}, agents (QUIC/UDP) on {}",
-        relay.https_addr, relay.quic_addr
+        "HTTPS on {}, agents (QUIC/UDP) on {}{}",
+        relay.https_addr,
+        relay.quic_addr,
+        match relay.cores() {
+            1 => String::new(),
+            n => format!(", serving on {n} cores"),
+        }
     ));
     if let Some(addr) = relay.metrics_addr {
         relay_says(format_args!(

@@ -203,6 +203,7 @@ async fn a_relay_on_three_cores_spreads_clients_and_agents_and_serves_them_all()
     let env = TestEnv::new("cores");
     let token = env.token_file("alice");
     let (mut relay, metrics) = start_relay_with_metrics(&env, &["--cores", "3"]);
+    assert!(relay.proc.stderr().contains("serving on 3 cores"));
     let agents: Vec<AgentProc> = (0..3)
         .map(|i| start_demo_agent(&env, &relay, &token, &format!("app{i}")))
         .collect();

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! jobgate relay: HTTPS on 127.0.0.1:40123, agents (QUIC/UDP) on 127.0.0.1:51234
+//! (`, serving on 4 cores` after it with `--cores 4`)
 //! jobgate relay: metrics on http://127.0.0.1:40999/metrics, health on http://…/healthz
 //! ```
 
@@ -84,6 +85,8 @@ mod tests {
         assert_eq!(addrs.https, "127.0.0.1:40123".parse().expect("addr"));
         assert_eq!(addrs.quic, "127.0.0.1:51234".parse().expect("addr"));
         assert_eq!(addrs.metrics, None);
+        let on_cores = READY.replace('\n', ", serving on 4 cores\n");
+        assert_eq!(parse_startup(&on_cores), Ok(addrs), "{on_cores}");
     }
 
     #[test]

@@ -344,6 +344,11 @@ impl Relay {
         Some(self.shared.cluster.as_ref()?.node.node_id())
     }
 
+    /// Cores the relay serves on (`cores`): one runtime each, or 1 for the caller's.
+    pub fn cores(&self) -> usize {
+        self.shared.config.cores
+    }
+
     /// How many sessions are live right now.
     pub fn live_sessions(&self) -> usize {
         self.shared.routes.len()
