@@ -33,7 +33,8 @@
 //! to the relay without the agents, so every connection crosses the peer link — the extra
 //! hop of a cluster; needs `etcd` on `$PATH` or `$JOBGATE_ETCD`), `JOBGATE_BENCH_CORES`
 //! (e.g. `2,4`: also variants `cores2-wN`, `cores4-wN`, the relay with `--cores`: one
-//! runtime per core; `cmp-coresN-wM` with `JOBGATE_BENCH_COMPARE`),
+//! runtime per core; `cmp-coresN-wM` with `JOBGATE_BENCH_COMPARE`; the scale scenario's
+//! relays then serve on the first entry's cores),
 //! `JOBGATE_BENCH_JSON` (output path).
 
 mod bulk;

@@ -47,6 +47,15 @@ pub fn scenario_scale(
     }
 }
 
+/// With `JOBGATE_BENCH_CORES`, the scale relays serve on its first entry (`--cores`):
+/// memory and re-admission of a relay on several cores.
+fn cores_flags(opts: &Opts) -> Vec<String> {
+    match opts.cores.first() {
+        Some(cores) => vec!["--cores".into(), cores.to_string()],
+        None => Vec::new(),
+    }
+}
+
 /// The variant a WebSocket measurement counts for.
 fn ws_variant(opts: &Opts, tcp: bool) -> String {
     if tcp {
@@ -67,12 +76,14 @@ fn scenario_scale_agents(
     eprintln!("[scale] {n} idle agents on one relay");
     let limit = (n + 64).to_string();
     // One user opens every agent at once: lift the per-user rate of new sessions too.
-    let relay_flags = [
+    let mut relay_flags = vec![
         "--max-sessions-per-user",
         &limit,
         "--max-new-sessions-per-user-per-minute",
         "0",
     ];
+    let cores = cores_flags(opts);
+    relay_flags.extend(cores.iter().map(String::as_str));
     let relay = setup.start_relay(opts.workers[0], &relay_flags)?;
     let dial = jobgate_agent::dial::DialConfig {
         idle_timeout: Duration::from_secs(30),
@@ -247,7 +258,9 @@ fn scenario_scale_ws(
     let transport = if tcp { "TCP" } else { "QUIC" };
     eprintln!("[scale] {n} idle WebSockets through one relay (agent on {transport})");
     let (backend, backend_port) = start_backend(setup)?;
-    let relay = setup.start_relay(opts.workers[0], &[])?;
+    let cores = cores_flags(opts);
+    let cores: Vec<&str> = cores.iter().map(String::as_str).collect();
+    let relay = setup.start_relay(opts.workers[0], &cores)?;
     let mut c = setup.agent_command(&relay, opts.workers[0]);
     if tcp {
         use_tcp_transport(&mut c, &relay);

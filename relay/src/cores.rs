@@ -58,14 +58,25 @@ pub struct CoreLoad {
     clients_accepted: Box<[AtomicU64]>,
     /// Agent connections (QUIC) each core drives now.
     agents_live: Box<[AtomicI64]>,
+    /// The cores' runtimes (none with one core), for their task counts.
+    runtimes: Vec<Handle>,
 }
 
 impl CoreLoad {
-    fn new(cores: usize) -> Self {
+    fn new(cores: usize, runtimes: Vec<Handle>) -> Self {
         Self {
             clients_accepted: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             agents_live: (0..cores).map(|_| AtomicI64::new(0)).collect(),
+            runtimes,
         }
+    }
+
+    /// Tasks alive on the cores' runtimes (the main runtime's are not counted here).
+    pub(crate) fn tasks_alive(&self) -> usize {
+        self.runtimes
+            .iter()
+            .map(|runtime| runtime.metrics().num_alive_tasks())
+            .sum()
     }
 
     /// Counts a client connection accepted on `core`.
@@ -126,7 +137,7 @@ impl Cores {
             stop.push(stop_tx);
         }
         Ok(Self {
-            load: Arc::new(CoreLoad::new(cores.max(1))),
+            load: Arc::new(CoreLoad::new(cores.max(1), handles.clone())),
             handles,
             _stop: stop,
         })
@@ -258,7 +269,7 @@ mod tests {
 
     #[test]
     fn agents_go_to_the_core_with_the_fewest() {
-        let load = CoreLoad::new(3);
+        let load = CoreLoad::new(3, Vec::new());
         assert_eq!(load.least_loaded(), 0);
         load.agents_live[0].fetch_add(1, Relaxed);
         assert_eq!(load.least_loaded(), 1);
@@ -280,6 +291,18 @@ mod tests {
             .collect();
         assert_eq!(ports.len(), 3);
         assert!(ports.iter().all(|&p| p == ports[0] && p != 0), "{ports:?}");
+    }
+
+    #[test]
+    fn tasks_on_the_cores_are_counted() {
+        let cores = Cores::start(2).expect("cores");
+        assert_eq!(cores.load().tasks_alive(), 0);
+        let (done, wait) = tokio::sync::oneshot::channel::<()>();
+        cores.handles()[1].spawn(async move {
+            let _ = wait.await;
+        });
+        assert_eq!(cores.load().tasks_alive(), 1);
+        drop(done);
     }
 
     #[test]

@@ -387,12 +387,12 @@ pub(crate) fn render(shared: &Shared) -> String {
     family(
         "runtime_tasks",
         "gauge",
-        "Tasks alive in the relay's async runtime.",
+        "Tasks alive in the relay's async runtimes (the main one and, with cores > 1, each core's).",
         &[(
             "",
-            tokio::runtime::Handle::current()
-                .metrics()
-                .num_alive_tasks() as f64,
+            (tokio::runtime::Handle::try_current()
+                .map_or(0, |runtime| runtime.metrics().num_alive_tasks())
+                + shared.core_load.tasks_alive()) as f64,
         )],
     );
     family(
