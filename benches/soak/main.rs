@@ -27,7 +27,8 @@
 //! SOAK_SECS soak duration [180], SOAK_WARMUP_SECS [20], SOAK_CLIENTS request loops [48],
 //! SOAK_WEBSOCKETS WebSockets on stable agents [500], SOAK_CHURN_WS WebSockets on churning
 //! agents [40], SOAK_LIFE_MIN/SOAK_LIFE_MAX agent lifetime in seconds [5/40],
-//! SOAK_GRACE the relay's --resume-grace [10], SOAK_RSS_SLACK_PCT allowed RSS growth [15].
+//! SOAK_GRACE the relay's --resume-grace [10], SOAK_RSS_SLACK_PCT allowed RSS growth [15],
+//! SOAK_RELAY_CORES the relay's --cores [1].
 
 mod agents;
 mod clients;
@@ -70,6 +71,8 @@ pub struct Opts {
     life_max: f64,
     grace: u64,
     rss_slack_pct: f64,
+    /// The relay's `--cores` (one runtime per core).
+    relay_cores: usize,
 }
 
 impl Opts {
@@ -86,6 +89,7 @@ impl Opts {
             life_max: env_or("SOAK_LIFE_MAX", 40.0),
             grace: env_or("SOAK_GRACE", 10),
             rss_slack_pct: env_or("SOAK_RSS_SLACK_PCT", 15.0),
+            relay_cores: env_or("SOAK_RELAY_CORES", 1),
         }
     }
 }

@@ -86,6 +86,7 @@ pub fn start_relay(env: &TestEnv, opts: &Opts) -> Result<Relay> {
     let mut command = relay_command(&[], &env.bin, env, 0, 0);
     command
         .args(["--resume-grace", &opts.grace.to_string()])
+        .args(["--cores", &opts.relay_cores.to_string()])
         .args(["--listen-metrics", "127.0.0.1:0"])
         .args([
             "--max-sessions-per-user",
