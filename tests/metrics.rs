@@ -27,6 +27,23 @@ async fn scrape(addr: SocketAddr, path: &str) -> (StatusCode, String) {
     plain_http(addr, "GET", path, None).await
 }
 
+/// A WebSocket to the demo app's echo (`/ws`) of `agent`, through the relay's front door.
+async fn open_websocket(
+    env: &TestEnv,
+    https_port: u16,
+    agent: &AgentProc,
+) -> tokio_tungstenite::WebSocketStream<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> {
+    let host = agent.host();
+    let tls = tls_connect(env, https_port, &host, &[b"http/1.1"]).await;
+    let request = format!("wss://{host}:{https_port}{}", agent.path("/ws"))
+        .into_client_request()
+        .expect("request");
+    let (ws, _) = tokio_tungstenite::client_async(request, tls)
+        .await
+        .expect("websocket handshake");
+    ws
+}
+
 /// Waits until `series` has the value `want` (metrics move a moment after the event).
 async fn wait_for_sample(addr: SocketAddr, series: &str, want: f64) {
     let reached = eventually(Duration::from_secs(10), || async {
@@ -87,14 +104,7 @@ async fn metrics_follow_sessions_requests_websockets_and_pages() {
     assert!(metric_sample(&text, "jobgate_runtime_tasks") > 0.0);
 
     // A WebSocket counts while it is open, and not after.
-    let host = agent.host();
-    let tls = tls_connect(&env, relay.https_port, &host, &[b"http/1.1"]).await;
-    let request = format!("wss://{host}:{}{}", relay.https_port, agent.path("/ws"))
-        .into_client_request()
-        .expect("request");
-    let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
-        .await
-        .expect("websocket handshake");
+    let mut ws = open_websocket(&env, relay.https_port, &agent).await;
     ws.send(Message::Text("ping".into())).await.expect("send");
     assert_eq!(
         ws.next().await.expect("echo").expect("ok"),
@@ -208,24 +218,12 @@ async fn a_relay_on_three_cores_spreads_clients_and_agents_and_serves_them_all()
         .map(|i| start_demo_agent(&env, &relay, &token, &format!("app{i}")))
         .collect();
     let tcp_relay = format!("127.0.0.1:{}", relay.https_port);
-    let bin = env.bin.to_string_lossy().into_owned();
-    let tcp_agent = start_agent(
+    let tcp_agent = start_demo_agent_with(
         &env,
         &relay,
         &token,
-        &[
-            "--transport",
-            "tcp",
-            "--relay-tcp",
-            &tcp_relay,
-            "--",
-            &bin,
-            "demo-app",
-            "--listen",
-            "127.0.0.1:{port}",
-            "--label",
-            "tcp",
-        ],
+        "tcp",
+        &["--transport", "tcp", "--relay-tcp", &tcp_relay],
     );
     assert!(tcp_agent.proc.stderr().contains("connected over TCP/TLS"));
 
@@ -252,15 +250,7 @@ async fn a_relay_on_three_cores_spreads_clients_and_agents_and_serves_them_all()
         assert_eq!(agents, 1.0, "core {core}:\n{text}");
     }
 
-    let agent = &agents[2];
-    let host = agent.host();
-    let tls = tls_connect(&env, relay.https_port, &host, &[b"http/1.1"]).await;
-    let request = format!("wss://{host}:{}{}", relay.https_port, agent.path("/ws"))
-        .into_client_request()
-        .expect("request");
-    let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
-        .await
-        .expect("websocket handshake");
+    let mut ws = open_websocket(&env, relay.https_port, &agents[2]).await;
     for i in 0..10 {
         ws.send(Message::Text(format!("ping {i}")))
             .await

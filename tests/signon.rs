@@ -315,18 +315,7 @@ fn stack(name: &str, extra: &[&str]) -> Stack {
 }
 
 fn demo_agent(s: &Stack, flags: &[&str]) -> AgentProc {
-    let bin = s.env.bin.to_string_lossy().into_owned();
-    let mut args: Vec<&str> = flags.to_vec();
-    args.extend_from_slice(&[
-        "--",
-        &bin,
-        "demo-app",
-        "--listen",
-        "127.0.0.1:{port}",
-        "--label",
-        "alice",
-    ]);
-    start_agent(&s.env, &s.relay, &s.alice.1, &args)
+    start_demo_agent_with(&s.env, &s.relay, &s.alice.1, "alice", flags)
 }
 
 #[tokio::test]

@@ -421,21 +421,29 @@ pub fn start_agent_command(command: Command, url_file: &Path) -> AgentProc {
 
 /// Starts an agent that runs the demo app itself on `{port}`, labelled `label`.
 pub fn start_demo_agent(env: &TestEnv, relay: &RelayProc, token: &Path, label: &str) -> AgentProc {
+    start_demo_agent_with(env, relay, token, label, &[])
+}
+
+/// [`start_demo_agent`] with the agent's `flags` (before the app's command).
+pub fn start_demo_agent_with(
+    env: &TestEnv,
+    relay: &RelayProc,
+    token: &Path,
+    label: &str,
+    flags: &[&str],
+) -> AgentProc {
     let bin = env.bin.to_string_lossy().into_owned();
-    start_agent(
-        env,
-        relay,
-        token,
-        &[
-            "--",
-            &bin,
-            "demo-app",
-            "--listen",
-            "127.0.0.1:{port}",
-            "--label",
-            label,
-        ],
-    )
+    let mut args = flags.to_vec();
+    args.extend([
+        "--",
+        &bin,
+        "demo-app",
+        "--listen",
+        "127.0.0.1:{port}",
+        "--label",
+        label,
+    ]);
+    start_agent(env, relay, token, &args)
 }
 
 /// Runs the demo app (`jobgate demo-app`) as its own process.
