@@ -75,15 +75,7 @@ async fn the_reserved_url_serves_the_app_of_the_agent_in_that_job() {
         .env("SLURM_JOB_ID", "4242")
         .arg("--reservation-file")
         .arg(&file);
-    command.args([
-        "--",
-        &bin,
-        "demo-app",
-        "--listen",
-        "127.0.0.1:{port}",
-        "--label",
-        "held",
-    ]);
+    command.args(demo_app_command(&bin, "held"));
     let agent = jobgate_harness::stack::launch_agent(command).unwrap_or_else(|e| panic!("{e}"));
     // The agent announces the very link printed at submit time, access key included.
     assert_eq!(

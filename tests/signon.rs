@@ -684,15 +684,7 @@ async fn jobgate_login_gets_a_token_through_the_browser() {
         &s.env,
         &s.relay,
         &token_file,
-        &[
-            "--",
-            &bin,
-            "demo-app",
-            "--listen",
-            "127.0.0.1:{port}",
-            "--label",
-            "bob",
-        ],
+        &demo_app_command(&bin, "bob"),
     );
     let page = browser.open(&format!("{}/echo", job.base()), "bob").await;
     assert_eq!((page.status, label(&page)), (StatusCode::OK, "bob"));

@@ -160,15 +160,7 @@ async fn a_reserved_url_says_queued_then_starting_then_serves_the_app() {
         .env("SLURM_JOB_ID", "4242")
         .arg("--reservation-file")
         .arg(&file)
-        .args([
-            "--",
-            &bin,
-            "demo-app",
-            "--listen",
-            "127.0.0.1:{port}",
-            "--label",
-            "app",
-        ]);
+        .args(demo_app_command(&bin, "app"));
     let _agent = jobgate_harness::stack::launch_agent(command).unwrap_or_else(|e| panic!("{e}"));
     let (status, marker, _) =
         fetch(&env, &relay, &reserved, &format!("/echo?jobgate_key={key}")).await;

@@ -29,7 +29,7 @@ pub use client::{
 pub use error::{Error, Result};
 pub use process::{peak_rss_kib, rss_kib, spawn, Proc};
 pub use stack::{
-    agent_command, bin, set_mode, start_agent, start_agent_command, start_app, start_demo_agent,
-    start_demo_agent_with, start_relay, start_relay_at, start_relay_via, AgentProc, RelayProc,
-    TestEnv, DOMAIN,
+    agent_command, bin, demo_app_command, set_mode, start_agent, start_agent_command, start_app,
+    start_demo_agent, start_demo_agent_with, start_relay, start_relay_at, start_relay_via,
+    AgentProc, RelayProc, TestEnv, DOMAIN,
 };

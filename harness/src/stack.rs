@@ -434,16 +434,22 @@ pub fn start_demo_agent_with(
 ) -> AgentProc {
     let bin = env.bin.to_string_lossy().into_owned();
     let mut args = flags.to_vec();
-    args.extend([
+    args.extend(demo_app_command(&bin, label));
+    start_agent(env, relay, token, &args)
+}
+
+/// What follows an agent's flags to have it run the demo app (`bin`), labelled `label`,
+/// on the port the agent picks.
+pub fn demo_app_command<'a>(bin: &'a str, label: &'a str) -> [&'a str; 7] {
+    [
         "--",
-        &bin,
+        bin,
         "demo-app",
         "--listen",
         "127.0.0.1:{port}",
         "--label",
         label,
-    ]);
-    start_agent(env, relay, token, &args)
+    ]
 }
 
 /// Runs the demo app (`jobgate demo-app`) as its own process.
