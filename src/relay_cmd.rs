@@ -27,20 +27,21 @@ pub(crate) struct RelayArgs {
     settings: RelayConfig,
 }
 
-/// Merges `relay.toml` and the flags given (flags win) into a [`RelayConfig`], deserialized
-/// once. `matches` are the `relay` subcommand's: they say which flags were typed, so a
-/// flag's default never hides the file's key.
-/// Whether the relay will serve on several cores (`--cores` or `cores` in `--config`
-/// above 1): then the main runtime only runs control work and is single-threaded. A file
-/// that cannot be read here is reported when the relay starts.
+/// Whether the relay will serve on several cores (`--cores`, or `cores` in `--config`, is
+/// 0 on a multi-core host or above 1): then the main runtime only runs control work and
+/// is single-threaded. A file that cannot be read here is reported when the relay starts.
 pub(crate) fn serves_on_cores(args: &RelayArgs) -> bool {
     let in_file = || {
         let table = crate::config::read_table(args.config.as_deref()?).ok()?;
-        table.get("cores")?.as_integer()
+        usize::try_from(table.get("cores")?.as_integer()?).ok()
     };
-    args.settings.cores > 1 || in_file().is_some_and(|cores| cores > 1)
+    let several = |setting: usize| jobgate_relay::config::serving_cores(setting) > 1;
+    several(args.settings.cores) || in_file().is_some_and(several)
 }
 
+/// Merges `relay.toml` and the flags given (flags win) into a [`RelayConfig`], deserialized
+/// once. `matches` are the `relay` subcommand's: they say which flags were typed, so a
+/// flag's default never hides the file's key.
 fn relay_config(args: RelayArgs, matches: &ArgMatches) -> anyhow::Result<RelayConfig> {
     // The file gets the same strict reading as the agent's: no group/other-writable file,
     // every key a setting (a typo names the nearest one), types checked with its name.
@@ -239,6 +240,17 @@ mod tests {
             "--workers wins"
         );
         assert_eq!(workers(&["jobgate", "agent", "--relay", "r:1"]), None);
+        let many = std::thread::available_parallelism().map_or(1, |n| n.get()) > 1;
+        assert_eq!(
+            workers(&["jobgate", "relay", "--cores", "0"]),
+            many.then_some(1),
+            "0: one per core"
+        );
+        let mut config = RelayConfig::new("example.org", "/c".into(), "/k".into(), "/t".into());
+        config.cores = jobgate_relay::cores::MAX_CORES + 1;
+        assert!(config.validate().is_err(), "far more cores than any host has");
+        config.cores = 0;
+        assert!(config.serving_cores() >= 1);
 
         let dir = std::env::temp_dir().join(format!("jobgate-cores-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");

@@ -114,7 +114,8 @@ pub struct RelayConfig {
     pub listen_metrics: Option<SocketAddr>,
     /// Cores to serve on: one single-threaded runtime per core, each with its own HTTPS
     /// listener (SO_REUSEPORT) and its share of the agents' connections. 1: everything
-    /// on one runtime (measured faster on hosts with 2 cores).
+    /// on one runtime (measured faster on hosts with 2 cores); 0: one per core this
+    /// process may use.
     #[arg(long, default_value_t = 1)]
     pub cores: usize,
     /// Port written into session URLs [default: the HTTPS port; omitted when 443].
@@ -320,6 +321,16 @@ impl Default for RelayConfig {
     }
 }
 
+/// The cores a relay serves on for the setting `cores`: 0 means one per core this process
+/// may run on (its CPU affinity and cgroup quota).
+pub fn serving_cores(cores: usize) -> usize {
+    match cores {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .min(crate::cores::MAX_CORES)
+}
+
 fn default_https() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], DEFAULT_HTTPS_PORT))
 }
@@ -328,6 +339,11 @@ fn default_quic() -> SocketAddr {
 }
 
 impl RelayConfig {
+    /// The cores to serve on ([`serving_cores`] of `cores`).
+    pub fn serving_cores(&self) -> usize {
+        serving_cores(self.cores)
+    }
+
     /// A configuration with every optional field at its default.
     pub fn new(domain: impl Into<String>, cert: PathBuf, key: PathBuf, tokens: PathBuf) -> Self {
         Self {
@@ -373,9 +389,9 @@ impl RelayConfig {
         {
             return Err("max_client_connections, max_client_connections_per_ip and max_pending_handshakes must be at least 1".into());
         }
-        if self.cores == 0 || self.cores > crate::cores::MAX_CORES {
+        if self.cores > crate::cores::MAX_CORES {
             return Err(format!(
-                "cores must be between 1 and {}",
+                "cores must be at most {} (0: one per core)",
                 crate::cores::MAX_CORES
             ));
         }

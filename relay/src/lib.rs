@@ -176,8 +176,9 @@ impl Relay {
                 .await
                 .map_err(|source| RelayError::Bind { addr, source })
         };
-        let cores = cores::Cores::start(config.cores)
-            .map_err(|e| RelayError::Config(format!("cannot start {} cores: {e}", config.cores)))?;
+        let serving_cores = config.serving_cores();
+        let cores = cores::Cores::start(serving_cores)
+            .map_err(|e| RelayError::Config(format!("cannot start {serving_cores} cores: {e}")))?;
         // One listener per core (SO_REUSEPORT), or one on this runtime.
         let bind_front = |addr: SocketAddr| {
             let (bind, cores) = (&bind, &cores);
@@ -346,7 +347,7 @@ impl Relay {
 
     /// Cores the relay serves on (`cores`): one runtime each, or 1 for the caller's.
     pub fn cores(&self) -> usize {
-        self.shared.config.cores
+        self.shared.config.serving_cores()
     }
 
     /// How many sessions are live right now.
