@@ -248,7 +248,10 @@ mod tests {
         );
         let mut config = RelayConfig::new("example.org", "/c".into(), "/k".into(), "/t".into());
         config.cores = jobgate_relay::cores::MAX_CORES + 1;
-        assert!(config.validate().is_err(), "far more cores than any host has");
+        assert!(
+            config.validate().is_err(),
+            "far more cores than any host has"
+        );
         config.cores = 0;
         assert!(config.serving_cores() >= 1);
 
