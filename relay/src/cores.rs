@@ -20,6 +20,8 @@
 //!   −43 µs), as the agents placed on core 0 then get their datagrams without a hop
 //!   between threads. Agent admission, control streams, the admin API and metrics stay
 //!   on the main runtime.
+//! - **Forwarded browsers** (a cluster's peer link, on the main runtime): each is handed
+//!   to the next core in turn (`CoreLoad::spawn_in_turn`).
 //!
 //! A request from a client on one core to an agent on another crosses threads once each
 //! way (the stream is opened on the agent's connection, whose task wakes on its core).
@@ -31,7 +33,7 @@ use quinn::Runtime;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::Handle;
@@ -58,8 +60,11 @@ pub struct CoreLoad {
     clients_accepted: Box<[AtomicU64]>,
     /// Agent connections (QUIC) each core drives now.
     agents_live: Box<[AtomicI64]>,
-    /// The cores' runtimes (none with one core), for their task counts.
+    /// The cores' runtimes (none with one core), for their task counts and for work
+    /// handed to them in turn.
     runtimes: Vec<Handle>,
+    /// The core [`CoreLoad::spawn_in_turn`] uses next.
+    next: AtomicUsize,
 }
 
 impl CoreLoad {
@@ -68,7 +73,24 @@ impl CoreLoad {
             clients_accepted: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             agents_live: (0..cores).map(|_| AtomicI64::new(0)).collect(),
             runtimes,
+            next: AtomicUsize::new(0),
         }
+    }
+
+    /// Runs `task` on the next core in turn (on the caller's runtime with one core): for
+    /// connections that arrive through the main runtime, such as browsers forwarded by
+    /// another relay of a cluster, so that their TLS and HTTP work is spread like that of
+    /// the connections each core accepts itself.
+    pub(crate) fn spawn_in_turn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        if self.runtimes.is_empty() {
+            tokio::spawn(task);
+            return;
+        }
+        let core = self.next.fetch_add(1, Relaxed) % self.runtimes.len();
+        self.runtimes[core].spawn(task);
     }
 
     /// Tasks alive on the cores' runtimes (the main runtime's are not counted here).
@@ -303,6 +325,34 @@ mod tests {
         });
         assert_eq!(cores.load().tasks_alive(), 1);
         drop(done);
+    }
+
+    #[tokio::test]
+    async fn work_handed_in_turn_goes_round_the_cores() {
+        let cores = Cores::start(2).expect("cores");
+        let load = cores.load();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..4 {
+            let tx = tx.clone();
+            load.spawn_in_turn(async move {
+                let name = std::thread::current().name().map(str::to_owned);
+                let _ = tx.send(name);
+            });
+        }
+        let mut names = Vec::new();
+        for _ in 0..4 {
+            names.push(rx.recv().await.flatten().unwrap_or_default());
+        }
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "jobgate-core-0",
+                "jobgate-core-0",
+                "jobgate-core-1",
+                "jobgate-core-1"
+            ]
+        );
     }
 
     #[test]

@@ -198,12 +198,8 @@ pub(crate) async fn serve_peers(tls: Arc<rustls::ServerConfig>, shared: Arc<Shar
                 Err(e) => return tracing::debug!("peer link handshake failed: {e}"),
             };
             while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(serve_forwarded(
-                    send,
-                    recv,
-                    acceptor.clone(),
-                    shared.clone(),
-                ));
+                let serve = serve_forwarded(send, recv, acceptor.clone(), shared.clone());
+                shared.core_load.spawn_in_turn(serve);
             }
         });
     }
