@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering:
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::Handle;
+use tokio::task::JoinSet;
 
 /// I/O events a single-threaded runtime takes from the kernel per tick (tokio's default
 /// is 1,024). With fewer, a burst of 50 ready connections is handled in small batches,
@@ -108,6 +109,11 @@ impl CoreLoad {
         }
     }
 
+    /// How many cores the relay serves on (1 with no runtime of its own).
+    pub(crate) fn cores(&self) -> usize {
+        self.clients_accepted.len()
+    }
+
     /// Per core: client connections accepted so far, agent connections driven now.
     pub(crate) fn snapshot(&self) -> Vec<(u64, i64)> {
         self.clients_accepted
@@ -176,25 +182,38 @@ impl Cores {
     }
 
     /// One listener per core on `addr`, all in one `SO_REUSEPORT` group (on the port the
-    /// first one got, where `addr` says port 0), each registered with its core's runtime.
+    /// first one got, where `addr` says port 0), each registered with its core's runtime;
+    /// with one core, one listener on the caller's runtime.
     pub(crate) fn bind_each(&self, addr: SocketAddr) -> std::io::Result<Vec<TcpListener>> {
+        let several = !self.handles.is_empty();
         let mut bound = addr;
-        let mut listeners = Vec::with_capacity(self.handles.len());
-        for handle in &self.handles {
+        let mut listeners = Vec::with_capacity(self.handles.len().max(1));
+        for core in 0..self.handles.len().max(1) {
             let socket = if addr.is_ipv4() {
                 TcpSocket::new_v4()?
             } else {
                 TcpSocket::new_v6()?
             };
             socket.set_reuseaddr(true)?;
-            socket.set_reuseport(true)?;
+            socket.set_reuseport(several)?;
             socket.bind(bound)?;
             bound = socket.local_addr()?;
             // Registered with the core's reactor, so its readiness wakes that core.
-            let _on_core = handle.enter();
+            let _on_core = self.handles.get(core).map(Handle::enter);
             listeners.push(socket.listen(LISTEN_BACKLOG)?);
         }
         Ok(listeners)
+    }
+
+    /// Runs `task` in `set` on `core`'s runtime (the caller's with one core).
+    pub(crate) fn spawn_on<F>(&self, set: &mut JoinSet<()>, core: usize, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match self.handles.get(core) {
+            Some(handle) => set.spawn_on(task, handle),
+            None => set.spawn(task),
+        };
     }
 
     /// The quinn runtime for the agents' endpoint: connection tasks spread over the

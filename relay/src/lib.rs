@@ -181,22 +181,12 @@ impl Relay {
             .map_err(|e| RelayError::Config(format!("cannot start {serving_cores} cores: {e}")))?;
         // One listener per core (SO_REUSEPORT), or one on this runtime.
         let bind_front = |addr: SocketAddr| {
-            let (bind, cores) = (&bind, &cores);
-            async move {
-                if cores.handles().is_empty() {
-                    Ok(vec![bind(addr).await?])
-                } else {
-                    cores
-                        .bind_each(addr)
-                        .map_err(|source| RelayError::Bind { addr, source })
-                }
-            }
+            cores
+                .bind_each(addr)
+                .map_err(|source| RelayError::Bind { addr, source })
         };
-        let https = bind_front(config.listen_https).await?;
-        let http = match config.listen_http {
-            Some(addr) => Some(bind_front(addr).await?),
-            None => None,
-        };
+        let https = bind_front(config.listen_https)?;
+        let http = config.listen_http.map(bind_front).transpose()?;
         let metrics_listener = match config.listen_metrics {
             Some(addr) => Some(bind(addr).await?),
             None => None,
@@ -212,28 +202,17 @@ impl Relay {
             agents::server_config(&config, quic_tls, limits::SMALL_STREAM_WINDOW)
                 .map_err(quic_error)?,
         );
-        let endpoint = if cores.handles().is_empty() {
-            agents::bind_endpoint(
-                &config,
-                server,
-                tickets.reset_key(),
-                tickets.cid_key(),
-                Arc::new(quinn::TokioRuntime),
-            )
-            .map_err(quic_error)?
-        } else {
-            let spread = cores.quic_runtime();
-            let endpoint = agents::bind_endpoint(
-                &config,
-                server,
-                tickets.reset_key(),
-                tickets.cid_key(),
-                spread.clone(),
-            )
-            .map_err(quic_error)?;
-            spread.spread();
-            endpoint
-        };
+        // With one core, the spreading runtime is quinn's tokio runtime.
+        let quic_runtime = cores.quic_runtime();
+        let endpoint = agents::bind_endpoint(
+            &config,
+            server,
+            tickets.reset_key(),
+            tickets.cid_key(),
+            quic_runtime.clone(),
+        )
+        .map_err(quic_error)?;
+        quic_runtime.spread();
         let first = |listeners: &[TcpListener]| match listeners.first() {
             Some(listener) => local_addr(listener, config.listen_https),
             None => Err(RelayError::Config("no listener bound".into())),
@@ -295,20 +274,16 @@ impl Relay {
         });
         state::restore(&shared);
         let mut front = JoinSet::new();
-        let handles = cores.handles();
         for (core, listener) in https.into_iter().enumerate() {
             let serve = front::serve_https(listener, core, front_tls.clone(), shared.clone());
-            match handles.get(core) {
-                Some(handle) => front.spawn_on(serve, handle),
-                None => front.spawn(serve),
-            };
+            cores.spawn_on(&mut front, core, serve);
         }
         for (core, listener) in http.into_iter().flatten().enumerate() {
-            let serve = front::serve_http(listener, core, shared.clone());
-            match handles.get(core) {
-                Some(handle) => front.spawn_on(serve, handle),
-                None => front.spawn(serve),
-            };
+            cores.spawn_on(
+                &mut front,
+                core,
+                front::serve_http(listener, core, shared.clone()),
+            );
         }
         if shared.cluster.is_some() {
             front.spawn(front::serve_peers(front_tls.clone(), shared.clone()));
@@ -347,7 +322,7 @@ impl Relay {
 
     /// Cores the relay serves on (`cores`): one runtime each, or 1 for the caller's.
     pub fn cores(&self) -> usize {
-        self.shared.config.serving_cores()
+        self.shared.core_load.cores()
     }
 
     /// How many sessions are live right now.

@@ -216,22 +216,22 @@ pub(crate) fn render(shared: &Shared) -> String {
         let labels: Vec<String> = (0..per_core.len())
             .map(|core| format!("{{core=\"{core}\"}}"))
             .collect();
-        let clients: Vec<(&str, f64)> = labels
+        let (clients, agents): (Vec<_>, Vec<_>) = labels
             .iter()
             .zip(&per_core)
-            .map(|(label, (clients, _))| (label.as_str(), *clients as f64))
-            .collect();
+            .map(|(label, (clients, agents))| {
+                (
+                    (label.as_str(), *clients as f64),
+                    (label.as_str(), *agents as f64),
+                )
+            })
+            .unzip();
         family(
             "core_client_connections_total",
             "counter",
             "With cores > 1: client connections each core accepted (the kernel spreads them by address).",
             &clients,
         );
-        let agents: Vec<(&str, f64)> = labels
-            .iter()
-            .zip(&per_core)
-            .map(|(label, (_, agents))| (label.as_str(), *agents as f64))
-            .collect();
         family(
             "core_agent_connections",
             "gauge",
