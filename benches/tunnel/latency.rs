@@ -2,7 +2,7 @@
 
 use crate::report::{add_cpu_detail, alternate, record_error, Report, Target};
 use crate::setup::{missing, Setup, Tools};
-use crate::tools::{wrk, HttpVariant};
+use crate::tools::{wrk, wrk_variants, HttpVariant};
 use crate::Opts;
 
 pub fn scenario_latency(
@@ -17,6 +17,7 @@ pub fn scenario_latency(
         report.skipped.push(missing("latency", "wrk"));
         return;
     }
+    let variants = &wrk_variants(variants, "latency", &mut report.skipped);
     eprintln!(
         "[latency] wrk -t1 -c1, {} s × {} reps",
         opts.latency_secs, opts.reps

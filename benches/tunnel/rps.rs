@@ -3,7 +3,7 @@
 
 use crate::report::{add_cpu_detail, alternate, record_error, Report, Target};
 use crate::setup::{missing, Setup, Tools};
-use crate::tools::{h2load, wrk, HttpVariant};
+use crate::tools::{h2load, wrk, wrk_variants, HttpVariant};
 use crate::Opts;
 
 const SC1: &str = "2 small GET, h1 50 conns";
@@ -19,6 +19,7 @@ pub fn scenario_rps(
     if tools.wrk.is_none() {
         report.skipped.push(missing("req/s HTTP/1.1", "wrk"));
     } else {
+        let variants = &wrk_variants(variants, "req/s HTTP/1.1", &mut report.skipped);
         eprintln!(
             "[rps h1] wrk -t1 -c50, {} s × {} reps",
             opts.load_secs, opts.reps

@@ -43,6 +43,30 @@ pub struct LoadResult {
     pub client_cpu_us_per_req: f64,
 }
 
+/// The variants wrk can reach; the others are noted in `skipped` for `scenario`.
+///
+/// wrk's TLS server name is its URL's host, 127.0.0.1 here, and a cluster's relays route
+/// a connection by that name, so the cluster hop (`hop-*`) is left to h2load
+/// (`--connect-to`) and curl (`--resolve`), which send the session's name.
+pub fn wrk_variants(
+    variants: &[HttpVariant],
+    scenario: &str,
+    skipped: &mut Vec<String>,
+) -> Vec<HttpVariant> {
+    let (reached, hops): (Vec<_>, Vec<_>) = variants
+        .iter()
+        .cloned()
+        .partition(|v| !v.name.starts_with("hop-"));
+    for v in hops {
+        skipped.push(format!(
+            "{scenario} for {}: wrk cannot send a session name as TLS SNI to 127.0.0.1 \
+             (the h2 and bulk rows measure the hop)",
+            v.name
+        ));
+    }
+    reached
+}
+
 pub fn wrk(
     tools: &Tools,
     setup: &Setup,
@@ -51,12 +75,6 @@ pub fn wrk(
     secs: u64,
 ) -> Result<LoadResult> {
     let wrk = tools.wrk.as_ref().context("wrk is not installed")?;
-    if v.name.starts_with("hop-") {
-        // wrk's TLS server name is its URL's host, 127.0.0.1 here, and a cluster's relays
-        // route a connection by that name: h2load (--connect-to) and curl (--resolve)
-        // send the session's name and measure the hop.
-        bail!("not measured: wrk cannot send a session name as TLS SNI to 127.0.0.1");
-    }
     let mut command = Command::new(wrk);
     command
         .args(["-t1", "-c"])
