@@ -20,8 +20,10 @@
 //!   −43 µs), as the agents placed on core 0 then get their datagrams without a hop
 //!   between threads. Agent admission, control streams, the admin API and metrics stay
 //!   on the main runtime.
-//! - **Forwarded browsers** (a cluster's peer link, on the main runtime): each is handed
-//!   to the next core in turn (`CoreLoad::spawn_in_turn`).
+//! - **A cluster's peer link.** Its QUIC connections (one to and one from each other
+//!   relay, carrying every forwarded browser's bytes) are handed to the cores in turn by
+//!   a [`SpreadRuntime`] of their own, and each forwarded browser to the next core
+//!   (`CoreLoad::spawn_in_turn`), so the link's packet work is not all on one thread.
 //!
 //! A request from a client on one core to an agent on another crosses threads once each
 //! way (the stream is opened on the agent's connection, whose task wakes on its core).
@@ -219,12 +221,32 @@ impl Cores {
     /// The quinn runtime for the agents' endpoint: connection tasks spread over the
     /// cores. Call [`SpreadRuntime::spread`] once the endpoint exists.
     pub fn quic_runtime(&self) -> Arc<SpreadRuntime> {
+        self.spread_runtime(Placement::FewestAgents)
+    }
+
+    /// The quinn runtime for a cluster's peer link: its few, long-lived connections go
+    /// to the cores in turn and are not counted as agents.
+    pub fn peer_quic_runtime(&self) -> Arc<SpreadRuntime> {
+        self.spread_runtime(Placement::InTurn)
+    }
+
+    fn spread_runtime(&self, placement: Placement) -> Arc<SpreadRuntime> {
         Arc::new(SpreadRuntime {
             handles: self.handles.clone(),
             load: self.load.clone(),
             spreading: AtomicBool::new(false),
+            placement,
         })
     }
+}
+
+/// Where a [`SpreadRuntime`] puts a new connection's task.
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    /// On the core with the fewest agent connections, counted while the task lives.
+    FewestAgents,
+    /// On the next core in turn, uncounted.
+    InTurn,
 }
 
 /// quinn's tokio runtime, except that connection tasks go to the least busy core.
@@ -235,6 +257,7 @@ pub struct SpreadRuntime {
     /// Off while the endpoint is made: its first spawn is the endpoint's own receive
     /// loop, which goes to core 0 (with its socket); every later one is a connection's.
     spreading: AtomicBool,
+    placement: Placement,
 }
 
 impl SpreadRuntime {
@@ -262,6 +285,10 @@ impl Runtime for SpreadRuntime {
                 Some(first) => first.spawn(future),
                 None => tokio::spawn(future),
             };
+            return;
+        }
+        if let Placement::InTurn = self.placement {
+            self.load.spawn_in_turn(future);
             return;
         }
         let core = self.load.least_loaded();
@@ -372,6 +399,46 @@ mod tests {
                 "jobgate-core-1"
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn peer_link_connections_go_round_the_cores_and_are_not_agents() {
+        let cores = Cores::start(2).expect("cores");
+        let peers = cores.peer_quic_runtime();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (hold, held) = tokio::sync::watch::channel(());
+        let spawn_one = |tx: tokio::sync::mpsc::UnboundedSender<Option<String>>| {
+            let mut held = held.clone();
+            Box::pin(async move {
+                let name = std::thread::current().name().map(str::to_owned);
+                let _ = tx.send(name);
+                let _ = held.changed().await; // alive until the test ends
+            })
+        };
+        // The endpoint's own task (before `spread`) goes to core 0.
+        peers.spawn(spawn_one(tx.clone()));
+        assert_eq!(rx.recv().await.flatten().as_deref(), Some("jobgate-core-0"));
+        peers.spread();
+        for _ in 0..4 {
+            peers.spawn(spawn_one(tx.clone()));
+        }
+        let mut names = Vec::new();
+        for _ in 0..4 {
+            names.push(rx.recv().await.flatten().unwrap_or_default());
+        }
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "jobgate-core-0",
+                "jobgate-core-0",
+                "jobgate-core-1",
+                "jobgate-core-1"
+            ]
+        );
+        // Live peer connections do not show as agents on the cores.
+        assert_eq!(cores.load().snapshot(), vec![(0, 0), (0, 0)]);
+        drop(hold);
     }
 
     #[test]

@@ -134,7 +134,10 @@ impl Relay {
         let certs = Arc::new(tls::CertStore::load(&config.cert, &config.key)?);
         let signon = signon::SignOn::from_config(&config).map_err(RelayError::Config)?;
         let tokens = tokens::TokenStore::load(&config.tokens)?;
-        let cluster = join_cluster(&config).await?;
+        let serving_cores = config.serving_cores();
+        let cores = cores::Cores::start(serving_cores)
+            .map_err(|e| RelayError::Config(format!("cannot start {serving_cores} cores: {e}")))?;
+        let cluster = join_cluster(&config, &cores).await?;
         let tickets = match &cluster {
             // One key for every relay of the cluster: a ticket from one is good on all.
             Some(cluster) => {
@@ -176,9 +179,6 @@ impl Relay {
                 .await
                 .map_err(|source| RelayError::Bind { addr, source })
         };
-        let serving_cores = config.serving_cores();
-        let cores = cores::Cores::start(serving_cores)
-            .map_err(|e| RelayError::Config(format!("cannot start {serving_cores} cores: {e}")))?;
         // One listener per core (SO_REUSEPORT), or one on this runtime.
         let bind_front = |addr: SocketAddr| {
             cores
@@ -407,7 +407,10 @@ impl Relay {
 }
 
 /// Joins the cluster named by `cluster_etcd`: the lease, the routes, the peer link.
-async fn join_cluster(config: &RelayConfig) -> Result<Option<cluster::Cluster>, RelayError> {
+async fn join_cluster(
+    config: &RelayConfig,
+    cores: &cores::Cores,
+) -> Result<Option<cluster::Cluster>, RelayError> {
     let Some(urls) = &config.cluster_etcd else {
         return Ok(None);
     };
@@ -422,10 +425,12 @@ async fn join_cluster(config: &RelayConfig) -> Result<Option<cluster::Cluster>, 
     else {
         return Err(missing("peer_ca, peer_cert and peer_key"));
     };
-    let link = cluster::peer::PeerLink::bind(listen, ca, cert, key).map_err(|e| match e {
-        cluster::peer::PeerError::Bind { addr, source } => RelayError::Bind { addr, source },
-        other => RelayError::Config(other.to_string()),
-    })?;
+    let runtime = cores.peer_quic_runtime();
+    let link =
+        cluster::peer::PeerLink::bind(listen, ca, cert, key, runtime).map_err(|e| match e {
+            cluster::peer::PeerError::Bind { addr, source } => RelayError::Bind { addr, source },
+            other => RelayError::Config(other.to_string()),
+        })?;
     // The port actually bound, where the config said 0 (tests).
     let advertise = match (advertise.rsplit_once(':'), link.local_addr()) {
         (Some((host, "0")), Ok(bound)) => format!("{host}:{}", bound.port()),

@@ -72,7 +72,14 @@ pub struct PeerLink {
 
 impl PeerLink {
     /// Binds `listen` with this relay's peer certificate; peers must show one from `ca`.
-    pub fn bind(listen: SocketAddr, ca: &Path, cert: &Path, key: &Path) -> Result<Self, PeerError> {
+    /// `runtime` places the link's connection tasks (over the relay's cores).
+    pub fn bind(
+        listen: SocketAddr,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        runtime: Arc<crate::cores::SpreadRuntime>,
+    ) -> Result<Self, PeerError> {
         let tls_err = |e: &dyn std::fmt::Display| PeerError::Tls(e.to_string());
         let roots = Arc::new(load_roots(ca)?);
         let own = crate::tls::load_certified_key(cert, key).map_err(|e| tls_err(&e))?;
@@ -122,9 +129,10 @@ impl PeerLink {
             jobgate_protocol::quic::endpoint_config(),
             Some(server),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            runtime.clone(),
         )
         .map_err(bind_error)?;
+        runtime.spread();
         Ok(Self {
             endpoint,
             client,
