@@ -241,7 +241,7 @@ impl Cores {
 }
 
 /// Where a [`SpreadRuntime`] puts a new connection's task.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum Placement {
     /// On the core with the fewest agent connections, counted while the task lives.
     FewestAgents,
@@ -249,7 +249,8 @@ enum Placement {
     InTurn,
 }
 
-/// quinn's tokio runtime, except that connection tasks go to the least busy core.
+/// quinn's tokio runtime, except that connection tasks are placed on the cores: an
+/// agent's on the core with the fewest agents, a peer link's on the next core in turn.
 #[derive(Debug)]
 pub struct SpreadRuntime {
     handles: Vec<Handle>,
